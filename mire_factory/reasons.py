@@ -1,0 +1,56 @@
+"""The reasons JSONL schema: written by tools.distill, read by tools.analyze and tools.merge_cot."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+from typing import Literal
+
+from .io import MireInputError, read_jsonl
+
+Status = Literal["ok", "refused", "failed"]
+STATUSES: tuple[str, ...] = ("ok", "refused", "failed")
+
+
+@dataclass
+class ReasonRecord:
+    id: str
+    mode: int  # 1 free reasoning, 2 gold label + definitions, 3 as 2 with a length limit
+    model: str
+    status: Status
+    reason: str | None = None
+    label: str | None = None  # the teacher's label, parsed from the reply and normalized
+    gold: str | None = None  # the record's gold label, when it had one
+    task: str | None = None
+    raw: str | None = None  # the reply text as received
+    usage: dict = field(default_factory=dict)  # prompt_tokens, completion_tokens, total_tokens
+    latency_s: float | None = None
+    error: str | None = None  # why a failed or refused line did not succeed
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), ensure_ascii=False)
+
+    @property
+    def key(self) -> tuple[str, int, str]:
+        return (self.id, self.mode, self.model)
+
+
+_FIELDS = {f.name for f in fields(ReasonRecord)}
+
+
+def reason_from_dict(row: dict, source: str | os.PathLike = "<reasons>", lineno: int | None = None) -> ReasonRecord:
+    where = f"{source}: line {lineno}" if lineno else str(source)
+    rid = row.get("id")
+    for name in ("id", "mode", "model", "status"):
+        if name not in row:
+            raise MireInputError(f"{where}: record {rid!r}: field '{name}': missing field")
+    if row["status"] not in STATUSES:
+        raise MireInputError(f"{where}: record {rid!r}: field 'status': expected one of {STATUSES}, got {row['status']!r}")
+    if row["mode"] not in (1, 2, 3):
+        raise MireInputError(f"{where}: record {rid!r}: field 'mode': expected 1, 2 or 3, got {row['mode']!r}")
+    return ReasonRecord(**{k: v for k, v in row.items() if k in _FIELDS})
+
+
+def load_reasons(path: str | os.PathLike) -> list[ReasonRecord]:
+    return [reason_from_dict(row, path, k) for k, row in enumerate(read_jsonl(path), start=1)]

@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE_DIR = Path(os.environ.get("MIRE_SAMPLE_DIR", REPO.parent / "shared" / "mire_sample"))
+
+
+def run_tool(name: str, *args: str, check: bool = False, env: dict | None = None, timeout: int = 600):
+    """Runs `python -m tools.NAME ARGS` from the repo root, as a user would."""
+    proc = subprocess.run(
+        [sys.executable, "-m", f"tools.{name}", *map(str, args)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=timeout,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"tools.{name} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    from mire_factory.tiny_model import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny_qwen2_vl"), preset="tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def mire_sample() -> Path:
+    """../shared/mire_sample: 24 real records and their screenshots (never copied into the project)."""
+    if not (SAMPLE_DIR / "train_sample.json").is_file():
+        pytest.skip(f"real MIRE sample not present at {SAMPLE_DIR}")
+    return SAMPLE_DIR
+
+
+@pytest.fixture(scope="session")
+def synthetic_train(tmp_path_factory) -> tuple[Path, Path]:
+    """A small synthetic train file covering every label of both tasks: (json path, image dir)."""
+    from mire_factory.synthetic import make_records, write_dataset
+
+    root = tmp_path_factory.mktemp("synthetic")
+    records = make_records(46, 46, root / "images", seed=1)
+    write_dataset(root / "train.json", records)
+    return root / "train.json", root / "images"

@@ -1,0 +1,29 @@
+"""Build a random-weight Qwen2-VL checkpoint with the real Qwen2 tokenizer, offline.
+
+python -m tools.make_tiny_model --out DIR [--preset tiny|2b|7b] [--seed N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from mire_factory.io import run_cli
+from mire_factory.tiny_model import PRESETS, make_tiny_model
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="where to initialise the weights (cuda is much faster for 7b)")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    out = make_tiny_model(args.out, preset=args.preset, seed=args.seed, device=args.device)
+    print(f"built {args.preset} Qwen2-VL at {out} in {time.perf_counter() - start:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
