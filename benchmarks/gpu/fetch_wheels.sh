@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Downloads, on a machine with PyPI, the wheels the lent GPU machine lacks (its image has torch 2.11 and
+# transformers 5.17 for Python 3.12, but no llamafactory, deepspeed, datasets or trl). Output: .whl/ (git-ignored),
+# carried to the device with each call (<= 64 MiB). Pure-Python sdists (deepspeed, antlr4) are built into wheels here.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+mkdir -p .git/info && { grep -qx "/.whl/" .git/info/exclude 2>/dev/null || echo /.whl/ >> .git/info/exclude; }
+rm -rf .whl && mkdir -p .whl
+PLAT=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64
+      --platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform manylinux_2_24_x86_64)
+PY=python3
+[ -x .venv/bin/python ] && PY=.venv/bin/python
+# Pinned to what llamafactory 0.9.5 resolves on the CPU set-up (see pyproject.toml / constraints-cpu.txt).
+BINARY=(
+  llamafactory==0.9.5 transformers==5.6.0 tokenizers==0.22.2 accelerate==1.11.0 peft==0.18.1 trl==0.24.0
+  datasets==4.0.0 dill==0.3.8 multiprocess==0.70.16 fsspec==2025.3.0 omegaconf==2.4.0
+  hjson==3.1.0 pydantic==2.12.3 pydantic-core==2.41.4 annotated-types==0.8.0 typing-inspection==0.4.5
+  qwen-vl-utils==0.0.14
+)
+$PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp "${PLAT[@]}" \
+  -d .whl "${BINARY[@]}"
+# sdists of pure-Python packages: build their wheels here
+$PY -m pip wheel -q --no-deps --no-build-isolation -w .whl deepspeed==0.18.4
+du -sh .whl && ls .whl

@@ -1,0 +1,64 @@
+"""Majority vote across models' prediction files, each file's labels fixed first:
+python -m tools.vote --prediction_file P1 --prediction_file P2 --prediction_file P3 --test_file T --save_path OUT.jsonl
+    [--weights 1,1,1] [--tie_break first|weights|model:K] [--unanimous_out U.json]"""
+
+from __future__ import annotations
+
+import argparse
+
+from mire_factory.io import MireInputError, read_json, run_cli, write_json_atomic, write_jsonl_atomic
+from mire_factory.predictions import load_labels
+from mire_factory.records import load_records
+from mire_factory.vote import TieBreak, format_agreement, parse_weights, vote
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prediction_file", action="append", required=True, help="repeat once per model (2 or more)")
+    parser.add_argument("--test_file", required=True, help="MIRE json: the ids and tasks to vote on")
+    parser.add_argument("--save_path", required=True, help="prediction JSONL with id and predict per line")
+    parser.add_argument("--weights", help="comma-separated positive weight per prediction file (default: all 1)")
+    parser.add_argument("--tie_break", default="first",
+                        help="first (earliest file), weights (heaviest file) or model:K (trust file K, 1-based)")
+    parser.add_argument("--unanimous_out", help="write the records all files agree on, `output` set to that label")
+    args = parser.parse_args(argv)
+
+    files = args.prediction_file
+    if len(files) < 2:
+        raise MireInputError("--prediction_file: give at least two files to vote")
+    try:
+        weights = parse_weights(args.weights, len(files))
+        tie = TieBreak.parse(args.tie_break, len(files))
+    except ValueError as exc:
+        raise MireInputError(str(exc)) from None
+    records = load_records(args.test_file, None, kind="auto")
+    label_lists = []
+    for file in files:
+        labels, report, _ = load_labels(records, file)
+        print(f"{file}: {report.lines()[0]}")
+        label_lists.append(labels)
+    result = vote(label_lists, weights, tie)
+
+    rows = [
+        {"id": r.id, "predict": label, "task": r.task, "votes": votes, "unanimous": unanimous}
+        for r, label, votes, unanimous in zip(records, result.labels, result.votes, result.unanimous, strict=True)
+    ]
+    write_jsonl_atomic(args.save_path, rows)
+    print(format_agreement(result.agreement, files))
+    n_unanimous, n_tied = sum(result.unanimous), sum(result.tied)
+    print(f"{n_unanimous}/{len(records)} records unanimous, {n_tied} ties broken by '{args.tie_break}'")
+    print(f"wrote {args.save_path}")
+    if args.unanimous_out:
+        raw = {example["id"]: example for example in read_json(args.test_file)}
+        chosen = [
+            {**raw[r.id], "output": label}
+            for r, label, unanimous in zip(records, result.labels, result.unanimous, strict=True)
+            if unanimous
+        ]
+        write_json_atomic(args.unanimous_out, chosen)
+        print(f"wrote {args.unanimous_out}: {len(chosen)} pseudo-labelled records")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
