@@ -20,5 +20,6 @@ BINARY=(
 $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp "${PLAT[@]}" \
   -d .whl "${BINARY[@]}"
 # sdists of pure-Python packages: build their wheels here
+$PY -m pip install -q wheel  # deepspeed builds with --no-build-isolation (its setup.py imports torch)
 $PY -m pip wheel -q --no-deps --no-build-isolation -w .whl deepspeed==0.18.4
 du -sh .whl && ls .whl

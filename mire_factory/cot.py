@@ -1,0 +1,186 @@
+"""CoT training data: a converted ShareGPT file + teacher reasons -> answers `{"理由": ..., "所属类别": ...}` that fit
+the competition's output-token budget."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .dataset_info import read_dataset_info, register, sharegpt_entry
+from .io import MireInputError, problem, read_json, write_json_atomic
+from .prompts import cot_user_suffix, format_cot_answer
+from .reasons import ReasonRecord, load_reasons
+from .taxonomy import LABELS, detect_task, normalize_label
+
+LABEL_POSITIONS = ("last", "first")
+# A sentence ends after one of these; the piece keeps its punctuation.
+_SENTENCE_END = re.compile(r"(?<=[。！？!?；;…\n])")
+
+
+def sentences(text: str) -> list[str]:
+    return [s for s in _SENTENCE_END.split(text) if s]
+
+
+def qwen2_token_counter() -> Callable[[str], int]:
+    """Tokens of an assistant turn as the model generates it: its text plus the closing <|im_end|>, which also
+    counts against max_new_tokens; so an answer of N counted tokens finishes within N generated tokens."""
+    from .tiny_model import load_qwen2_tokenizer
+
+    tokenizer = load_qwen2_tokenizer()
+    return lambda text: len(tokenizer.encode(text, add_special_tokens=False)) + 1
+
+
+def fit_answer(
+    reason: str, label: str, count_tokens: Callable[[str], int], max_tokens: int, label_position: str = "last"
+) -> tuple[str, str]:
+    """(answer, how): the whole reason ("full"), its longest prefix of whole sentences that fits ("shortened"),
+    or an empty reason ("label_only")."""
+    reason = reason.strip()
+    answer = format_cot_answer(reason, label, label_position)
+    if count_tokens(answer) <= max_tokens:
+        return answer, "full"
+    parts = sentences(reason)
+    for k in range(len(parts) - 1, 0, -1):
+        answer = format_cot_answer("".join(parts[:k]).strip(), label, label_position)
+        if count_tokens(answer) <= max_tokens:
+            return answer, "shortened"
+    answer = format_cot_answer("", label, label_position)
+    if count_tokens(answer) > max_tokens:
+        raise MireInputError(f"--max_output_tokens {max_tokens} is below the label-only answer {answer} "
+                             f"({count_tokens(answer)} tokens)")
+    return answer, "label_only"
+
+
+def load_sharegpt_rows(path: str | os.PathLike) -> list[dict]:
+    """A file written by tools.convert, checked: ids, a user turn then a labelled assistant turn, images."""
+    rows = read_json(path)
+    if not isinstance(rows, list):
+        raise MireInputError(problem(path, None, None, f"expected a JSON list of records, got {type(rows).__name__}"))
+    problems = []
+    for index, row in enumerate(rows):
+        rid = row.get("id") if isinstance(row, dict) else None
+        ref = rid if isinstance(rid, str) and rid else index
+        if not isinstance(row, dict) or not isinstance(rid, str) or not rid:
+            problems.append(problem(path, ref, "id", "expected a record with a non-empty string id"))
+            continue
+        messages = row.get("messages")
+        roles = [m.get("role") for m in messages if isinstance(m, dict)] if isinstance(messages, list) else None
+        if roles != ["user", "assistant"] or not all(isinstance(m.get("content"), str) for m in messages):
+            problems.append(problem(path, ref, "messages", "expected a user turn then an assistant turn (text)"))
+            continue
+        if not normalize_label(messages[1]["content"]):
+            problems.append(problem(path, ref, "messages[1].content", "no gold label (a test file?)"))
+        if not isinstance(row.get("images", []), list):
+            problems.append(problem(path, ref, "images", "expected a list of paths"))
+    if problems:
+        raise MireInputError(problems)
+    return rows
+
+
+@dataclass
+class MergeReport:
+    output_file: Path
+    dataset_name: str
+    written: int = 0
+    full: int = 0
+    shortened: int = 0
+    label_only: int = 0
+    max_tokens_seen: int = 0
+    mismatched: list[tuple[str, str, str]] = field(default_factory=list)  # (id, teacher label, gold label)
+    unexplained: list[str] = field(default_factory=list)  # ids with no usable (status ok, non-empty) reason
+    kept_mismatched: bool = False
+    kept_unexplained: bool = False
+
+    def text(self) -> str:
+        lines = [
+            f"{self.written} CoT records -> {self.output_file} (registered as {self.dataset_name})",
+            f"  reason kept whole: {self.full}, shortened at a sentence boundary: {self.shortened}, "
+            f"label only: {self.label_only}; longest answer {self.max_tokens_seen} tokens (incl. <|im_end|>)",
+            f"  teacher label differs from gold: {len(self.mismatched)} "
+            + ("(kept with the gold label)" if self.kept_mismatched else "(left out)"),
+        ]
+        lines += [f"    {rid}: teacher {teacher!r}, gold {gold!r}" for rid, teacher, gold in self.mismatched]
+        lines.append(f"  no usable reason: {len(self.unexplained)} "
+                     + ("(kept label-only)" if self.kept_unexplained else "(left out)"))
+        lines += [f"    {rid}" for rid in self.unexplained[:50]]
+        if len(self.unexplained) > 50:
+            lines.append(f"    ... and {len(self.unexplained) - 50} more")
+        return "\n".join(lines)
+
+
+def _reasons_by_id(reason_files: list[str | os.PathLike]) -> dict[str, list[ReasonRecord]]:
+    by_id: dict[str, list[ReasonRecord]] = {}
+    for path in reason_files:
+        for reason in load_reasons(path):
+            by_id.setdefault(reason.id, []).append(reason)
+    return by_id
+
+
+def merge_cot(
+    dataset_file: str | os.PathLike,
+    reason_files: list[str | os.PathLike],
+    output_file: str | os.PathLike,
+    max_output_tokens: int = 100,
+    label_position: str = "last",
+    keep_mismatched: bool = False,
+    keep_unexplained: bool = False,
+    dataset_name: str | None = None,
+    count_tokens: Callable[[str], int] | None = None,
+) -> MergeReport:
+    """For each record the first usable reason (files in the order given, then line order) whose teacher label
+    is the gold label; everything is checked before the output is written."""
+    if label_position not in LABEL_POSITIONS:
+        raise ValueError(f"label_position must be one of {LABEL_POSITIONS}, got {label_position!r}")
+    rows = load_sharegpt_rows(dataset_file)
+    output_file = Path(output_file)
+    read_dataset_info(output_file.parent)  # a broken dataset_info.json stops us before anything is written
+    by_id = _reasons_by_id(reason_files)
+    count_tokens = count_tokens or qwen2_token_counter()
+    dataset_dir, out_dir = Path(dataset_file).parent.resolve(), output_file.parent.resolve()
+    report = MergeReport(output_file, dataset_name or output_file.stem, kept_mismatched=keep_mismatched,
+                         kept_unexplained=keep_unexplained)
+    out_rows = []
+    for row in rows:
+        user, assistant = row["messages"]
+        gold = normalize_label(assistant["content"])
+        task = detect_task(user["content"])
+        if gold not in LABELS[task]:
+            raise MireInputError(problem(dataset_file, row["id"], "messages[1].content",
+                                         f"unknown label {gold!r} for the {task} task"))
+        usable = [r for r in by_id.get(row["id"], []) if r.status == "ok" and (r.reason or "").strip()]
+        chosen = next((r for r in usable if normalize_label(r.label or "") == gold), None)
+        if chosen is None and usable:
+            report.mismatched.append((row["id"], usable[0].label or "", gold))
+            chosen = usable[0] if keep_mismatched else None
+            if chosen is None:
+                continue
+        if chosen is None:
+            report.unexplained.append(row["id"])
+            if not keep_unexplained:
+                continue
+        answer, how = fit_answer(chosen.reason if chosen else "", gold, count_tokens, max_output_tokens,
+                                 label_position)
+        how = how if chosen else "label_only"
+        setattr(report, how, getattr(report, how) + 1)
+        report.max_tokens_seen = max(report.max_tokens_seen, count_tokens(answer))
+        images = row.get("images", [])
+        if dataset_dir != out_dir:  # paths are relative to the file's folder (LLaMA-Factory's dataset_dir)
+            images = [os.path.relpath(os.path.join(dataset_dir, p), out_dir) for p in images]
+        out_rows.append({
+            "id": row["id"],
+            "messages": [
+                {"role": "user", "content": user["content"] + cot_user_suffix(task, label_position)},
+                {"role": "assistant", "content": answer},
+            ],
+            "images": images,
+        })
+    if not out_rows:
+        raise MireInputError(problem(dataset_file, None, None, "no record has a usable reason with the gold label; "
+                                     "nothing to write"))
+    report.written = len(out_rows)
+    write_json_atomic(output_file, out_rows)
+    register(out_dir, {report.dataset_name: sharegpt_entry(output_file.name)})
+    return report

@@ -1,0 +1,48 @@
+"""LLaMA-Factory's dataset_info.json: the registration entry of a MIRE ShareGPT file, and an atomic merge."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .io import MireInputError, problem, read_json, write_json_atomic
+
+DATASET_INFO = "dataset_info.json"
+SPLITS = ("train", "val", "test")
+
+
+def sharegpt_entry(file_name: str) -> dict:
+    """How LLaMA-Factory reads a file written by tools.convert: messages + images, role/content tags."""
+    return {
+        "file_name": file_name,
+        "formatting": "sharegpt",
+        "columns": {"messages": "messages", "images": "images"},
+        "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"},
+    }
+
+
+def dataset_name(split: str, task: str = "all") -> str:
+    """mire_train / mire_val / mire_test; with a single task mire_image_train, mire_dialogue_val, ..."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    return f"mire_{split}" if task == "all" else f"mire_{task}_{split}"
+
+
+def read_dataset_info(output_dir: str | os.PathLike) -> dict:
+    """The existing registrations (empty when there is no file); a broken file is an input error."""
+    path = Path(output_dir) / DATASET_INFO
+    if not path.exists():
+        return {}
+    info = read_json(path)
+    if not isinstance(info, dict):
+        raise MireInputError(problem(path, None, None, f"expected a JSON object, got {type(info).__name__}"))
+    return info
+
+
+def register(output_dir: str | os.PathLike, entries: dict[str, dict]) -> Path:
+    """Adds or replaces `entries` in output_dir/dataset_info.json, keeping every other registration."""
+    info = read_dataset_info(output_dir)
+    info.update(entries)
+    path = Path(output_dir) / DATASET_INFO
+    write_json_atomic(path, info)
+    return path
