@@ -1,0 +1,125 @@
+"""Sequence lengths of MIRE records as LLaMA-Factory tokenizes them for training: the numbers behind the recipes'
+`image_max_pixels` and `cutoff_len`.
+
+Each record is rendered exactly as training renders it: LLaMA-Factory's `qwen2_vl` template and mm_plugin (which
+shrinks every image to at most `image_max_pixels`, then Qwen2-VL's smart_resize rounds it to 28-pixel multiples:
+one token per 28x28 patch), the real Qwen2 tokenizer, the label as the assistant turn.
+
+    python -m mire_factory.recipe_sizing --input_file ../shared/mire_sample/train_sample.json \
+        --image_dir ../shared/mire_sample/images --image_max_pixels 401408,589824,1003520
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .io import run_cli
+from .records import MireRecord, load_records
+
+# Qwen2-VL-7B-Instruct's preprocessor_config.json; LLaMA-Factory's own cap (image_max_pixels) applies first.
+QWEN2_VL_MIN_PIXELS = 56 * 56
+QWEN2_VL_MAX_PIXELS = 28 * 28 * 16384
+DEFAULT_BUDGETS = (262144, 401408, 589824, 1003520)
+
+
+@dataclass
+class RecordLength:
+    id: str
+    task: str
+    n_images: int
+    image_tokens: int  # <|image_pad|> tokens after the mm_plugin expanded them
+    total_tokens: int  # prompt + answer, as the supervised dataset processor sees them before cutoff
+
+
+def build_renderer(image_max_pixels: int, image_min_pixels: int = 32 * 32):
+    """(template, tokenizer, processor) set up as LLaMA-Factory's loader sets them for training."""
+    from llamafactory.data import get_template_and_fix_tokenizer
+    from llamafactory.hparams import DataArguments
+
+    from .tiny_model import build_processor, load_qwen2_tokenizer
+
+    tokenizer = load_qwen2_tokenizer()
+    processor = build_processor(tokenizer)
+    processor.image_processor.min_pixels = QWEN2_VL_MIN_PIXELS
+    processor.image_processor.max_pixels = QWEN2_VL_MAX_PIXELS
+    processor.image_processor.size = {"shortest_edge": QWEN2_VL_MIN_PIXELS, "longest_edge": QWEN2_VL_MAX_PIXELS}
+    # what llamafactory.model.patcher.patch_processor sets from ModelArguments
+    processor.image_max_pixels = image_max_pixels
+    processor.image_min_pixels = image_min_pixels
+    template = get_template_and_fix_tokenizer(tokenizer, DataArguments(template="qwen2_vl"))
+    return template, tokenizer, processor
+
+
+def record_length(record: MireRecord, image_dir: str | os.PathLike, renderer) -> RecordLength:
+    template, tokenizer, processor = renderer
+    images = [str(Path(image_dir) / name) for name in record.images]
+    messages = [
+        {"role": "user", "content": record.instruction},
+        {"role": "assistant", "content": record.output or ""},
+    ]
+    messages = template.mm_plugin.process_messages(messages, images, [], [], processor)
+    prompt_ids, answer_ids = template.encode_oneturn(tokenizer, messages)
+    image_pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    return RecordLength(
+        id=record.id,
+        task=record.task,
+        n_images=len(images),
+        image_tokens=sum(1 for t in prompt_ids if t == image_pad),
+        total_tokens=len(prompt_ids) + len(answer_ids),
+    )
+
+
+def measure(records: list[MireRecord], image_dir: str | os.PathLike, image_max_pixels: int) -> list[RecordLength]:
+    renderer = build_renderer(image_max_pixels)
+    return [record_length(r, image_dir, renderer) for r in records]
+
+
+def smallest_cutoff(lengths: list[RecordLength], multiple: int = 1024) -> int:
+    """The smallest multiple of `multiple` that holds every record whole."""
+    return multiple * math.ceil(max(x.total_tokens for x in lengths) / multiple)
+
+
+def summary_rows(lengths: list[RecordLength]) -> dict[str, dict[str, int]]:
+    rows = {}
+    for task in ("image", "dialogue"):
+        sel = [x for x in lengths if x.task == task]
+        if not sel:
+            continue
+        with_images = [x.image_tokens / x.n_images for x in sel if x.n_images]
+        rows[task] = {
+            "records": len(sel),
+            "max_images": max(x.n_images for x in sel),
+            "tokens_per_image_max": round(max(with_images)) if with_images else 0,
+            "total_min": min(x.total_tokens for x in sel),
+            "total_median": sorted(x.total_tokens for x in sel)[len(sel) // 2],
+            "total_max": max(x.total_tokens for x in sel),
+            "text_max": max(x.total_tokens - x.image_tokens for x in sel),
+        }
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input_file", required=True)
+    parser.add_argument("--image_dir", required=True)
+    parser.add_argument("--image_max_pixels", default=",".join(map(str, DEFAULT_BUDGETS)),
+                        help="comma-separated pixel budgets to compare")
+    args = parser.parse_args(argv)
+    records = load_records(args.input_file, args.image_dir, kind="train")
+    print("image_max_pixels | task | records | max images | tokens/image (max) | total min/median/max | "
+          "text-only max | smallest cutoff_len (x1024) holding all")
+    for budget in (int(b) for b in args.image_max_pixels.split(",")):
+        lengths = measure(records, args.image_dir, budget)
+        cutoff = smallest_cutoff(lengths)
+        for task, row in summary_rows(lengths).items():
+            print(f"{budget} | {task} | {row['records']} | {row['max_images']} | {row['tokens_per_image_max']} | "
+                  f"{row['total_min']}/{row['total_median']}/{row['total_max']} | {row['text_max']} | {cutoff}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,103 @@
+"""`python -m mire_factory.train CONFIG.yaml [key=value ...]`: LLaMA-Factory training (its `run_exp`) with the
+per-task F1 callback, so that every evaluation logs eval_f1, eval_f1_image, eval_f1_dialogue into trainer_state.json.
+
+Arguments are read as `llamafactory-cli train` reads them (the YAML merged with key=value overrides through
+OmegaConf), plus our own keys, removed before LLaMA-Factory sees them:
+  mire_f1_max_new_tokens (default 100, at most 100), mire_f1_max_samples (default: the whole validation set).
+Set `metric_for_best_model=eval_f1` to keep the best checkpoint by the official metric.
+
+Distributed launch follows llamafactory-cli: with FORCE_TORCHRUN=1 or several visible GPUs the launcher re-runs
+itself under torchrun with NNODES, NODE_RANK, NPROC_PER_NODE, MASTER_ADDR, MASTER_PORT; or run
+`torchrun --nproc_per_node N -m mire_factory.train CONFIG` directly.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from .f1_callback import MAX_NEW_TOKENS_LIMIT, F1Callback
+from .io import MireInputError, problem, run_cli
+
+OWN_KEYS = ("mire_f1_max_new_tokens", "mire_f1_max_samples")
+F1_PLOT_KEYS = ("eval_f1", "eval_f1_image", "eval_f1_dialogue")
+
+
+def read_config(config: str, overrides: list[str]) -> dict:
+    """The YAML merged with key=value overrides, as LLaMA-Factory's read_args does it."""
+    from omegaconf import OmegaConf
+
+    path = Path(config)
+    if not path.is_file():
+        raise MireInputError(problem(config, None, None, "config file not found"))
+    if path.suffix not in (".yaml", ".yml"):
+        raise MireInputError(problem(config, None, None, "expected a .yaml or .yml config"))
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise MireInputError([problem(config, None, o, "override must be key=value") for o in bad])
+    merged = OmegaConf.merge(OmegaConf.load(path.absolute()), OmegaConf.from_cli(overrides))
+    return OmegaConf.to_container(merged)
+
+
+def make_callback(args: dict, config: str) -> F1Callback:
+    max_new_tokens = int(args.pop("mire_f1_max_new_tokens", MAX_NEW_TOKENS_LIMIT))
+    max_samples = args.pop("mire_f1_max_samples", None)
+    if not 0 < max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
+        raise MireInputError(problem(config, None, "mire_f1_max_new_tokens",
+                                     f"must be in 1..{MAX_NEW_TOKENS_LIMIT} (competition rule), got {max_new_tokens}"))
+    return F1Callback(max_new_tokens=max_new_tokens, max_samples=int(max_samples) if max_samples else None)
+
+
+def needs_torchrun() -> bool:
+    """As llamafactory-cli decides it, unless we already run under torchrun."""
+    if "LOCAL_RANK" in os.environ:
+        return False
+    from llamafactory.extras.misc import get_device_count, is_env_enabled
+
+    return is_env_enabled("FORCE_TORCHRUN") or get_device_count() > 1
+
+
+def torchrun_command(argv: list[str]) -> list[str]:
+    from llamafactory.extras.misc import find_available_port, get_device_count
+
+    return [
+        "torchrun",
+        "--nnodes", os.getenv("NNODES", "1"),
+        "--node_rank", os.getenv("NODE_RANK", "0"),
+        "--nproc_per_node", os.getenv("NPROC_PER_NODE", str(max(1, get_device_count()))),
+        "--master_addr", os.getenv("MASTER_ADDR", "127.0.0.1"),
+        "--master_port", os.getenv("MASTER_PORT", str(find_available_port())),
+        "-m", "mire_factory.train", *argv,
+    ]
+
+
+def plot_f1(output_dir: str) -> None:
+    from llamafactory.extras.ploting import plot_loss
+
+    if Path(output_dir, "trainer_state.json").is_file():
+        plot_loss(output_dir, keys=list(F1_PLOT_KEYS))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0 if argv else 2
+    if needs_torchrun():
+        return subprocess.run(torchrun_command(argv), check=False).returncode
+    config, overrides = argv[0], argv[1:]
+    args = read_config(config, overrides)
+    callback = make_callback(args, config)
+
+    from llamafactory.train.tuner import run_exp
+
+    run_exp(args=args, callbacks=[callback])
+    if args.get("plot_loss") and int(os.getenv("RANK", "0")) == 0 and args.get("output_dir"):
+        plot_f1(args["output_dir"])
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

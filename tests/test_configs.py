@@ -1,0 +1,118 @@
+"""Every shipped config goes through LLaMA-Factory's own argument parsing, and the recipes' numbers hold on the real
+sample: no config asks for more than 100 new tokens, and cutoff_len never cuts image tokens."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO
+
+CONFIGS = REPO / "configs"
+TRAIN_RECIPES = ("qwen2_vl_full_sft", "qwen2_vl_lora_sft", "qwen2_vl_freeze_sft")
+ALL_YAML = (*TRAIN_RECIPES, "predict")
+
+
+def load_yaml(name: str) -> dict:
+    return yaml.safe_load((CONFIGS / f"{name}.yaml").read_text(encoding="utf-8"))
+
+
+def parse(name: str, tmp_path: Path, **overrides):
+    """LLaMA-Factory's get_train_args on the YAML. On this CPU-only machine: use_cpu (else transformers refuses
+    bf16) and no deepspeed (not installed here; checked separately below)."""
+    from llamafactory.hparams import get_train_args
+
+    cfg = load_yaml(name)
+    cfg.update({"use_cpu": True, "deepspeed": None, "output_dir": str(tmp_path / name), **overrides})
+    return get_train_args(cfg)
+
+
+@pytest.mark.parametrize("name", ALL_YAML)
+def test_config_parses_with_llamafactory(name, tmp_path):
+    model_args, data_args, training_args, finetuning_args, generating_args = parse(name, tmp_path)
+    assert model_args.model_name_or_path
+    assert data_args.template == "qwen2_vl"
+    assert data_args.dataset_dir == "data/mire"
+    assert training_args.bf16 and not training_args.fp16
+    assert model_args.image_max_pixels == 589824
+    assert data_args.cutoff_len == 10240
+    assert generating_args.max_new_tokens <= 100
+
+
+@pytest.mark.parametrize("name", TRAIN_RECIPES)
+def test_train_recipes_train_and_evaluate(name, tmp_path):
+    _, data_args, training_args, finetuning_args, _ = parse(name, tmp_path)
+    assert training_args.do_train and training_args.do_eval
+    assert data_args.dataset == ["mire_train"] and data_args.eval_dataset == ["mire_val"]
+    assert training_args.eval_strategy == "steps" and training_args.eval_steps
+    assert training_args.save_steps and finetuning_args.plot_loss
+    assert finetuning_args.freeze_vision_tower
+    expected = {"qwen2_vl_full_sft": "full", "qwen2_vl_lora_sft": "lora", "qwen2_vl_freeze_sft": "freeze"}[name]
+    assert finetuning_args.finetuning_type == expected
+    if name == "qwen2_vl_freeze_sft":
+        assert finetuning_args.freeze_trainable_layers > 0  # the LAST n layers train
+    model_name = load_yaml(name)["model_name_or_path"]
+    assert model_name == "Qwen/Qwen2-VL-7B-Instruct"
+
+
+def test_predict_is_greedy_and_within_the_rules(tmp_path):
+    _, data_args, training_args, _, generating_args = parse("predict", tmp_path)
+    assert training_args.do_predict and training_args.predict_with_generate and not training_args.do_train
+    assert generating_args.do_sample is False
+    assert 0 < generating_args.max_new_tokens <= 100
+    assert data_args.eval_dataset == ["mire_test"]
+    assert "deepspeed" not in load_yaml("predict")  # LLaMA-Factory refuses predict_with_generate under ZeRO-3
+
+
+def test_no_config_asks_for_more_than_100_new_tokens():
+    for path in CONFIGS.glob("*.yaml"):
+        cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
+        assert cfg.get("max_new_tokens", 0) <= 100, path
+
+
+@pytest.mark.parametrize("name,stage,offload", [
+    ("qwen2_vl_full_sft", 3, True), ("qwen2_vl_freeze_sft", 2, False),
+])
+def test_deepspeed_configs(name, stage, offload):
+    """deepspeed is not installed on CPU: the JSON is read by accelerate's HfDeepSpeedConfig (the class the HF
+    Trainer builds on); its 'auto' values are those the Trainer fills from the training arguments."""
+    from accelerate.utils.deepspeed import HfDeepSpeedConfig
+
+    ds_path = REPO / load_yaml(name)["deepspeed"]
+    raw = json.loads(ds_path.read_text())
+    ds = HfDeepSpeedConfig(raw)
+    assert ds.get_value("zero_optimization.stage") == stage
+    assert ds.is_offload() is offload
+    assert ds.is_zero3() is (stage == 3)
+    assert raw["bf16"]["enabled"] == "auto"  # follows the recipe's bf16: true
+    autos = {k for k, v in raw.items() if v == "auto"}
+    assert autos <= {"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                     "gradient_clipping"}
+    if stage == 3:
+        assert raw["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+
+
+def test_dataset_info_mirrors_convert():
+    from mire_factory.dataset_info import dataset_name, sharegpt_entry
+
+    shipped = json.loads((CONFIGS / "dataset_info.json").read_text(encoding="utf-8"))
+    expected = {dataset_name(s): sharegpt_entry(f"{dataset_name(s)}.json") for s in ("train", "val", "test")}
+    assert shipped == expected
+
+
+def test_cutoff_len_keeps_every_image_token_of_the_real_sample(mire_sample):
+    from mire_factory.recipe_sizing import measure
+    from mire_factory.records import load_records
+
+    records = load_records(mire_sample / "train_sample.json", mire_sample / "images", kind="train")
+    measured: dict[int, list] = {}
+    for name in ALL_YAML:
+        cfg = load_yaml(name)
+        budget = cfg["image_max_pixels"]
+        lengths = measured.setdefault(budget, measure(records, mire_sample / "images", budget))
+        longest = max(lengths, key=lambda x: x.total_tokens)
+        assert longest.total_tokens <= cfg["cutoff_len"], (name, longest)
+        assert max(x.n_images for x in lengths) == 4 and longest.image_tokens > 4 * 700  # the budget really applies

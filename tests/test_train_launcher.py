@@ -1,0 +1,84 @@
+"""python -m mire_factory.train: LLaMA-Factory's run_exp with the per-task F1 callback."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+
+import pytest
+
+from conftest import REPO
+from mire_factory.f1_callback import f1_metrics, shard_indices, split_prompt
+
+
+def test_split_prompt_takes_the_unsupervised_prefix():
+    assert split_prompt([1, 2, 3, 4, 5], [-100, -100, -100, 4, 5]) == ([1, 2, 3], [4, 5])
+    assert split_prompt([1, 2], [-100, -100]) is None  # cutoff_len left no answer
+
+
+@pytest.mark.parametrize("n,world", [(7, 2), (5, 4), (1, 3), (8, 8)])
+def test_shards_are_equal_length_and_cover_everything_once(n, world):
+    shards = [shard_indices(list(range(n)), rank, world) for rank in range(world)]
+    assert len({len(indices) for indices, _ in shards}) == 1  # same number of generate calls on every rank (ZeRO-3)
+    real = [i for indices, n_real in shards for i in indices[:n_real]]
+    assert sorted(real) == list(range(n))
+
+
+def test_f1_metrics_are_the_official_scoring_after_fixing():
+    from mire_factory.scoring import score
+
+    golds = ["商品头图", "退款页面", "是否好用", "气泡"]
+    preds = ['{"理由": "首页大图", "所属类别": "商品头图"}', "退款页", "是否好用。", "发货数量"]
+    new, rows = f1_metrics(golds, preds)
+    assert [r["predict"] for r in rows] == ["商品头图", "退款页面", "是否好用", "发货数量"]
+    expected = score(golds, [r["predict"] for r in rows], ["image", "image", "dialogue", "dialogue"])
+    assert new["eval_f1_image"] == round(expected["image"]["f1"], 4) == 1.0
+    assert new["eval_f1_dialogue"] == round(expected["dialogue"]["f1"], 4)
+    assert new["eval_f1"] == round((expected["image"]["f1"] + expected["dialogue"]["f1"]) / 2, 4)
+
+
+def test_launcher_refuses_more_than_100_new_tokens():
+    proc = subprocess.run([sys.executable, "-m", "mire_factory.train", "configs/qwen2_vl_lora_sft.yaml",
+                           "mire_f1_max_new_tokens=128"], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 2
+    assert "mire_f1_max_new_tokens" in proc.stderr and "100" in proc.stderr
+
+
+@pytest.mark.slow
+def test_launcher_logs_per_task_f1_into_trainer_state(tiny_model_dir, tmp_path):
+    from mire_factory.convert import convert
+    from mire_factory.synthetic import DEFAULT_IMAGE_CLASSES, make_records, write_dataset
+    from mire_factory.taxonomy import DIALOGUE_LABELS
+
+    records = make_records(6, 6, tmp_path / "images", seed=3, image_classes=DEFAULT_IMAGE_CLASSES[:3],
+                           dialogue_classes=DIALOGUE_LABELS[:3], max_dialogue_images=2)
+    write_dataset(tmp_path / "train.json", records)
+    result = convert(tmp_path / "train.json", tmp_path / "images", tmp_path / "data", val_size=0.5, seed=0)
+    val_golds = Counter(r.output for r in result.splits["mire_val"])
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "mire_factory.train", "configs/qwen2_vl_full_sft.yaml",
+         f"model_name_or_path={tiny_model_dir}", f"dataset_dir={tmp_path / 'data'}", f"output_dir={out}",
+         "deepspeed=null", "bf16=false", "image_max_pixels=12544", "preprocessing_num_workers=1",
+         "dataloader_num_workers=0", "max_steps=2", "gradient_accumulation_steps=1", "eval_steps=2", "save_steps=2",
+         "logging_steps=1", "per_device_eval_batch_size=4", "mire_f1_max_new_tokens=8"],
+        cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    evals = [e for e in history if "eval_f1" in e]
+    assert evals and evals[-1]["step"] == 2
+    for key in ("eval_f1", "eval_f1_image", "eval_f1_dialogue"):
+        assert 0.0 <= evals[-1][key] <= 1.0
+    assert evals[-1]["eval_f1"] == pytest.approx((evals[-1]["eval_f1_image"] + evals[-1]["eval_f1_dialogue"]) / 2,
+                                                 abs=1e-3)
+    assert "eval_loss" in evals[-1]  # merged into the trainer's own eval entry
+
+    rows = [json.loads(line) for line in (out / "f1_eval" / "eval_step2.jsonl").read_text().splitlines()]
+    assert Counter(r["gold"] for r in rows) == val_golds  # every validation record, gold read back from the labels
+    assert {r["task"] for r in rows} == {"image", "dialogue"}
+    assert (out / "training_eval_f1.png").is_file()
