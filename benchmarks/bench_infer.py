@@ -1,0 +1,132 @@
+"""hf backend, batched, against a per-sample `generate` loop like the seed projects' (issue 6, item 3).
+
+python -m benchmarks.bench_infer [--model DIR] [--preset 2b] [--n 256] [--batch_size 32] [--new_tokens 16]
+    [--image_max_pixels 602112] [--cutoff_len 4096] [--plan_records 10000] [--out bench_infer.json]
+
+Same model (random weights: `make_tiny_model --preset 2b` unless --model is given), same 256 synthetic MIRE records
+(half image scenes, half dialogues with 0-4 screenshot-sized images), same prompts (rendered once, through
+LLaMA-Factory's template), output length fixed (min_new_tokens == max_new_tokens), greedy. Also times the
+truncation planner on --plan_records records (header reads + one batched tokenizer call). Prints a JSON summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+from mire_factory.infer.dataset import load_dataset
+from mire_factory.infer.hf_backend import GenItem, generate_batch, length_sorted_batches, load_hf_model
+from mire_factory.infer.render import load_components, render_prompt_ids
+from mire_factory.infer.truncation import ImageTokenizer, Planner
+from mire_factory.synthetic import make_records
+
+
+def write_dataset(root: Path, n: int, image_size: tuple[int, int]) -> Path:
+    records = make_records(n // 2, n - n // 2, root / "images", seed=0, image_size=image_size, max_dialogue_images=4,
+                           image_format="JPEG", with_labels=False)
+    rows = [{"id": r["id"], "messages": [{"role": "user", "content": r["instruction"]},
+                                         {"role": "assistant", "content": ""}],
+             "images": [f"images/{name}" for name in r["image"]]} for r in records]
+    (root / "bench.json").write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    info = {"bench": {"file_name": "bench.json", "formatting": "sharegpt",
+                      "columns": {"messages": "messages", "images": "images"},
+                      "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
+                               "assistant_tag": "assistant"}}}
+    (root / "dataset_info.json").write_text(json.dumps(info), encoding="utf-8")
+    return root
+
+
+def sync():
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="a Qwen2-VL checkpoint; default: a random-weight one built with --preset")
+    p.add_argument("--preset", default="2b")
+    p.add_argument("--n", type=int, default=256)
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--new_tokens", type=int, default=16)
+    p.add_argument("--image_max_pixels", type=int, default=602112)
+    p.add_argument("--image_width", type=int, default=585)
+    p.add_argument("--image_height", type=int, default=1266)
+    p.add_argument("--cutoff_len", type=int, default=4096)
+    p.add_argument("--plan_records", type=int, default=10000)
+    p.add_argument("--skip_loop", action="store_true", help="time the batched run only")
+    p.add_argument("--out", default="bench_infer.json")
+    args = p.parse_args()
+
+    import torch
+
+    work = Path(tempfile.mkdtemp(prefix="bench_infer_"))
+    model_dir = args.model
+    if model_dir is None:
+        from mire_factory.tiny_model import make_tiny_model
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        model_dir = str(make_tiny_model(work / "model", preset=args.preset, seed=0, device=device))
+    ds = write_dataset(work / "data", args.n, (args.image_width, args.image_height))
+
+    comp = load_components(model_dir, image_max_pixels=args.image_max_pixels, cutoff_len=args.cutoff_len)
+    records = load_dataset("bench", ds)
+    planner = Planner(comp.tokenizer, ImageTokenizer.from_processor(comp.processor),
+                      len(render_prompt_ids(comp, "", [])), args.cutoff_len)
+
+    many = (records * (args.plan_records // len(records) + 1))[: args.plan_records]
+    start = time.perf_counter()
+    planner.plan_many(many)  # image sizes read from the headers: part of the figure
+    plan_s = time.perf_counter() - start
+
+    plans = planner.plan_many(records)
+    items = [GenItem(render_prompt_ids(comp, pl.content, pl.images), pl.images, r.task)
+             for r, pl in zip(records, plans, strict=True)]
+    model = load_hf_model(comp)
+    generate_batch(model, comp, items[:2], args.new_tokens, min_new_tokens=args.new_tokens)  # warm-up
+    sync()
+
+    start = time.perf_counter()
+    batched = [None] * len(items)
+    for batch in length_sorted_batches([pl.n_tokens for pl in plans], args.batch_size):
+        outs = generate_batch(model, comp, [items[i] for i in batch], args.new_tokens, min_new_tokens=args.new_tokens)
+        for i, out in zip(batch, outs, strict=True):
+            batched[i] = out
+    sync()
+    batched_s = time.perf_counter() - start
+
+    loop_s = None
+    if not args.skip_loop:
+        start = time.perf_counter()
+        for item in items:  # the seed projects' way: one generate call per sample
+            generate_batch(model, comp, [item], args.new_tokens, min_new_tokens=args.new_tokens)
+        sync()
+        loop_s = time.perf_counter() - start
+
+    summary = {
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu",
+        "model": args.model or f"make_tiny_model --preset {args.preset} (random weights)",
+        "dtype": str(model.dtype),
+        "records": len(items),
+        "images": sum(len(it.images) for it in items),
+        "mean_prompt_tokens": round(sum(pl.n_tokens for pl in plans) / len(plans), 1),
+        "new_tokens": args.new_tokens,
+        "batch_size": args.batch_size,
+        "batched_s": round(batched_s, 2),
+        "batched_samples_per_s": round(len(items) / batched_s, 2),
+        "per_sample_loop_s": loop_s and round(loop_s, 2),
+        "speedup": loop_s and round(loop_s / batched_s, 2),
+        "plan_records": len(many),
+        "plan_s": round(plan_s, 2),
+    }
+    Path(args.out).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()

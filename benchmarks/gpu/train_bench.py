@@ -1,0 +1,126 @@
+"""Training throughput of a recipe, measured inside LLaMA-Factory's own run_exp.
+
+python benchmarks/gpu/train_bench.py --out RESULT.json --warmup_steps 3 CONFIG.yaml [key=value ...]
+
+The YAML and overrides are read exactly as `llamafactory-cli train` reads them. A callback times every optimizer
+step, counts non-padding input tokens (include_num_input_tokens_seen) and the peak GPU memory. MFU counts the
+language model only, 6 x (LLM parameters) per input token (image tokens included), against the device's dense bf16
+peak: the frozen vision tower's forward FLOPs are left out, so the figure is a lower bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from transformers import TrainerCallback  # noqa: E402
+
+from mire_factory.train import read_config  # noqa: E402
+
+DENSE_BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+class StepTimer(TrainerCallback):
+    def __init__(self):
+        self.step_times: list[float] = []
+        self.tokens: list[int] = []
+        self._t0 = None
+        self._tok0 = 0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self._t0 = time.perf_counter()
+        self._tok0 = state.num_input_tokens_seen
+
+    def on_step_end(self, args, state, control, **kwargs):
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.step_times.append(time.perf_counter() - self._t0)
+        self.tokens.append(state.num_input_tokens_seen - self._tok0)
+
+
+def count_params(model_dir: str) -> dict:
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(model_dir)
+    t, v = cfg.text_config, cfg.vision_config
+    d, inter, layers = t.hidden_size, t.intermediate_size, t.num_hidden_layers
+    kv = d // t.num_attention_heads * t.num_key_value_heads
+    per_layer = d * d * 2 + d * kv * 2 + 3 * d * inter
+    embed = t.vocab_size * d * (1 if cfg.tie_word_embeddings else 2)
+    e = v.embed_dim
+    vision = v.depth * (4 * e * e + 2 * e * e * v.mlp_ratio) + (e * 4) * (e * 4) + e * 4 * v.hidden_size
+    return {"llm_params": layers * per_layer + embed, "vision_params": vision, "patch_size": v.patch_size}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--warmup_steps", type=int, default=3)
+    parser.add_argument("--label", default="")
+    parser.add_argument("config")
+    parser.add_argument("overrides", nargs="*")
+    ns = parser.parse_args()
+    args = read_config(ns.config, ns.overrides)
+    args["include_num_input_tokens_seen"] = "non_padding"
+    timer = StepTimer()
+
+    import torch
+    from llamafactory.train.tuner import run_exp
+
+    start = time.perf_counter()
+    run_exp(args=args, callbacks=[timer])
+    wall = time.perf_counter() - start
+    if int(os.getenv("RANK", "0")) != 0:
+        return 0
+    world = int(os.getenv("WORLD_SIZE", "1"))
+    samples_per_step = args.get("per_device_train_batch_size", 1) * args.get("gradient_accumulation_steps", 1) * world
+    steps = timer.step_times[ns.warmup_steps :]
+    toks = timer.tokens[ns.warmup_steps :]
+    params = count_params(args["model_name_or_path"])
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    peak = next((v for k, v in DENSE_BF16_PEAK_TFLOPS.items() if k in device), None)
+    # tokens include image placeholder tokens; each merged image token stands for 4 vision patches
+    llm_flops = 6 * params["llm_params"] * sum(toks)
+    total_time = sum(steps)
+    per_step_sps = [samples_per_step / s for s in steps]
+    result = {
+        "label": ns.label,
+        "config": ns.config,
+        "overrides": ns.overrides,
+        "device": device,
+        "world_size": world,
+        "steps_timed": len(steps),
+        "warmup_steps": ns.warmup_steps,
+        "samples_per_step": samples_per_step,
+        "samples_per_s": {"min": min(per_step_sps), "median": statistics.median(per_step_sps), "max": max(per_step_sps),
+                          "mean": samples_per_step * len(steps) / total_time},
+        "tokens_per_s": sum(toks) / total_time,
+        "tokens_per_sample": sum(toks) / (samples_per_step * len(steps)),
+        "step_time_s": {"min": min(steps), "median": statistics.median(steps), "max": max(steps)},
+        "peak_gpu_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+        "peak_gpu_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else None,
+        "params": params,
+        "mfu": (llm_flops / total_time / world) / (peak * 1e12) if peak else None,
+        "wall_s": wall,
+    }
+    Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(ns.out).write_text(json.dumps(result, indent=2))
+    print("BENCH", json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""tools.vllm_infer's work: load, shard, resume, plan, render, generate, write."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..io import MireInputError
+from .dataset import load_dataset
+from .output import Appender, finalize, read_done
+from .shards import merge_shards, shard_path, shard_range
+from .vllm_inputs import COMPETITION_MAX_NEW_TOKENS
+
+
+@dataclass
+class InferArgs:
+    model_name_or_path: str | None
+    dataset: str
+    dataset_dir: str
+    adapter_name_or_path: str | None = None
+    template: str = "qwen2_vl"
+    backend: str | None = None  # vllm when importable, else hf
+    save_name: str = "generated_predictions.jsonl"
+    cutoff_len: int = 4096
+    max_new_tokens: int = 100
+    image_max_pixels: int = 768 * 768
+    image_min_pixels: int = 32 * 32
+    max_images_per_prompt: int | None = None
+    batch_size: int = 32
+    constrained: bool = False
+    answer_format: str = "label"
+    label_position: str = "last"
+    num_shards: int = 1
+    shard_index: int = 0
+    merge_shards: bool = False
+    tensor_parallel_size: int = 1
+    vllm_chunk: int = 1024
+    no_competition_limits: bool = False
+
+
+def default_backend() -> str:
+    return "vllm" if importlib.util.find_spec("vllm") is not None else "hf"
+
+
+def check_args(args: InferArgs) -> None:
+    if args.max_new_tokens > COMPETITION_MAX_NEW_TOKENS and not args.no_competition_limits:
+        raise MireInputError(f"--max_new_tokens {args.max_new_tokens} exceeds the competition limit of "
+                             f"{COMPETITION_MAX_NEW_TOKENS}; pass --no_competition_limits to allow it")
+    if not args.merge_shards and not args.model_name_or_path:
+        raise MireInputError("--model_name_or_path is required (except with --merge_shards)")
+    if args.max_images_per_prompt is not None and args.max_images_per_prompt < 1:
+        raise MireInputError("--max_images_per_prompt must be >= 1")
+
+
+def run(args: InferArgs) -> Path:
+    check_args(args)
+    records = load_dataset(args.dataset, args.dataset_dir)
+    save_path = Path(args.save_name)
+    if args.merge_shards:
+        n = merge_shards(save_path, args.num_shards, [r.id for r in records])
+        print(f"merged {args.num_shards} shards: {n} predictions -> {save_path}")
+        return save_path
+    if args.num_shards > 1:
+        records = [records[i] for i in shard_range(len(records), args.num_shards, args.shard_index)]
+        save_path = shard_path(save_path, args.shard_index, args.num_shards)
+    done = read_done(save_path)
+    todo = [r for r in records if r.id not in done]
+    print(f"{len(records)} records, {len(records) - len(todo)} already in {save_path}, {len(todo)} to predict")
+    if todo:
+        _predict(args, todo, save_path)
+    finalize(save_path, [r.id for r in records])
+    return save_path
+
+
+def _predict(args: InferArgs, todo, save_path: Path) -> None:
+    from tqdm import tqdm
+
+    from .answer import AnswerConstraints
+    from .render import load_components, render_prompt_ids
+    from .truncation import ImageTokenizer, Planner
+
+    backend = args.backend or default_backend()
+    comp = load_components(args.model_name_or_path, args.template, args.adapter_name_or_path,
+                           args.image_max_pixels, args.image_min_pixels, args.cutoff_len)
+    planner = Planner(comp.tokenizer, ImageTokenizer.from_processor(comp.processor),
+                      overhead=len(render_prompt_ids(comp, "", [])), cutoff_len=args.cutoff_len,
+                      max_images=args.max_images_per_prompt)
+    plans = planner.plan_many(todo)
+    n_cut = sum(bool(p.dropped_turns or p.dropped_images) for p in plans)
+    n_over = sum(p.over_budget for p in plans)
+    print(f"planned {len(plans)} prompts: {n_cut} truncated, {n_over} still over cutoff_len {args.cutoff_len}")
+    if args.constrained:
+        _check_room_for_answers(comp, args)
+    prompt_ids = [render_prompt_ids(comp, p.content, p.images, r.system) for r, p in zip(todo, plans, strict=True)]
+
+    def row(r, p, ids, predict):
+        return {"id": r.id, "prompt": comp.tokenizer.decode(ids, skip_special_tokens=False), "predict": predict,
+                "label": r.label, "task": r.task, "truncation": p.info()}
+
+    out = Appender(save_path)
+    try:
+        if backend == "hf":
+            from .hf_backend import GenItem, generate_batch, length_sorted_batches, load_hf_model
+
+            model = load_hf_model(comp)
+            constraints = (AnswerConstraints(comp.tokenizer, comp.stop_id, args.answer_format, args.label_position)
+                           if args.constrained else None)
+            for batch in tqdm(length_sorted_batches([p.n_tokens for p in plans], args.batch_size), desc="hf generate"):
+                items = [GenItem(prompt_ids[i], plans[i].images, todo[i].task) for i in batch]
+                predicts = generate_batch(model, comp, items, args.max_new_tokens, constraints)
+                out.write([row(todo[i], plans[i], prompt_ids[i], pred) for i, pred in zip(batch, predicts, strict=True)])
+        elif backend == "vllm":
+            from . import vllm_backend
+            from .vllm_inputs import engine_kwargs, prompt_input, sampling_kwargs
+
+            llm = vllm_backend.make_llm(engine_kwargs(
+                args.model_name_or_path, plans, args.cutoff_len, args.max_new_tokens, args.adapter_name_or_path,
+                args.tensor_parallel_size))
+            stop_ids = comp.template.get_stop_token_ids(comp.tokenizer)
+            params = {task: vllm_backend.sampling_params(sampling_kwargs(
+                task, args.max_new_tokens, stop_ids, args.constrained, args.answer_format, args.label_position))
+                for task in ("image", "dialogue")}
+            for start in tqdm(range(0, len(todo), args.vllm_chunk), desc="vllm generate"):
+                idx = range(start, min(start + args.vllm_chunk, len(todo)))
+                prompts = [prompt_input(prompt_ids[i], plans[i].images, comp.template.mm_plugin,
+                                        args.image_max_pixels, args.image_min_pixels) for i in idx]
+                predicts = vllm_backend.generate(llm, prompts, [params[todo[i].task] for i in idx],
+                                                 args.adapter_name_or_path)
+                out.write([row(todo[i], plans[i], prompt_ids[i], pred) for i, pred in zip(idx, predicts, strict=True)])
+        else:
+            raise MireInputError(f"--backend must be vllm or hf, got {backend!r}")
+    finally:
+        out.close()
+
+
+def _check_room_for_answers(comp, args: InferArgs) -> None:
+    """Constrained decoding cut off by max_new_tokens would leave half a label: refuse up front."""
+    from .answer import answer_paths
+
+    needed = 0
+    for task in ("image", "dialogue"):
+        for path in answer_paths(task, args.answer_format, args.label_position):
+            # Fixed text costs at most one token per character (the grammar may use any tokenization of it).
+            fixed = len(comp.tokenizer.encode(path.a, add_special_tokens=False)) if args.answer_format == "label" \
+                else len(path.a) + len(path.b)
+            needed = max(needed, fixed + 1)
+    if args.max_new_tokens < needed:
+        raise MireInputError(f"--max_new_tokens {args.max_new_tokens} is too small for --constrained "
+                             f"--answer_format {args.answer_format}: the longest answer needs {needed} tokens")

@@ -1,0 +1,258 @@
+"""Inference building blocks without a model: dataset reading, truncation planner, constraints, vLLM inputs,
+shards and the resumable output file (tokenizer and processor of the tiny model only)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from mire_factory.io import MireInputError
+from mire_factory.prompts import format_cot_answer
+from mire_factory.records import load_records
+from mire_factory.taxonomy import DIALOGUE_FOOTER, DIALOGUE_HEADER, LABELS
+
+INFO = {"file_name": "mire_test.json", "formatting": "sharegpt", "columns": {"messages": "messages", "images": "images"},
+        "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"}}
+
+
+def write_sharegpt(records, image_dir: Path, out: Path, name: str = "mire_test", with_labels: bool = True) -> Path:
+    """The LLaMA-Factory form of MIRE records (what tools.convert writes): images linked under out/images."""
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for r in records:
+        rid, instruction, images, label = (r.id, r.instruction, r.images, r.output) if hasattr(r, "id") else (
+            r["id"], r["instruction"], r["image"], r.get("output"))
+        for img in images:
+            if not (out / "images" / img).exists():
+                os.symlink(Path(image_dir).resolve() / img, out / "images" / img)
+        rows.append({"id": rid, "messages": [{"role": "user", "content": instruction},
+                                             {"role": "assistant", "content": (label or "") if with_labels else ""}],
+                     "images": [f"images/{img}" for img in images]})
+    (out / "mire_test.json").write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    (out / "dataset_info.json").write_text(json.dumps({name: INFO}), encoding="utf-8")
+    return out
+
+
+@pytest.fixture(scope="module")
+def sample_dataset(mire_sample, tmp_path_factory) -> Path:
+    records = load_records(mire_sample / "train_sample.json", mire_sample / "images")
+    return write_sharegpt(records, mire_sample / "images", tmp_path_factory.mktemp("sample_sharegpt"))
+
+
+@pytest.fixture(scope="module")
+def comp(tiny_model_dir):
+    from mire_factory.infer.render import load_components
+
+    return load_components(str(tiny_model_dir), image_max_pixels=65536)
+
+
+def make_planner(comp, cutoff_len, max_images=None):
+    from mire_factory.infer.render import render_prompt_ids
+    from mire_factory.infer.truncation import ImageTokenizer, Planner
+
+    return Planner(comp.tokenizer, ImageTokenizer.from_processor(comp.processor),
+                   len(render_prompt_ids(comp, "", [])), cutoff_len, max_images)
+
+
+def rendered_length(comp, plan) -> int:
+    from mire_factory.infer.render import expand_image_tokens, render_prompt_ids
+
+    mm = comp.template.mm_plugin._get_mm_inputs(plan.images, [], [], comp.processor) if plan.images else {}
+    counts = [int(g.prod()) // comp.merge_length for g in mm.get("image_grid_thw", [])]
+    assert counts == plan.image_tokens  # the header arithmetic agrees with the image processor
+    ids = render_prompt_ids(comp, plan.content, plan.images)
+    return len(expand_image_tokens(ids, comp.image_pad_id, counts))
+
+
+def test_load_dataset_reads_registration_and_reports_bad_records(sample_dataset, tmp_path):
+    from mire_factory.infer.dataset import load_dataset
+
+    records = load_dataset("mire_test", sample_dataset)
+    assert len(records) == 24 and all(os.path.isfile(p) for r in records for p in r.images)
+    assert {r.task for r in records} == {"image", "dialogue"}
+    rows = json.loads((sample_dataset / "mire_test.json").read_text(encoding="utf-8"))
+    rows[3]["images"] = rows[3]["images"][1:]
+    bad = write_sharegpt([], sample_dataset, tmp_path)
+    (bad / "mire_test.json").write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    os.rmdir(bad / "images")
+    os.symlink(sample_dataset / "images", bad / "images")
+    with pytest.raises(MireInputError) as err:
+        load_dataset("mire_test", bad)
+    assert len(err.value.lines) == 1 and rows[3]["id"] in err.value.lines[0] and "'images'" in err.value.lines[0]
+    with pytest.raises(MireInputError, match="not registered"):
+        load_dataset("nope", bad)
+
+
+def test_planner_counts_equal_rendered_prompts(comp, sample_dataset):
+    from mire_factory.infer.dataset import load_dataset
+
+    records = load_dataset("mire_test", sample_dataset)
+    plans = make_planner(comp, cutoff_len=100_000).plan_many(records)
+    for record, plan in zip(records, plans, strict=True):
+        assert plan.content == record.content and not plan.dropped_turns
+        assert rendered_length(comp, plan) == plan.n_tokens, record.id
+
+
+def test_truncation_keeps_header_last_user_turn_and_label_list(comp, sample_dataset):
+    from mire_factory.infer.dataset import load_dataset
+    from mire_factory.infer.truncation import split_dialogue
+
+    records = load_dataset("mire_test", sample_dataset)
+    plans = make_planner(comp, cutoff_len=512).plan_many(records)
+    truncated = 0
+    for record, plan in zip(records, plans, strict=True):
+        assert rendered_length(comp, plan) == plan.n_tokens <= 512, record.id
+        if record.task != "dialogue":
+            assert plan.content == record.content
+            continue
+        header, turns, _ = split_dialogue(record.content)
+        last_user = max(k for k, t in enumerate(turns) if t.startswith("用户"))
+        assert plan.content.startswith(DIALOGUE_HEADER) and plan.content.endswith(DIALOGUE_FOOTER)
+        assert plan.content.endswith("".join(turns[last_user:]) + DIALOGUE_FOOTER)
+        assert all(k < last_user for k in plan.dropped_turns)
+        kept = [t for k, t in enumerate(turns) if k not in plan.dropped_turns]
+        assert plan.content == header + "".join(kept) + DIALOGUE_FOOTER
+        assert plan.content.count("<image>") == len(plan.images) == len(record.images) - len(plan.dropped_images)
+        truncated += bool(plan.dropped_turns)
+    assert truncated >= 5  # the multi-image dialogues of the sample do not fit 512 tokens at this image size
+
+
+def test_image_limit_drops_earliest_images_first(comp, tmp_path):
+    from mire_factory.infer.dataset import InferRecord
+    from mire_factory.synthetic import make_records
+    from mire_factory.taxonomy import build_dialogue_instruction
+
+    imgs = [make_records(1, 0, tmp_path, seed=s, id_prefix=f"i{s}")[0]["image"][0] for s in range(3)]
+    turns = [("用户", "<image>"), ("客服", "好的"), ("用户", "看这个<image>"), ("客服", "嗯"), ("用户", "最后<image>怎么办")]
+    record = InferRecord("x", 0, build_dialogue_instruction(turns), [str(tmp_path / i) for i in imgs], "dialogue")
+    plan = make_planner(comp, cutoff_len=100_000, max_images=1).plan_many([record])[0]
+    assert plan.dropped_images == [0, 1] and plan.images == [record.images[2]]
+    assert plan.dropped_turns == [0]  # an image-only turn goes whole; a turn with text keeps its text
+    assert "用户: 看这个\n" in plan.content and "最后<image>怎么办" in plan.content
+    assert rendered_length(comp, plan) == plan.n_tokens
+
+
+def test_planning_is_batched_and_fast(comp, sample_dataset):
+    import time
+
+    from mire_factory.infer.dataset import load_dataset
+
+    records = load_dataset("mire_test", sample_dataset) * 50  # 1,200 records
+    sizes = [[(1080, 2400)] * len(r.images) for r in records]
+    start = time.perf_counter()
+    plans = make_planner(comp, cutoff_len=1024).plan_many(records, sizes)
+    assert len(plans) == 1200 and time.perf_counter() - start < 10  # benchmarks/bench_infer.py has the figure
+
+
+def test_label_trie_and_prefix_fn(comp):
+    import torch
+
+    from mire_factory.infer.constrained import LabelTrie, label_sequences, make_prefix_allowed_tokens_fn
+
+    seqs = label_sequences(comp.tokenizer, LABELS["dialogue"], comp.stop_id)
+    trie = LabelTrie(seqs)
+    for seq in seqs:
+        for k in range(len(seq)):
+            assert seq[k] in trie.allowed(seq[:k])
+        assert trie.allowed(seq) == []
+    assert set(trie.allowed([])) == {s[0] for s in seqs}
+    fn = make_prefix_allowed_tokens_fn([trie], prompt_len=2, fallback_id=0)
+    assert fn(0, torch.tensor([7, 7, *seqs[0][:1]])) == trie.allowed(seqs[0][:1])
+    assert fn(0, torch.tensor([7, 7, *seqs[0]])) == [0]
+
+
+@pytest.mark.parametrize("position", ["last", "first"])
+def test_cot_grammar_and_regex_accept_exactly_the_answer_format(position):
+    from mire_factory.infer.answer import answer_paths, guided_decoding
+    from mire_factory.infer.constrained import Grammar
+
+    grammar = Grammar(answer_paths("image", "cot", position))
+    regex = re.compile(guided_decoding("image", "cot", position)["regex"])
+    good = format_cot_answer("截图里是购物车列表", "购物车页面", position)
+    assert grammar.is_complete(good.encode()) and regex.fullmatch(good)
+    for k in range(len(good.encode())):
+        assert grammar.locate(good.encode()[:k])  # every prefix is viable
+    for bad in [format_cot_answer("x", "不是标签", position), good[:-1], good + " ", '{"理由": "a\nb", "所属类别": "退款页面"}']:
+        assert not grammar.is_complete(bad.encode()) and not regex.fullmatch(bad)
+    assert guided_decoding("dialogue", "label") == {"choice": list(LABELS["dialogue"])}
+
+
+def test_grammar_processor_forces_a_label_before_the_token_limit(comp):
+    import torch
+
+    from mire_factory.infer.answer import answer_paths
+    from mire_factory.infer.constrained import Grammar, GrammarLogitsProcessor
+
+    grammar = Grammar(answer_paths("dialogue", "cot", "last"))
+    max_new = 50
+    proc = GrammarLogitsProcessor([grammar], 0, comp.tokenizer, comp.stop_id, max_new)
+    generated = []
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(max_new):
+        input_ids = torch.tensor(generated, dtype=torch.long).reshape(1, len(generated))
+        scores = proc(input_ids, torch.randn(1, 151936, generator=gen))
+        tok = int(scores.argmax())
+        if tok == comp.stop_id:
+            break
+        generated.append(tok)
+    text = comp.tokenizer.decode(generated)
+    answer = json.loads(text)
+    assert answer["所属类别"] in LABELS["dialogue"] and len(generated) < max_new
+
+
+def test_vllm_inputs_are_the_training_prompt(comp, sample_dataset):
+    from mire_factory.infer.dataset import load_dataset
+    from mire_factory.infer.render import render_prompt_ids
+    from mire_factory.infer.vllm_inputs import engine_kwargs, prompt_input, sampling_kwargs
+
+    records = load_dataset("mire_test", sample_dataset)
+    plans = make_planner(comp, cutoff_len=512, max_images=2).plan_many(records)
+    kwargs = engine_kwargs("m", plans, 512, 12, adapter="a", tensor_parallel_size=2)
+    assert kwargs["max_model_len"] == 512 + 12 and kwargs["limit_mm_per_prompt"]["image"] == 2
+    assert kwargs["enable_lora"] and kwargs["tensor_parallel_size"] == 2
+    plan = next(p for p in plans if len(p.images) == 2)
+    ids = render_prompt_ids(comp, plan.content, plan.images)
+    req = prompt_input(ids, plan.images, comp.template.mm_plugin, 65536, 1024)
+    assert req["prompt_token_ids"].count(comp.image_pad_id) == 2 and len(req["multi_modal_data"]["image"]) == 2
+    assert all(img.width * img.height <= 65536 for img in req["multi_modal_data"]["image"])
+    assert len(req["prompt_token_ids"]) + sum(plan.image_tokens) - 2 == plan.n_tokens
+    fields = sampling_kwargs("image", 12, [comp.stop_id], constrained=True)
+    assert fields["temperature"] == 0.0 and fields["max_tokens"] == 12 and fields["guided"]["choice"][0] == LABELS["image"][0]
+    assert sampling_kwargs("image", 12, [1], constrained=False)["guided"] is None
+
+
+def test_shards_cover_everything_once_and_merge_checks(tmp_path):
+    from mire_factory.infer.shards import merge_shards, shard_path, shard_range
+
+    for n in (0, 1, 7, 100):
+        for k in (1, 3, 8):
+            covered = [i for s in range(k) for i in shard_range(n, k, s)]
+            assert covered == list(range(n))
+    with pytest.raises(MireInputError):
+        shard_range(10, 2, 2)
+    save = tmp_path / "p.jsonl"
+    shard_path(save, 0, 2).write_text('{"id": "a", "predict": "1"}\n')
+    with pytest.raises(MireInputError) as err:
+        merge_shards(save, 2, ["a", "b"])
+    assert any("shard-1-of-2" in line for line in err.value.lines) and not save.exists()
+    shard_path(save, 1, 2).write_text('{"id": "b", "predict": "2"}\n')
+    assert merge_shards(save, 2, ["b", "a"]) == 2
+    assert [json.loads(x)["id"] for x in save.read_text().splitlines()] == ["b", "a"]
+
+
+def test_output_resume_drops_a_cut_off_last_line(tmp_path):
+    from mire_factory.infer.output import Appender, finalize, read_done
+
+    path = tmp_path / "out.jsonl"
+    out = Appender(path)
+    out.write([{"id": "a", "predict": "x"}, {"id": "b", "predict": "y"}])
+    out.close()
+    with open(path, "a", encoding="utf-8") as f:
+        f.write('{"id": "c", "pre')  # killed mid-write
+    assert set(read_done(path)) == {"a", "b"} and path.read_text().endswith("}\n")
+    assert not finalize(path, ["b", "a", "c"])
+    assert finalize(path, ["b", "a"]) and [json.loads(x)["id"] for x in path.read_text().splitlines()] == ["b", "a"]
