@@ -90,6 +90,7 @@ def make_records(
     dialogue_classes: tuple[str, ...] = DIALOGUE_LABELS,
     image_size: tuple[int, int] = (56, 56),
     max_dialogue_images: int = 4,
+    phrase_turns: int = 1,
     id_prefix: str = "syn",
     with_labels: bool = True,
     image_format: str = "PNG",
@@ -121,6 +122,8 @@ def make_records(
             img = draw_class_image(dialogue_classes.index(label), len(dialogue_classes), image_size, rng)
             names.append(save(img, f"{rid}-{k}.{ext}"))
             turns += [("用户", "<image>"), ("客服", rng.choice(_AGENT_REPLIES))]
+        for _ in range(phrase_turns - 1):  # earlier mentions of the intent, as customers repeat themselves
+            turns += [("用户", rng.choice(DIALOGUE_PHRASES[label])), ("客服", rng.choice(_AGENT_REPLIES))]
         turns += [("用户", rng.choice(DIALOGUE_PHRASES[label])), ("客服", "")]
         records.append({"id": rid, "instruction": build_dialogue_instruction(turns), "input": "", "output": label,
                         "image": names})

@@ -62,6 +62,12 @@ PRESETS: dict[str, Preset] = {
         vocab_size=151936, tie_word_embeddings=True, mrope_section=(2, 3, 3),
         vision_depth=2, vision_embed_dim=64, vision_num_heads=4, vision_mlp_ratio=2,
     ),
+    # The demo's: twice the width of `tiny`, which it needs to learn the synthetic classes in ~140 CPU steps.
+    "demo": Preset(
+        hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=151936, tie_word_embeddings=True, mrope_section=(4, 6, 6),
+        vision_depth=2, vision_embed_dim=64, vision_num_heads=4, vision_mlp_ratio=2,
+    ),
     # Public Qwen/Qwen2-VL-2B-Instruct and Qwen/Qwen2-VL-7B-Instruct architecture numbers.
     "2b": Preset(
         hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
@@ -164,7 +170,7 @@ def make_tiny_model(out: str | os.PathLike, preset: str = "tiny", seed: int = 0,
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     config = build_config(PRESETS[preset])
-    dtype = torch.float32 if preset == "tiny" else torch.bfloat16
+    dtype = torch.float32 if preset in ("tiny", "demo") else torch.bfloat16
     with torch.device(device):
         model = Qwen2VLForConditionalGeneration._from_config(config, dtype=dtype)
     model.generation_config = GenerationConfig(
