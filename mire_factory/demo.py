@@ -111,6 +111,9 @@ def infer_and_score(model_dir: Path, data_dir: Path, gold: Path, test: Path, out
 
 def run_demo(cfg: DemoConfig) -> dict:
     start = time.perf_counter()
+    # the libraries' INFO logs would bury the demo's own story; progress bars and warnings stay
+    os.environ.setdefault("LLAMAFACTORY_VERBOSITY", "WARN")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "warning")
     work = cfg.workdir.resolve()
     cfg.workdir = work
     total = 7
