@@ -1,5 +1,6 @@
 """The README's main job: the demo trains through the real recipe and CLI, and the model learns."""
 
+import csv
 import json
 
 import pytest
@@ -19,8 +20,9 @@ def test_demo_learns(tmp_path):
     assert metrics["overall"]["f1"] == pytest.approx(summary["trained"]["f1"])
     lines = (work / "trained" / "predictions.jsonl").read_text(encoding="utf-8").splitlines()
     assert len(lines) == 60 and all(json.loads(line)["id"] for line in lines)
-    csv = (work / "trained" / "submit.csv").read_text(encoding="utf-8-sig").splitlines()
-    assert len(csv) == 61 and csv[0].endswith("predict")
+    with open(work / "trained" / "submit.csv", encoding="utf-8-sig", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 60 and all(row["predict"] for row in rows)
     for png in ("trained/confusion_image.png", "trained/confusion_dialogue.png", "saves/training_loss.png"):
         with Image.open(work / png) as img:
             img.verify()
