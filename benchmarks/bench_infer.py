@@ -1,12 +1,15 @@
 """hf backend, batched, against a per-sample `generate` loop like the seed projects' (issue 6, item 3).
 
-python -m benchmarks.bench_infer [--model DIR] [--preset 2b] [--n 256] [--batch_size 32] [--new_tokens 16]
+python -m benchmarks.bench_infer [--model DIR] [--preset 2b] [--n 256] [--batch_size 32 [64 ...]] [--new_tokens 16]
     [--image_max_pixels 602112] [--cutoff_len 4096] [--plan_records 10000] [--out bench_infer.json]
 
 Same model (random weights: `make_tiny_model --preset 2b` unless --model is given), same 256 synthetic MIRE records
 (half image scenes, half dialogues with 0-4 screenshot-sized images), same prompts (rendered once, through
 LLaMA-Factory's template), output length fixed (min_new_tokens == max_new_tokens), greedy. Also times the
 truncation planner on --plan_records records (header reads + one batched tokenizer call). Prints a JSON summary.
+The batched run is the product's own path (`hf_backend.generate_sorted`, as `tools.vllm_infer --backend hf` runs
+it: length-sorted batches, the next batch's images prepared in background threads); several --batch_size values
+are timed one after the other, the first one gives the headline figures.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import time
 from pathlib import Path
 
 from mire_factory.infer.dataset import load_dataset
-from mire_factory.infer.hf_backend import GenItem, generate_batch, length_sorted_batches, load_hf_model
+from mire_factory.infer.hf_backend import GenItem, generate_batch, generate_sorted, load_hf_model
 from mire_factory.infer.render import load_components, render_prompt_ids
 from mire_factory.infer.truncation import ImageTokenizer, Planner
 from mire_factory.synthetic import make_records
@@ -52,7 +55,9 @@ def main() -> None:
     p.add_argument("--model", help="a Qwen2-VL checkpoint; default: a random-weight one built with --preset")
     p.add_argument("--preset", default="2b")
     p.add_argument("--n", type=int, default=256)
-    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--batch_size", type=int, nargs="+", default=[32])
+    p.add_argument("--image_workers", type=int, default=None,
+                   help="threads preparing a batch's images (default: the product's, min(8, cpus))")
     p.add_argument("--new_tokens", type=int, default=16)
     p.add_argument("--image_max_pixels", type=int, default=602112)
     p.add_argument("--image_width", type=int, default=585)
@@ -91,14 +96,18 @@ def main() -> None:
     generate_batch(model, comp, items[:2], args.new_tokens, min_new_tokens=args.new_tokens)  # warm-up
     sync()
 
-    start = time.perf_counter()
-    batched = [None] * len(items)
-    for batch in length_sorted_batches([pl.n_tokens for pl in plans], args.batch_size):
-        outs = generate_batch(model, comp, [items[i] for i in batch], args.new_tokens, min_new_tokens=args.new_tokens)
-        for i, out in zip(batch, outs, strict=True):
-            batched[i] = out
-    sync()
-    batched_s = time.perf_counter() - start
+    sweep = []
+    for batch_size in args.batch_size:
+        start = time.perf_counter()
+        batched, stats = [None] * len(items), {}
+        for batch, outs in generate_sorted(model, comp, items, [pl.n_tokens for pl in plans], batch_size,
+                                           args.new_tokens, min_new_tokens=args.new_tokens,
+                                           workers=args.image_workers, stats=stats):
+            for i, out in zip(batch, outs, strict=True):
+                batched[i] = out
+        sync()
+        sweep.append({"batch_size": batch_size, "batched_s": time.perf_counter() - start, **stats})
+    batched_s = sweep[0]["batched_s"]
 
     loop_s = None
     if not args.skip_loop:
@@ -116,11 +125,16 @@ def main() -> None:
         "images": sum(len(it.images) for it in items),
         "mean_prompt_tokens": round(sum(pl.n_tokens for pl in plans) / len(plans), 1),
         "new_tokens": args.new_tokens,
-        "batch_size": args.batch_size,
+        "batch_size": args.batch_size[0],
         "batched_s": round(batched_s, 2),
         "batched_samples_per_s": round(len(items) / batched_s, 2),
         "per_sample_loop_s": loop_s and round(loop_s, 2),
         "speedup": loop_s and round(loop_s / batched_s, 2),
+        "batch_sweep": [{"batch_size": r["batch_size"], "batched_s": round(r["batched_s"], 2),
+                         "samples_per_s": round(len(items) / r["batched_s"], 2),
+                         "speedup": loop_s and round(loop_s / r["batched_s"], 2),
+                         "waiting_for_images_s": round(r["wait_s"], 2), "generate_s": round(r["generate_s"], 2)}
+                        for r in sweep],
         "plan_records": len(many),
         "plan_s": round(plan_s, 2),
     }

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 from .render import Components, expand_image_tokens
 
@@ -30,17 +34,49 @@ def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[
     return [order[k : k + batch_size] for k in range(0, len(order), batch_size)]
 
 
-def generate_batch(model, comp: Components, items: list[GenItem], max_new_tokens: int, constraints=None,
-                   min_new_tokens: int = 0) -> list[str]:
-    """Greedy answers for one batch; `constraints` (AnswerConstraints) restricts each row to its task's answers.
+@dataclass
+class PreparedBatch:
+    """One batch's model inputs, built on the CPU (possibly in a background thread) before the GPU needs them."""
 
-    min_new_tokens (benchmarks only) fixes the output length so that timings compare like with like.
+    input_ids: Any
+    attention_mask: Any
+    mm: dict
+    tasks: list[str]
+
+    @property
+    def width(self) -> int:
+        return self.input_ids.shape[1]
+
+
+def image_inputs(comp: Components, images: list[str], pool: Executor | None = None, chunks: int = 1) -> dict:
+    """`plugin._get_mm_inputs` over the images, split into `chunks` parts run on `pool`.
+
+    Qwen2-VL's image processor treats each image on its own, so the concatenated parts equal one call over all.
+    """
+    plugin, processor = comp.template.mm_plugin, comp.processor
+    if not images:
+        return {}
+    if pool is None or chunks <= 1 or len(images) < 2:
+        return plugin._get_mm_inputs(images, [], [], processor)
+    import torch
+
+    size = -(-len(images) // chunks)
+    parts = list(pool.map(lambda part: plugin._get_mm_inputs(part, [], [], processor),
+                          [images[k : k + size] for k in range(0, len(images), size)]))
+    return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+
+
+def prepare_batch(comp: Components, items: list[GenItem], dtype=None, pin: bool = False,
+                  pool: Executor | None = None, chunks: int = 1) -> PreparedBatch:
+    """Image preprocessing, image-token expansion and left padding for one batch.
+
+    dtype converts pixel values here, as `.to(device, dtype)` would do on the CPU anyway; pin puts the tensors in
+    page-locked memory so that the copy to the GPU can run asynchronously.
     """
     import torch
 
-    tokenizer, processor, plugin = comp.tokenizer, comp.processor, comp.template.mm_plugin
-    images = [img for item in items for img in item.images]
-    mm = plugin._get_mm_inputs(images, [], [], processor) if images else {}
+    tokenizer = comp.tokenizer
+    mm = image_inputs(comp, [img for item in items for img in item.images], pool, chunks)
     counts = [int(g.prod()) // comp.merge_length for g in mm.get("image_grid_thw", [])]
     rows, k = [], 0
     for item in items:
@@ -51,27 +87,50 @@ def generate_batch(model, comp: Components, items: list[GenItem], max_new_tokens
     pad_id = tokenizer.pad_token_id
     input_ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], dtype=torch.long)
     attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
+    mm = {key: mm[key] for key in ("pixel_values", "image_grid_thw") if key in mm}
+    if dtype is not None and "pixel_values" in mm:
+        mm["pixel_values"] = mm["pixel_values"].to(dtype)
+    if pin:
+        input_ids, attention_mask = input_ids.pin_memory(), attention_mask.pin_memory()
+        mm = {key: t.pin_memory() for key, t in mm.items()}
+    return PreparedBatch(input_ids, attention_mask, mm, [item.task for item in items])
+
+
+def _to_device(t, device, dtype=None):
+    return t.to(device, dtype=dtype, non_blocking=t.is_pinned())
+
+
+def generate_prepared(model, comp: Components, batch: PreparedBatch, max_new_tokens: int, constraints=None,
+                      min_new_tokens: int = 0) -> list[str]:
+    """Greedy answers for one prepared batch; `constraints` (AnswerConstraints) restricts each row to its task's answers.
+
+    min_new_tokens (benchmarks only) fixes the output length so that timings compare like with like.
+    """
+    import torch
+
+    tokenizer = comp.tokenizer
+    width, pad_id = batch.width, tokenizer.pad_token_id
     stop_ids = comp.template.get_stop_token_ids(tokenizer)
     kwargs = {}
-    if mm:
-        kwargs["pixel_values"] = mm["pixel_values"].to(model.device, dtype=model.dtype)
-        kwargs["image_grid_thw"] = mm["image_grid_thw"].to(model.device)
+    if batch.mm:
+        kwargs["pixel_values"] = _to_device(batch.mm["pixel_values"], model.device, model.dtype)
+        kwargs["image_grid_thw"] = _to_device(batch.mm["image_grid_thw"], model.device)
     if constraints is not None:
         from transformers import LogitsProcessorList
 
         from .constrained import GrammarLogitsProcessor, make_prefix_allowed_tokens_fn
 
         if constraints.answer_format == "label":
-            tries = [constraints.tries[item.task] for item in items]
+            tries = [constraints.tries[task] for task in batch.tasks]
             kwargs["prefix_allowed_tokens_fn"] = make_prefix_allowed_tokens_fn(tries, width, pad_id)
         else:
-            grammars = [constraints.grammars[item.task] for item in items]
+            grammars = [constraints.grammars[task] for task in batch.tasks]
             processor_ = GrammarLogitsProcessor(grammars, width, tokenizer, comp.stop_id, max_new_tokens)
             kwargs["logits_processor"] = LogitsProcessorList([processor_])
     with torch.inference_mode():
         out = model.generate(
-            input_ids=input_ids.to(model.device),
-            attention_mask=attention_mask.to(model.device),
+            input_ids=_to_device(batch.input_ids, model.device),
+            attention_mask=_to_device(batch.attention_mask, model.device),
             max_new_tokens=max_new_tokens,
             min_new_tokens=min_new_tokens or None,
             do_sample=False,
@@ -81,3 +140,41 @@ def generate_batch(model, comp: Components, items: list[GenItem], max_new_tokens
             **kwargs,
         )
     return tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+
+
+def generate_batch(model, comp: Components, items: list[GenItem], max_new_tokens: int, constraints=None,
+                   min_new_tokens: int = 0) -> list[str]:
+    """One batch, prepared and generated in the calling thread."""
+    return generate_prepared(model, comp, prepare_batch(comp, items), max_new_tokens, constraints, min_new_tokens)
+
+
+def generate_sorted(model, comp: Components, items: list[GenItem], lengths: Sequence[int], batch_size: int,
+                    max_new_tokens: int, constraints=None, min_new_tokens: int = 0,
+                    workers: int | None = None, stats: dict | None = None) -> Iterator[tuple[list[int], list[str]]]:
+    """(indices, answers) per length-sorted batch, while the next batch is prepared in the background.
+
+    Image decoding and preprocessing are CPU work that would otherwise leave the GPU idle between batches; a
+    prefetch thread builds batch k+1 (its images split over `workers` threads) while batch k generates.
+    stats, when given, receives the seconds spent waiting for prepared batches and generating (benchmarks).
+    """
+    workers = workers or min(8, os.cpu_count() or 1)
+    pin = model.device.type == "cuda"
+    batches = length_sorted_batches(lengths, batch_size)
+    with ThreadPoolExecutor(1, thread_name_prefix="prefetch") as prefetch, \
+            ThreadPoolExecutor(workers, thread_name_prefix="images") as pool:
+
+        def submit(batch):
+            return prefetch.submit(prepare_batch, comp, [items[i] for i in batch], model.dtype, pin, pool, workers)
+
+        pending = submit(batches[0]) if batches else None
+        stats = {} if stats is None else stats
+        stats.update(wait_s=0.0, generate_s=0.0)
+        for k, batch in enumerate(batches):
+            start = time.perf_counter()
+            prepared = pending.result()
+            pending = submit(batches[k + 1]) if k + 1 < len(batches) else None
+            ready = time.perf_counter()
+            answers = generate_prepared(model, comp, prepared, max_new_tokens, constraints, min_new_tokens)
+            stats["wait_s"] += ready - start
+            stats["generate_s"] += time.perf_counter() - ready
+            yield batch, answers

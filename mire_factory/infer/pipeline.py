@@ -101,15 +101,19 @@ def _predict(args: InferArgs, todo, save_path: Path) -> None:
     out = Appender(save_path)
     try:
         if backend == "hf":
-            from .hf_backend import GenItem, generate_batch, length_sorted_batches, load_hf_model
+            from .hf_backend import GenItem, generate_sorted, load_hf_model
 
             model = load_hf_model(comp)
             constraints = (AnswerConstraints(comp.tokenizer, comp.stop_id, args.answer_format, args.label_position)
                            if args.constrained else None)
-            for batch in tqdm(length_sorted_batches([p.n_tokens for p in plans], args.batch_size), desc="hf generate"):
-                items = [GenItem(prompt_ids[i], plans[i].images, todo[i].task) for i in batch]
-                predicts = generate_batch(model, comp, items, args.max_new_tokens, constraints)
-                out.write([row(todo[i], plans[i], prompt_ids[i], pred) for i, pred in zip(batch, predicts, strict=True)])
+            items = [GenItem(ids, p.images, r.task) for r, p, ids in zip(todo, plans, prompt_ids, strict=True)]
+            batches = generate_sorted(model, comp, items, [p.n_tokens for p in plans], args.batch_size,
+                                      args.max_new_tokens, constraints)
+            with tqdm(total=len(items), desc="hf generate") as bar:
+                for batch, predicts in batches:
+                    out.write([row(todo[i], plans[i], prompt_ids[i], pred)
+                               for i, pred in zip(batch, predicts, strict=True)])
+                    bar.update(len(batch))
         elif backend == "vllm":
             from . import vllm_backend
             from .vllm_inputs import engine_kwargs, prompt_input, sampling_kwargs
