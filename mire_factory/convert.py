@@ -41,23 +41,15 @@ def records_to_sharegpt(
     """ShareGPT rows. Image paths are relative to output_dir, because LLaMA-Factory joins each with `media_dir`,
     which defaults to `dataset_dir`: point dataset_dir at output_dir. Unlabelled records get an empty assistant
     turn, so that LLaMA-Factory keeps them (predict)."""
-    path_of = _image_path_maker(image_dir, output_dir)
-    return [
-        {
-            "id": r.id,
-            "messages": [
-                {"role": "user", "content": user_content(r)},
-                {"role": "assistant", "content": r.output or ""},
-            ],
-            "images": [path_of(name) for name in r.images],
-        }
-        for r in records
-    ]
+    return _rows(records, _image_path_maker(image_dir, output_dir))
 
 
 def records_to_swift(records: list[MireRecord], image_dir: str | os.PathLike) -> list[dict]:
     """ms-swift's messages/images rows; absolute image paths, since ms-swift does not join them with a folder."""
-    path_of = _image_path_maker(image_dir, None)
+    return _rows(records, _image_path_maker(image_dir, None))
+
+
+def _rows(records: list[MireRecord], path_of) -> list[dict]:
     return [
         {
             "id": r.id,
