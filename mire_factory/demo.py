@@ -112,11 +112,22 @@ def infer_and_score(model_dir: Path, data_dir: Path, gold: Path, test: Path, out
 
 
 def run_demo(cfg: DemoConfig) -> dict:
+    """Runs the seven steps; returns the summary (untrained and trained scores, elapsed seconds)."""
+    # the libraries' INFO logs would bury the demo's own story; progress bars and warnings stay
+    quiet = {"LLAMAFACTORY_VERBOSITY": "WARN", "TRANSFORMERS_VERBOSITY": "warning"}
+    saved = {key: os.environ.get(key) for key in quiet}
+    os.environ.update({k: v for k, v in quiet.items() if saved[k] is None})
+    try:
+        return _run_demo(cfg)
+    finally:  # leave the caller's environment as it was (tests run other tools after the demo)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+
+
+def _run_demo(cfg: DemoConfig) -> dict:
     global _START
     start = _START = time.perf_counter()
-    # the libraries' INFO logs would bury the demo's own story; progress bars and warnings stay
-    os.environ.setdefault("LLAMAFACTORY_VERBOSITY", "WARN")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "warning")
     work = cfg.workdir.resolve()
     cfg.workdir = work
     total = 7
