@@ -75,8 +75,13 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise MireInputError(problem(path, None, None, "file not found"))
+    return parse_jsonl(path.read_text(encoding="utf-8-sig"), path)
+
+
+def parse_jsonl(text: str, path: str | os.PathLike) -> list[dict]:
+    """The objects of JSON-lines text; a broken line is an error naming `path` and its line number."""
     rows = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
+    for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
