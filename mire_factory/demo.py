@@ -42,6 +42,11 @@ class DemoConfig:
     max_new_tokens: int = 16
 
 
+# Each step allocates and frees ~1 GB of logits (152k vocab); glibc maps such blocks afresh each time, and faulting
+# them in 4 KiB pages cost as much as the bf16 matmuls. Transparent huge pages for malloc (glibc >= 2.35; ignored
+# elsewhere) made a step 1.6x faster here (40 steps: 76 s -> 47 s).
+CPU_TRAIN_ENV = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+
 _START = time.perf_counter()
 
 
@@ -59,13 +64,13 @@ def _run_tool(module: str, args: list[str]) -> None:
 
 
 def train_overrides(cfg: DemoConfig, model_dir: Path, data_dir: Path, out_dir: Path) -> list[str]:
-    """The recipe stays as shipped except for model size, steps and devices (CPU: no DeepSpeed, fp32)."""
+    """The recipe stays as shipped except for model size, steps and devices (CPU: no DeepSpeed; bf16 as shipped)."""
     return [
         f"model_name_or_path={model_dir}",
         f"dataset_dir={data_dir}",
         f"output_dir={out_dir}",
         "deepspeed=null",
-        "bf16=false",
+        "use_cpu=true",  # bf16 autocast on the CPU: the recipe's precision, ~2x faster on the 152k-vocab lm_head
         f"per_device_train_batch_size={cfg.batch_size}",
         "gradient_accumulation_steps=1",
         f"num_train_epochs={cfg.epochs}",
@@ -154,7 +159,7 @@ def _run_demo(cfg: DemoConfig) -> dict:
     cmd = [str(Path(sys.executable).with_name("llamafactory-cli")), "train", str(RECIPE),
            *train_overrides(cfg, model_dir, mire, saves)]
     print("  $ " + " ".join(cmd), flush=True)
-    env = {**os.environ, "DISABLE_VERSION_CHECK": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "DISABLE_VERSION_CHECK": "1", "TOKENIZERS_PARALLELISM": "false", **CPU_TRAIN_ENV}
     proc = subprocess.run(cmd, cwd=REPO, env=env, check=False)
     if proc.returncode != 0:
         raise SystemExit(f"llamafactory-cli train failed with exit code {proc.returncode}")
