@@ -22,7 +22,16 @@ import time
 from pathlib import Path
 
 from mire_factory.infer.dataset import load_dataset
-from mire_factory.infer.hf_backend import GenItem, generate_batch, generate_sorted, load_hf_model
+from mire_factory.infer.hf_backend import (
+    GenItem,
+    finish_on_device,
+    generate_batch,
+    generate_prepared,
+    generate_sorted,
+    length_sorted_batches,
+    load_hf_model,
+    prepare_batch,
+)
 from mire_factory.infer.render import load_components, render_prompt_ids
 from mire_factory.infer.truncation import ImageTokenizer, Planner
 from mire_factory.synthetic import make_records
@@ -50,6 +59,35 @@ def sync():
         torch.cuda.synchronize()
 
 
+def time_phases(model, comp, items, plans, batch_size: int, new_tokens: int) -> dict:
+    """One batch (the longest) phase by phase, each synchronised: where does a batch's time go?"""
+    import torch
+
+    batch = [items[i] for i in length_sorted_batches([pl.n_tokens for pl in plans], batch_size)[0]]
+
+    def timed(fn):
+        sync()
+        start = time.perf_counter()
+        out = fn()
+        sync()
+        return out, round(time.perf_counter() - start, 3)
+
+    _, cpu_prepare = timed(lambda: prepare_batch(comp, batch, model.dtype, pin=torch.cuda.is_available()))
+    split, decode = timed(lambda: prepare_batch(comp, batch, image_device=model.device))
+    ready, device_images = timed(lambda: finish_on_device(comp, split, model.device))
+    pixels = ready.mm["pixel_values"].to(model.device, model.dtype)
+    grid = ready.mm["image_grid_thw"].to(model.device)
+    with torch.inference_mode():
+        _, vision = timed(lambda: model.model.visual(pixels, grid_thw=grid))
+    _, prefill = timed(lambda: generate_prepared(model, comp, ready, 1, min_new_tokens=1))
+    _, full = timed(lambda: generate_prepared(model, comp, ready, new_tokens, min_new_tokens=new_tokens))
+    return {"batch_size": len(batch), "images": len(grid),
+            "tokens": int(ready.attention_mask.sum()), "width": ready.width,
+            "cpu_image_processing_s": cpu_prepare, "image_decode_and_resize_s": decode,
+            "image_processor_on_device_s": device_images, "vision_tower_s": vision,
+            "generate_1_token_s": prefill, f"generate_{new_tokens}_tokens_s": full}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="a Qwen2-VL checkpoint; default: a random-weight one built with --preset")
@@ -58,6 +96,9 @@ def main() -> None:
     p.add_argument("--batch_size", type=int, nargs="+", default=[32])
     p.add_argument("--image_workers", type=int, default=None,
                    help="threads preparing a batch's images (default: the product's, min(8, cpus))")
+    p.add_argument("--images_on", nargs="+", choices=["device", "cpu"], default=["device"],
+                   help="where the image processor runs in the batched runs (device: the product's default on a GPU)")
+    p.add_argument("--phases", action="store_true", help="also time one batch phase by phase (images, vision, prefill)")
     p.add_argument("--new_tokens", type=int, default=16)
     p.add_argument("--image_max_pixels", type=int, default=602112)
     p.add_argument("--image_width", type=int, default=585)
@@ -93,20 +134,29 @@ def main() -> None:
     items = [GenItem(render_prompt_ids(comp, pl.content, pl.images), pl.images, r.task)
              for r, pl in zip(records, plans, strict=True)]
     model = load_hf_model(comp)
-    generate_batch(model, comp, items[:2], args.new_tokens, min_new_tokens=args.new_tokens)  # warm-up
+    # warm-up: kernels, allocator pools and the per-sample path, so that no timed run pays for starting up
+    generate_batch(model, comp, items[:2], args.new_tokens, min_new_tokens=args.new_tokens)
+    warm = items[: args.batch_size[0] * 2]
+    for _ in generate_sorted(model, comp, warm, [len(it.prompt_ids) for it in warm], args.batch_size[0],
+                             args.new_tokens, min_new_tokens=args.new_tokens, workers=args.image_workers):
+        pass
     sync()
 
     sweep = []
-    for batch_size in args.batch_size:
+    for batch_size, where in [(b, where) for b in args.batch_size for where in args.images_on]:
         start = time.perf_counter()
         batched, stats = [None] * len(items), {}
         for batch, outs in generate_sorted(model, comp, items, [pl.n_tokens for pl in plans], batch_size,
                                            args.new_tokens, min_new_tokens=args.new_tokens,
-                                           workers=args.image_workers, stats=stats):
+                                           workers=args.image_workers, stats=stats,
+                                           images_on_device=where == "device"):
             for i, out in zip(batch, outs, strict=True):
                 batched[i] = out
         sync()
-        sweep.append({"batch_size": batch_size, "batched_s": time.perf_counter() - start, **stats})
+        sweep.append({"batch_size": batch_size, "images_on": where,
+                      "batched_s": time.perf_counter() - start, **stats})
+        print(json.dumps(sweep[-1]), flush=True)
+    phases = time_phases(model, comp, items, plans, args.batch_size[0], args.new_tokens) if args.phases else None
     batched_s = sweep[0]["batched_s"]
 
     loop_s = None
@@ -130,11 +180,13 @@ def main() -> None:
         "batched_samples_per_s": round(len(items) / batched_s, 2),
         "per_sample_loop_s": loop_s and round(loop_s, 2),
         "speedup": loop_s and round(loop_s / batched_s, 2),
-        "batch_sweep": [{"batch_size": r["batch_size"], "batched_s": round(r["batched_s"], 2),
+        "batch_sweep": [{"batch_size": r["batch_size"], "images_on": r["images_on"],
+                         "batched_s": round(r["batched_s"], 2),
                          "samples_per_s": round(len(items) / r["batched_s"], 2),
                          "speedup": loop_s and round(loop_s / r["batched_s"], 2),
                          "waiting_for_images_s": round(r["wait_s"], 2), "generate_s": round(r["generate_s"], 2)}
                         for r in sweep],
+        "phases_of_the_longest_batch": phases,
         "plan_records": len(many),
         "plan_s": round(plan_s, 2),
     }

@@ -256,3 +256,55 @@ def test_output_resume_drops_a_cut_off_last_line(tmp_path):
     assert set(read_done(path)) == {"a", "b"} and path.read_text().endswith("}\n")
     assert not finalize(path, ["b", "a", "c"])
     assert finalize(path, ["b", "a"]) and [json.loads(x)["id"] for x in path.read_text().splitlines()] == ["b", "a"]
+
+
+def test_batch_inputs_equal_the_plugins_on_every_preparation_path(comp, sample_dataset):
+    """Threaded image chunks, and the split path that runs the image processor where the model runs (a GPU in
+    production, the CPU here), build exactly the tensors of mm_plugin's `_get_mm_inputs` (the training path)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from mire_factory.infer.dataset import load_dataset
+    from mire_factory.infer.hf_backend import GenItem, finish_on_device, prepare_batch
+    from mire_factory.infer.render import expand_image_tokens, render_prompt_ids
+
+    records = load_dataset("mire_test", sample_dataset)
+    plans = make_planner(comp, cutoff_len=100_000).plan_many(records)
+    items = [GenItem(render_prompt_ids(comp, p.content, p.images), p.images, r.task)
+             for r, p in zip(records, plans, strict=True)]
+    paths = [img for item in items for img in item.images]
+    assert len(paths) == 32
+    reference = comp.template.mm_plugin._get_mm_inputs(paths, [], [], comp.processor)
+    counts = [int(g.prod()) // comp.merge_length for g in reference["image_grid_thw"]]
+
+    with ThreadPoolExecutor(4) as pool:
+        serial = prepare_batch(comp, items)
+        chunked = prepare_batch(comp, items, pool=pool, chunks=3)
+        split = finish_on_device(comp, prepare_batch(comp, items, pool=pool, image_device="cpu"), "cpu")
+    for batch in (serial, chunked, split):
+        assert torch.equal(batch.mm["pixel_values"], reference["pixel_values"])
+        assert torch.equal(batch.mm["image_grid_thw"], reference["image_grid_thw"])
+        assert torch.equal(batch.input_ids, serial.input_ids)
+        assert torch.equal(batch.attention_mask, serial.attention_mask)
+    # the longest row is unpadded and carries its images' tokens in full
+    k, rows = 0, []
+    for item in items:
+        rows.append(expand_image_tokens(item.prompt_ids, comp.image_pad_id, counts[k : k + len(item.images)]))
+        k += len(item.images)
+    longest = max(range(len(rows)), key=lambda i: len(rows[i]))
+    assert serial.input_ids[longest].tolist() == rows[longest]
+
+
+def test_length_sorted_batches_cover_every_index_once_longest_first():
+    from mire_factory.infer.hf_backend import length_sorted_batches
+
+    lengths = [5, 90, 13, 90, 41, 7, 66, 2, 30, 58]
+    for first in (None, 1, 3, 4, 99):
+        batches = length_sorted_batches(lengths, 4, first=first)
+        assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+        flat = [lengths[i] for b in batches for i in b]
+        assert flat == sorted(lengths, reverse=True)
+        assert len(batches[0]) == min(first or 4, 4) and all(len(b) <= 4 for b in batches)
+    assert length_sorted_batches([], 4, first=1) == []
+

@@ -28,24 +28,57 @@ def load_hf_model(comp: Components):
     return model
 
 
-def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Indices grouped into batches of similar length, longest first (padding stays small, OOM shows early)."""
+def length_sorted_batches(lengths: Sequence[int], batch_size: int, first: int | None = None) -> list[list[int]]:
+    """Indices grouped into batches of similar length, longest first (padding stays small, OOM shows early).
+
+    first, when given, sizes the first batch alone: a small one gets the GPU going while the images of the next
+    full batch are still being prepared (the first batch's preparation is the one wait nothing hides).
+    """
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    return [order[k : k + batch_size] for k in range(0, len(order), batch_size)]
+    head = min(first or batch_size, batch_size)
+    return [order[:head]] + [order[k : k + batch_size] for k in range(head, len(order), batch_size)] if order else []
 
 
 @dataclass
 class PreparedBatch:
-    """One batch's model inputs, built on the CPU (possibly in a background thread) before the GPU needs them."""
+    """One batch's model inputs, built on the CPU (possibly in a background thread) before the GPU needs them.
 
-    input_ids: Any
-    attention_mask: Any
-    mm: dict
-    tasks: list[str]
+    With `image_device` set, `images` holds the regularized (decoded, max-pixel-resized) images and
+    `finish_on_device` runs the image processor there; otherwise the batch is complete as built.
+    """
+
+    items: list[GenItem]
+    input_ids: Any = None
+    attention_mask: Any = None
+    mm: dict | None = None
+    images: list | None = None
+
+    @property
+    def tasks(self) -> list[str]:
+        return [item.task for item in self.items]
 
     @property
     def width(self) -> int:
         return self.input_ids.shape[1]
+
+
+def regularized_images(comp: Components, images: list[str]) -> list:
+    """mm_plugin's own image loading and max-pixel resize (PIL), as `_get_mm_inputs` starts."""
+    processor = comp.processor
+    return comp.template.mm_plugin._regularize_images(
+        images,
+        image_max_pixels=getattr(processor, "image_max_pixels", 768 * 768),
+        image_min_pixels=getattr(processor, "image_min_pixels", 32 * 32),
+    )["images"]
+
+
+def pixel_inputs(comp: Components, images: list, device=None) -> dict:
+    """The processor's image step, as `_get_mm_inputs` ends it, on `device` (resize, normalize, patchify).
+
+    On a GPU this replaces ~14 MB of float32 patch copies per screenshot on the CPU with a 2 MB uint8 upload.
+    """
+    out = comp.processor.image_processor(images, return_tensors="pt", **({"device": device} if device else {}))
+    return {key: out[key] for key in ("pixel_values", "image_grid_thw")}
 
 
 def image_inputs(comp: Components, images: list[str], pool: Executor | None = None, chunks: int = 1) -> dict:
@@ -66,34 +99,57 @@ def image_inputs(comp: Components, images: list[str], pool: Executor | None = No
     return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
 
 
-def prepare_batch(comp: Components, items: list[GenItem], dtype=None, pin: bool = False,
-                  pool: Executor | None = None, chunks: int = 1) -> PreparedBatch:
-    """Image preprocessing, image-token expansion and left padding for one batch.
-
-    dtype converts pixel values here, as `.to(device, dtype)` would do on the CPU anyway; pin puts the tensors in
-    page-locked memory so that the copy to the GPU can run asynchronously.
-    """
+def _padded_inputs(comp: Components, items: list[GenItem], grid_thw) -> tuple[Any, Any]:
+    """Image-pad tokens expanded to each image's count, then left padding to the batch's longest row."""
     import torch
 
-    tokenizer = comp.tokenizer
-    mm = image_inputs(comp, [img for item in items for img in item.images], pool, chunks)
-    counts = [int(g.prod()) // comp.merge_length for g in mm.get("image_grid_thw", [])]
+    counts = [int(g.prod()) // comp.merge_length for g in (grid_thw.cpu() if grid_thw is not None else [])]
     rows, k = [], 0
     for item in items:
         n = len(item.images)
         rows.append(expand_image_tokens(item.prompt_ids, comp.image_pad_id, counts[k : k + n]))
         k += n
     width = max(len(r) for r in rows)
-    pad_id = tokenizer.pad_token_id
+    pad_id = comp.tokenizer.pad_token_id
     input_ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], dtype=torch.long)
     attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
+    return input_ids, attention_mask
+
+
+def prepare_batch(comp: Components, items: list[GenItem], dtype=None, pin: bool = False,
+                  pool: Executor | None = None, chunks: int = 1, image_device=None) -> PreparedBatch:
+    """Image preprocessing, image-token expansion and left padding for one batch.
+
+    dtype converts pixel values here, as `.to(device, dtype)` would do on the CPU anyway; pin puts the tensors in
+    page-locked memory so that the copy to the GPU can run asynchronously. With image_device, only the image
+    decoding and max-pixel resize happen here (on `pool`); `finish_on_device` does the rest.
+    """
+    paths = [img for item in items for img in item.images]
+    if image_device is not None:
+        if pool is None or len(paths) < 2:
+            images = regularized_images(comp, paths) if paths else []
+        else:
+            images = list(pool.map(lambda path: regularized_images(comp, [path])[0], paths))
+        return PreparedBatch(items, images=images)
+    mm = image_inputs(comp, paths, pool, chunks)
+    input_ids, attention_mask = _padded_inputs(comp, items, mm.get("image_grid_thw"))
     mm = {key: mm[key] for key in ("pixel_values", "image_grid_thw") if key in mm}
     if dtype is not None and "pixel_values" in mm:
         mm["pixel_values"] = mm["pixel_values"].to(dtype)
     if pin:
         input_ids, attention_mask = input_ids.pin_memory(), attention_mask.pin_memory()
         mm = {key: t.pin_memory() for key, t in mm.items()}
-    return PreparedBatch(input_ids, attention_mask, mm, [item.task for item in items])
+    return PreparedBatch(items, input_ids, attention_mask, mm)
+
+
+def finish_on_device(comp: Components, batch: PreparedBatch, device) -> PreparedBatch:
+    """The image processor on `device` for a batch prepared with image_device (run where the model runs)."""
+    if batch.input_ids is not None:
+        return batch
+    mm = pixel_inputs(comp, batch.images, device) if batch.images else {}
+    batch.input_ids, batch.attention_mask = _padded_inputs(comp, batch.items, mm.get("image_grid_thw"))
+    batch.mm, batch.images = mm, None
+    return batch
 
 
 def _to_device(t, device, dtype=None):
@@ -108,6 +164,7 @@ def generate_prepared(model, comp: Components, batch: PreparedBatch, max_new_tok
     """
     import torch
 
+    batch = finish_on_device(comp, batch, model.device)
     tokenizer = comp.tokenizer
     width, pad_id = batch.width, tokenizer.pad_token_id
     stop_ids = comp.template.get_stop_token_ids(tokenizer)
@@ -150,21 +207,28 @@ def generate_batch(model, comp: Components, items: list[GenItem], max_new_tokens
 
 def generate_sorted(model, comp: Components, items: list[GenItem], lengths: Sequence[int], batch_size: int,
                     max_new_tokens: int, constraints=None, min_new_tokens: int = 0,
-                    workers: int | None = None, stats: dict | None = None) -> Iterator[tuple[list[int], list[str]]]:
+                    workers: int | None = None, stats: dict | None = None,
+                    images_on_device: bool | None = None) -> Iterator[tuple[list[int], list[str]]]:
     """(indices, answers) per length-sorted batch, while the next batch is prepared in the background.
 
-    Image decoding and preprocessing are CPU work that would otherwise leave the GPU idle between batches; a
-    prefetch thread builds batch k+1 (its images split over `workers` threads) while batch k generates.
+    Image decoding is CPU work that would otherwise leave the GPU idle between batches; a prefetch thread builds
+    batch k+1 (its images split over `workers` threads) while batch k generates. On a GPU (images_on_device, the
+    default there) the image processor's resize, normalization and patching run on the GPU, just before generate
+    (H100, 256 records: 15.0 s against 19.7 s with them on 8 CPU threads).
     stats, when given, receives the seconds spent waiting for prepared batches and generating (benchmarks).
     """
     workers = workers or min(8, os.cpu_count() or 1)
     pin = model.device.type == "cuda"
-    batches = length_sorted_batches(lengths, batch_size)
+    if images_on_device is None:
+        images_on_device = pin
+    image_device = model.device if images_on_device else None
+    batches = length_sorted_batches(lengths, batch_size, first=max(1, batch_size // 4) if pin else None)
     with ThreadPoolExecutor(1, thread_name_prefix="prefetch") as prefetch, \
             ThreadPoolExecutor(workers, thread_name_prefix="images") as pool:
 
         def submit(batch):
-            return prefetch.submit(prepare_batch, comp, [items[i] for i in batch], model.dtype, pin, pool, workers)
+            return prefetch.submit(prepare_batch, comp, [items[i] for i in batch], model.dtype, pin, pool, workers,
+                                   image_device)
 
         pending = submit(batches[0]) if batches else None
         stats = {} if stats is None else stats
