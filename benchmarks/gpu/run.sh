@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On the lent GPU machine, from the repo root: install the carried wheels, then run the named benchmarks.
 #   bash benchmarks/gpu/run.sh NAME [NAME ...]
-# NAMEs: smoke, ours_2b, ours_2b_zero2, baseline_2b, baseline_2b_fit, ours_7b, ours_7b_zero3, baseline_7b, baseline_7b_fit, ours_7b_2gpu, launcher_7b_2gpu, infer_2b.
+# NAMEs: smoke, ours_2b, ours_2b_zero2, baseline_2b, baseline_2b_fit, ours_7b, baseline_7b, baseline_7b_fit,
+#        ours_7b_2gpu, ours_7b_offload, launcher_7b_2gpu, infer_2b, infer_2b_phases.
 # Results (JSON + logs) go to $OUT (the device tool fetches it) or /tmp/bench_out.
 # Needs .whl (benchmarks/gpu/fetch_wheels.sh) and .gpu_data (benchmarks/gpu/prepare_data.py) carried along.
 set -uo pipefail
@@ -14,18 +15,23 @@ STEPS=${STEPS:-25}
 COMMON=(dataset_dir=.gpu_data/mire eval_dataset=null "eval_strategy='no'" "save_strategy='no'" max_steps=$STEPS
         logging_steps=5 report_to=none output_dir=/tmp/run overwrite_output_dir=true preprocessing_num_workers=8
         dataloader_num_workers=4 plot_loss=false)
-# The official baseline: ZeRO-3 offload, batch 4 x accumulation 2, fp16, cutoff 1024 (image tokens truncated).
-BASELINE=(fp16=true bf16=false per_device_train_batch_size=4 gradient_accumulation_steps=2 cutoff_len=1024)
+# The official baseline: ZeRO-3 offloading params and optimizer (LLaMA-Factory's ds_z3_offload_config.json), batch 4 x
+# accumulation 2, fp16, cutoff 1024 (image tokens truncated).
+BASELINE=(deepspeed=configs/ds_zero3_offload.json fp16=true bf16=false per_device_train_batch_size=4
+          gradient_accumulation_steps=2 cutoff_len=1024)
 
-model() {  # random-weight Qwen2-VL of the real architecture, built on the GPU
-  [ -f /tmp/m$1/config.json ] || python3 -m tools.make_tiny_model --out /tmp/m$1 --preset $1 --device cuda
+# random-weight Qwen2-VL checkpoints of the real architectures, built on the GPU; on disk, not in /tmp, which can be
+# a RAM-backed tmpfs: a 16 GB 7B checkpoint there is 16 GB less host RAM for the CPU-offloaded optimizer
+MODELS=${MODELS:-$PWD/.gpu_models}
+model() {
+  [ -f $MODELS/m$1/config.json ] || python3 -m tools.make_tiny_model --out $MODELS/m$1 --preset $1 --device cuda
 }
 train() {  # label nproc preset extra-overrides...
   local label=$1 nproc=$2 preset=$3; shift 3
   model "$preset" || return 1
   echo "=== $label"; nvidia-smi --query-gpu=name,memory.used --format=csv,noheader
   torchrun --nproc_per_node "$nproc" --master_port $((29500 + RANDOM % 1000)) benchmarks/gpu/train_bench.py \
-    --label "$label" --out "$OUT/$label.json" $RECIPE model_name_or_path=/tmp/m$preset "${COMMON[@]}" "$@" \
+    --label "$label" --out "$OUT/$label.json" $RECIPE model_name_or_path=$MODELS/m$preset "${COMMON[@]}" "$@" \
     > "$OUT/$label.log" 2>&1
   local rc=$?; grep -E "^BENCH|Error|error:|Killed|OOM|out of memory" "$OUT/$label.log" | tail -5; echo "rc=$rc"
   free -g | head -2
@@ -33,7 +39,7 @@ train() {  # label nproc preset extra-overrides...
 for name in "$@"; do
   case $name in
     smoke) python3 -c "import llamafactory, deepspeed, transformers, torch; print(llamafactory.__version__, deepspeed.__version__, transformers.__version__, torch.__version__, torch.cuda.get_device_name(0))"
-           nvidia-smi --query-gpu=name,memory.total --format=csv; free -g | head -2; nproc ;;
+           nvidia-smi --query-gpu=name,memory.total --format=csv; free -g | head -2; nproc; df -h /tmp "$PWD" ;;
     ours_2b) train ours_2b 1 2b ;;
     ours_2b_zero2) train ours_2b_zero2 1 2b deepspeed=configs/ds_zero2.json ;;
     baseline_2b) train baseline_2b 1 2b "${BASELINE[@]}" ;;
@@ -41,30 +47,37 @@ for name in "$@"; do
     # baseline's own cutoff 1024 cannot run on MIRE dialogues; *_fit keeps its other settings with a cutoff that fits.
     baseline_2b_fit) train baseline_2b_fit 1 2b "${BASELINE[@]}" cutoff_len=4096 ;;
     baseline_7b_fit) train baseline_7b_fit 1 7b "${BASELINE[@]}" cutoff_len=4096 ;;
+    # the recipe as shipped (ZeRO-3, no offload): 121 GiB on one GPU, so an H200; 80 GB GPUs need two
     ours_7b) train ours_7b 1 7b ;;
+    ours_7b_2gpu) train ours_7b_2gpu 2 7b ;;
+    # CPU offload of params and optimizer (the baseline's config) needs more than a 128 GB host has at 7B
+    ours_7b_offload) train ours_7b_offload 1 7b deepspeed=configs/ds_zero3_offload.json ;;
     baseline_7b) train baseline_7b 1 7b "${BASELINE[@]}" ;;
-    # 7B full SFT with ZeRO-3 offload needs ~130 GB of host RAM (optimizer states, fp32 grads and params on the CPU):
-    # more than a 128 GB single-GPU machine has. ds_zero3.json (no offload) fits the 141 GB H200, or 2+ GPUs.
-    ours_7b_zero3) train ours_7b_zero3 1 7b deepspeed=configs/ds_zero3.json ;;
-    ours_7b_2gpu) train ours_7b_2gpu 2 7b deepspeed=configs/ds_zero3.json ;;
     launcher_7b_2gpu)
-      model 7b && FORCE_TORCHRUN=1 NPROC_PER_NODE=2 timeout 540 python3 -m mire_factory.train $RECIPE model_name_or_path=/tmp/m7b \
+      model 7b && FORCE_TORCHRUN=1 NPROC_PER_NODE=2 timeout 540 python3 -m mire_factory.train $RECIPE model_name_or_path=$MODELS/m7b \
         deepspeed=configs/ds_zero3.json mire_f1_max_samples=16 \
         dataset_dir=.gpu_data/mire eval_dataset=mire_val "eval_strategy='steps'" eval_steps=5 "save_strategy='no'" \
         max_steps=10 logging_steps=5 report_to=none output_dir=/tmp/run_launcher overwrite_output_dir=true \
         mire_f1_max_new_tokens=16 > "$OUT/launcher_7b_2gpu.log" 2>&1; echo "rc=$?"
       grep -o '"eval_f1[a-z_]*": [0-9.]*' /tmp/run_launcher/trainer_state.json | sort | uniq | head; 
       cp /tmp/run_launcher/trainer_state.json "$OUT/launcher_trainer_state.json" 2>/dev/null ;;
-    infer_2b) model 2b && python3 -m benchmarks.bench_infer --model /tmp/m2b --n 256 --batch_size 32 --new_tokens 16 \
+    infer_2b) model 2b && python3 -m benchmarks.bench_infer --model $MODELS/m2b --n 256 --batch_size 32 64 \
+                --images_on device cpu --new_tokens 16 \
                 --out "$OUT/bench_infer.json" > "$OUT/bench_infer.log" 2>&1; echo "rc=$?"; tail -5 "$OUT/bench_infer.log" ;;
-    bg:*)  # start a long benchmark detached (it outlives this call); poll it with `wait:NAME`
-      OUT=/tmp/bench_out setsid nohup bash benchmarks/gpu/run.sh "${name#bg:}" > "/tmp/bg_${name#bg:}.txt" 2>&1 < /dev/null &
-      echo "started ${name#bg:} in the background" ;;
-    wait:*)  # wait (up to WAIT_S seconds) for a detached benchmark, then copy its results to $OUT
-      n=${name#wait:}; for _ in $(seq 1 "${WAIT_S:-540}"); do
-        grep -q "^rc=" "/tmp/bg_$n.txt" 2>/dev/null && break; sleep 1; done
-      cat "/tmp/bg_$n.txt"; cp /tmp/bench_out/"$n"* "$OUT"/ 2>/dev/null
-      tail -c 1500 /tmp/bench_out/"$n".log 2>/dev/null ;;
+    # where a batch's time goes (no per-sample loop): image processor on the GPU vs on the CPU, phase by phase
+    infer_2b_phases) model 2b && python3 -m benchmarks.bench_infer --model $MODELS/m2b --n 256 --batch_size 32 64 \
+                --images_on device cpu --phases --skip_loop --new_tokens 16 --out "$OUT/bench_infer_phases.json" \
+                > "$OUT/bench_infer_phases.log" 2>&1; echo "rc=$?"; tail -30 "$OUT/bench_infer_phases.log" ;;
+    bg:*)  # start benchmarks detached (they outlive this call), one after the other: bg:A,B,C; collect with wait:A,B,C
+      names=${name#bg:}
+      OUT=/tmp/bench_out setsid nohup bash -c "bash benchmarks/gpu/run.sh ${names//,/ }; echo bg-done" \
+        > "/tmp/bg_$names.txt" 2>&1 < /dev/null &
+      echo "started $names in the background" ;;
+    wait:*)  # wait (up to WAIT_S seconds) for detached benchmarks, then copy their results to $OUT
+      names=${name#wait:}; for _ in $(seq 1 "${WAIT_S:-540}"); do
+        grep -q "^bg-done" "/tmp/bg_$names.txt" 2>/dev/null && break; sleep 1; done
+      cat "/tmp/bg_$names.txt"; for n in ${names//,/ }; do cp /tmp/bench_out/"$n"* "$OUT"/ 2>/dev/null
+        tail -c 1500 /tmp/bench_out/"$n".log 2>/dev/null; done ;;
     *) echo "unknown benchmark $name"; exit 2 ;;
   esac
 done

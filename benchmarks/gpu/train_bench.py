@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import sys
 import time
@@ -111,6 +112,8 @@ def main() -> int:
         "tokens_per_sample": sum(toks) / (samples_per_step * len(steps)),
         "step_time_s": {"min": min(steps), "median": statistics.median(steps), "max": max(steps)},
         "peak_gpu_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+        # CPU offload: optimizer states, fp32 grads and pinned buffers live in this process's host memory
+        "peak_host_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "peak_gpu_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else None,
         "params": params,
         "mfu": (llm_flops / total_time / world) / (peak * 1e12) if peak else None,
