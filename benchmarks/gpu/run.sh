@@ -2,7 +2,7 @@
 # On the lent GPU machine, from the repo root: install the carried wheels, then run the named benchmarks.
 #   bash benchmarks/gpu/run.sh NAME [NAME ...]
 # NAMEs: smoke, ours_2b, ours_2b_zero2, baseline_2b, baseline_2b_fit, ours_7b, baseline_7b, baseline_7b_fit,
-#        ours_7b_2gpu, ours_7b_offload, launcher_7b_2gpu, infer_2b, infer_2b_phases.
+#        ours_2b_nods, ours_7b_2gpu, ours_7b_offload, ours_7b_pure_bf16, launcher_7b_2gpu, infer_2b, infer_2b_phases.
 # Results (JSON + logs) go to $OUT (the device tool fetches it) or /tmp/bench_out.
 # Needs .whl (benchmarks/gpu/fetch_wheels.sh) and .gpu_data (benchmarks/gpu/prepare_data.py) carried along.
 set -uo pipefail
@@ -42,6 +42,8 @@ for name in "$@"; do
            nvidia-smi --query-gpu=name,memory.total --format=csv; free -g | head -2; nproc; df -h /tmp "$PWD" ;;
     ours_2b) train ours_2b 1 2b ;;
     ours_2b_zero2) train ours_2b_zero2 1 2b deepspeed=configs/ds_zero2.json ;;
+    # 2B fits one GPU with fp32 master weights and Adam states (~25 GB): no DeepSpeed at all
+    ours_2b_nods) train ours_2b_nods 1 2b deepspeed=null ;;
     baseline_2b) train baseline_2b 1 2b "${BASELINE[@]}" ;;
     # LLaMA-Factory 0.9.5 stops with a shape error when cutoff_len cuts through image tokens (mrope positions), so the
     # baseline's own cutoff 1024 cannot run on MIRE dialogues; *_fit keeps its other settings with a cutoff that fits.
@@ -53,6 +55,8 @@ for name in "$@"; do
     # CPU offload of params and optimizer (the baseline's config) needs more than a 128 GB host has at 7B
     ours_7b_offload) train ours_7b_offload 1 7b deepspeed=configs/ds_zero3_offload.json ;;
     baseline_7b) train baseline_7b 1 7b "${BASELINE[@]}" ;;
+    # one 80 GB GPU: bf16 params, grads and Adam states (~62 GB), no DeepSpeed (LLaMA-Factory refuses it under ZeRO-3)
+    ours_7b_pure_bf16) train ours_7b_pure_bf16 1 7b deepspeed=null pure_bf16=true bf16=false ;;
     launcher_7b_2gpu)
       model 7b && FORCE_TORCHRUN=1 NPROC_PER_NODE=2 timeout 540 python3 -m mire_factory.train $RECIPE model_name_or_path=$MODELS/m7b \
         deepspeed=configs/ds_zero3.json mire_f1_max_samples=16 \
