@@ -1,6 +1,7 @@
 """hf backend, batched, against a per-sample `generate` loop like the seed projects' (issue 6, item 3).
 
 python -m benchmarks.bench_infer [--model DIR] [--preset 2b] [--n 256] [--batch_size 32 [64 ...]] [--new_tokens 16]
+    [--kernels eager compiled] [--images_on device cpu] [--phases] [--skip_loop]
     [--image_max_pixels 602112] [--cutoff_len 4096] [--plan_records 10000] [--out bench_infer.json]
 
 Same model (random weights: `make_tiny_model --preset 2b` unless --model is given), same 256 synthetic MIRE records
@@ -59,8 +60,13 @@ def sync():
         torch.cuda.synchronize()
 
 
-def time_phases(model, comp, items, plans, batch_size: int, new_tokens: int) -> dict:
-    """One batch (the longest) phase by phase, each synchronised: where does a batch's time go?"""
+def time_phases(model, comp, items, plans, batch_size: int, new_tokens: int, compiled: bool = False,
+                reference=None) -> tuple[dict, object]:
+    """One batch (the longest) phase by phase, each synchronised: where does a batch's time go?
+
+    Returns the timings and the vision tower's output; given the eager run's output as reference, a compiled run
+    also reports how far its vision features are from it.
+    """
     import torch
 
     batch = [items[i] for i in length_sorted_batches([pl.n_tokens for pl in plans], batch_size)[0]]
@@ -78,14 +84,20 @@ def time_phases(model, comp, items, plans, batch_size: int, new_tokens: int) -> 
     pixels = ready.mm["pixel_values"].to(model.device, model.dtype)
     grid = ready.mm["image_grid_thw"].to(model.device)
     with torch.inference_mode():
-        _, vision = timed(lambda: model.model.visual(pixels, grid_thw=grid))
-    _, prefill = timed(lambda: generate_prepared(model, comp, ready, 1, min_new_tokens=1))
-    _, full = timed(lambda: generate_prepared(model, comp, ready, new_tokens, min_new_tokens=new_tokens))
-    return {"batch_size": len(batch), "images": len(grid),
-            "tokens": int(ready.attention_mask.sum()), "width": ready.width,
-            "cpu_image_processing_s": cpu_prepare, "image_decode_and_resize_s": decode,
-            "image_processor_on_device_s": device_images, "vision_tower_s": vision,
-            "generate_1_token_s": prefill, f"generate_{new_tokens}_tokens_s": full}
+        features, vision = timed(lambda: model.model.visual(pixels, grid_thw=grid).pooler_output)
+    _, prefill = timed(lambda: generate_prepared(model, comp, ready, 1, min_new_tokens=1, compiled=compiled))
+    _, full = timed(lambda: generate_prepared(model, comp, ready, new_tokens, min_new_tokens=new_tokens,
+                                              compiled=compiled))
+    out = {"kernels": "compiled" if compiled else "eager", "batch_size": len(batch), "images": len(grid),
+           "tokens": int(ready.attention_mask.sum()), "width": ready.width,
+           "cpu_image_processing_s": cpu_prepare, "image_decode_and_resize_s": decode,
+           "image_processor_on_device_s": device_images, "vision_tower_s": vision,
+           "generate_1_token_s": prefill, f"generate_{new_tokens}_tokens_s": full}
+    if reference is not None:
+        diff = (features.float() - reference.float()).abs()
+        out["vision_features_vs_eager"] = {"max_abs_diff": diff.max().item(), "mean_abs_diff": diff.mean().item(),
+                                           "mean_abs_value": reference.float().abs().mean().item()}
+    return out, features
 
 
 def main() -> None:
@@ -98,6 +110,10 @@ def main() -> None:
                    help="threads preparing a batch's images (default: the product's, min(8, cpus))")
     p.add_argument("--images_on", nargs="+", choices=["device", "cpu"], default=["device"],
                    help="where the image processor runs in the batched runs (device: the product's default on a GPU)")
+    p.add_argument("--kernels", nargs="+", choices=["eager", "compiled"], default=["eager"],
+                   help="batched runs as they are, or with tools.vllm_infer --compile (varlen attention and compiled "
+                        "blocks in the vision tower, compiled decode steps); a compiled run is timed after one "
+                        "untimed pass over all records, which compiles. The first one given is the headline")
     p.add_argument("--phases", action="store_true", help="also time one batch phase by phase (images, vision, prefill)")
     p.add_argument("--new_tokens", type=int, default=16)
     p.add_argument("--image_max_pixels", type=int, default=602112)
@@ -142,30 +158,44 @@ def main() -> None:
         pass
     sync()
 
-    sweep = []
-    for batch_size, where in [(b, where) for b in args.batch_size for where in args.images_on]:
+    def batched_run(batch_size: int, where: str, kernels: str) -> dict:
         start = time.perf_counter()
-        batched, stats = [None] * len(items), {}
+        stats, answers = {}, [None] * len(items)
         for batch, outs in generate_sorted(model, comp, items, [pl.n_tokens for pl in plans], batch_size,
-                                           args.new_tokens, min_new_tokens=args.new_tokens,
-                                           workers=args.image_workers, stats=stats,
-                                           images_on_device=where == "device"):
+                                           args.new_tokens, min_new_tokens=args.new_tokens, workers=args.image_workers,
+                                           stats=stats, images_on_device=where == "device",
+                                           compiled=kernels == "compiled"):
             for i, out in zip(batch, outs, strict=True):
-                batched[i] = out
+                answers[i] = out
         sync()
-        sweep.append({"batch_size": batch_size, "images_on": where,
-                      "batched_s": time.perf_counter() - start, **stats})
-        print(json.dumps(sweep[-1]), flush=True)
-    phases = time_phases(model, comp, items, plans, args.batch_size[0], args.new_tokens) if args.phases else None
-    batched_s = sweep[0]["batched_s"]
+        return {"batched_s": time.perf_counter() - start, **stats, "answers": answers}
 
     loop_s = None
-    if not args.skip_loop:
+    if not args.skip_loop:  # before any compiled run: --compile changes the vision tower for good
         start = time.perf_counter()
         for item in items:  # the seed projects' way: one generate call per sample
             generate_batch(model, comp, [item], args.new_tokens, min_new_tokens=args.new_tokens)
         sync()
         loop_s = time.perf_counter() - start
+
+    sweep, phases, reference, eager_answers = [], [], None, None
+    for kernels in sorted(set(args.kernels), key=["eager", "compiled"].index):
+        for batch_size, where in [(b, w) for b in args.batch_size for w in args.images_on]:
+            cold = batched_run(batch_size, where, kernels)["batched_s"] if kernels == "compiled" else None
+            run = batched_run(batch_size, where, kernels)
+            answers = run.pop("answers")
+            eager_answers = eager_answers or answers
+            same = sum(a == b for a, b in zip(answers, eager_answers, strict=True))
+            sweep.append({"kernels": kernels, "batch_size": batch_size, "images_on": where, **run,
+                          "first_pass_s": cold, "answers_equal_to_first_eager_run": f"{same}/{len(items)}"})
+            print(json.dumps(sweep[-1]), flush=True)
+        if args.phases:
+            timings, features = time_phases(model, comp, items, plans, args.batch_size[0], args.new_tokens,
+                                            kernels == "compiled", reference)
+            reference = reference if reference is not None else features
+            phases.append(timings)
+    headline = next(r for r in sweep if r["kernels"] == args.kernels[0])
+    batched_s = headline["batched_s"]
 
     summary = {
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu",
@@ -175,18 +205,21 @@ def main() -> None:
         "images": sum(len(it.images) for it in items),
         "mean_prompt_tokens": round(sum(pl.n_tokens for pl in plans) / len(plans), 1),
         "new_tokens": args.new_tokens,
+        "kernels": args.kernels[0],
         "batch_size": args.batch_size[0],
         "batched_s": round(batched_s, 2),
         "batched_samples_per_s": round(len(items) / batched_s, 2),
         "per_sample_loop_s": loop_s and round(loop_s, 2),
         "speedup": loop_s and round(loop_s / batched_s, 2),
-        "batch_sweep": [{"batch_size": r["batch_size"], "images_on": r["images_on"],
+        "batch_sweep": [{"kernels": r["kernels"], "batch_size": r["batch_size"], "images_on": r["images_on"],
                          "batched_s": round(r["batched_s"], 2),
                          "samples_per_s": round(len(items) / r["batched_s"], 2),
                          "speedup": loop_s and round(loop_s / r["batched_s"], 2),
-                         "waiting_for_images_s": round(r["wait_s"], 2), "generate_s": round(r["generate_s"], 2)}
+                         "waiting_for_images_s": round(r["wait_s"], 2), "generate_s": round(r["generate_s"], 2),
+                         "first_pass_s": r["first_pass_s"] and round(r["first_pass_s"], 2),
+                         "answers_equal_to_first_eager_run": r["answers_equal_to_first_eager_run"]}
                         for r in sweep],
-        "phases_of_the_longest_batch": phases,
+        "phases_of_the_longest_batch": phases or None,
         "plan_records": len(many),
         "plan_s": round(plan_s, 2),
     }

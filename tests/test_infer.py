@@ -125,3 +125,39 @@ def test_cot_constrained_answers_are_json_with_a_valid_label(tiny_model_dir, syn
     for row in rows:
         answer = json.loads(row["predict"])
         assert list(answer) == [REASON_KEY, LABEL_KEY] and answer[LABEL_KEY] in LABELS[row["task"]], row["predict"]
+
+
+def test_compile_gives_the_same_answers(tiny_model_dir, synthetic_dataset, tmp_path):
+    """--compile: varlen vision attention and a static KV cache (both compiled on CUDA): the answers must not change."""
+    from mire_factory.infer.pipeline import run
+
+    ds, ids = synthetic_dataset
+    runs = [read_rows(run(infer_args(tiny_model_dir, ds, tmp_path / f"{flag}.jsonl", constrained=True,
+                                     compile=flag, batch_size=5)))
+            for flag in (False, True)]
+    assert [r["id"] for r in runs[1]] == ids
+    assert [r["predict"] for r in runs[1]] == [r["predict"] for r in runs[0]]
+    assert len({r["predict"] for r in runs[0]}) > 1
+
+
+def test_varlen_vision_attention_equals_per_image_sdpa(tiny_model_dir, mire_sample):
+    """--compile's vision attention (one varlen call per batch on CUDA) gets every image's tokens and cu_seqlens:
+    on the 32 real screenshots its features equal transformers' per-image SDPA; the language model keeps SDPA."""
+    import torch
+
+    from mire_factory.infer.fast_vision import VARLEN_ATTENTION, speed_up_vision_tower
+    from mire_factory.infer.hf_backend import image_inputs, load_hf_model
+    from mire_factory.infer.render import load_components
+
+    comp = load_components(str(tiny_model_dir), image_max_pixels=65536)
+    model = load_hf_model(comp)
+    images = sorted(str(p) for p in (mire_sample / "images").iterdir())
+    mm = image_inputs(comp, images)
+    assert len(mm["image_grid_thw"]) == 32 and len({tuple(g.tolist()) for g in mm["image_grid_thw"]}) >= 5
+    with torch.inference_mode():
+        reference = model.model.visual(mm["pixel_values"], grid_thw=mm["image_grid_thw"]).pooler_output
+        speed_up_vision_tower(model, compile_blocks=False)
+        features = model.model.visual(mm["pixel_values"], grid_thw=mm["image_grid_thw"]).pooler_output
+    assert model.model.visual.config._attn_implementation == VARLEN_ATTENTION
+    assert model.model.language_model.config._attn_implementation == "sdpa"
+    torch.testing.assert_close(features, reference, rtol=1e-5, atol=1e-6)

@@ -29,6 +29,9 @@ def parse_args(argv: list[str] | None = None) -> InferArgs:
     p.add_argument("--image_min_pixels", type=int, default=32 * 32)
     p.add_argument("--max_images_per_prompt", type=int, help="drop the earliest images beyond this many")
     p.add_argument("--batch_size", type=int, default=32, help="hf backend: prompts per generate call")
+    p.add_argument("--compile", action="store_true",
+                   help="hf backend on CUDA: varlen attention and torch.compile in the vision tower, a compiled decode "
+                        "step (CUDA graphs); ~1.5 min of compiling first")
     p.add_argument("--vllm_chunk", type=int, default=1024, help="vllm backend: prompts per generate call")
     p.add_argument("--constrained", action="store_true", help="decode only valid labels of the record's task")
     p.add_argument("--answer_format", choices=ANSWER_FORMATS, default="label",

@@ -28,6 +28,7 @@ class InferArgs:
     image_min_pixels: int = 32 * 32
     max_images_per_prompt: int | None = None
     batch_size: int = 32
+    compile: bool = False
     constrained: bool = False
     answer_format: str = "label"
     label_position: str = "last"
@@ -108,7 +109,7 @@ def _predict(args: InferArgs, todo, save_path: Path) -> None:
                            if args.constrained else None)
             items = [GenItem(ids, p.images, r.task) for r, p, ids in zip(todo, plans, prompt_ids, strict=True)]
             batches = generate_sorted(model, comp, items, [p.n_tokens for p in plans], args.batch_size,
-                                      args.max_new_tokens, constraints)
+                                      args.max_new_tokens, constraints, compiled=args.compile)
             with tqdm(total=len(items), desc="hf generate") as bar:
                 for batch, predicts in batches:
                     out.write([row(todo[i], plans[i], prompt_ids[i], pred)
