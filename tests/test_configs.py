@@ -12,7 +12,7 @@ import yaml
 from conftest import REPO
 
 CONFIGS = REPO / "configs"
-TRAIN_RECIPES = ("qwen2_vl_full_sft", "qwen2_vl_lora_sft", "qwen2_vl_freeze_sft")
+TRAIN_RECIPES = ("qwen2_vl_full_sft", "qwen2_vl_2b_full_sft", "qwen2_vl_lora_sft", "qwen2_vl_freeze_sft")
 ALL_YAML = (*TRAIN_RECIPES, "predict")
 
 
@@ -50,12 +50,25 @@ def test_train_recipes_train_and_evaluate(name, tmp_path):
     assert training_args.eval_strategy == "steps" and training_args.eval_steps
     assert training_args.save_steps and finetuning_args.plot_loss
     assert finetuning_args.freeze_vision_tower
-    expected = {"qwen2_vl_full_sft": "full", "qwen2_vl_lora_sft": "lora", "qwen2_vl_freeze_sft": "freeze"}[name]
+    expected = {"qwen2_vl_full_sft": "full", "qwen2_vl_2b_full_sft": "full", "qwen2_vl_lora_sft": "lora",
+                "qwen2_vl_freeze_sft": "freeze"}[name]
     assert finetuning_args.finetuning_type == expected
     if name == "qwen2_vl_freeze_sft":
         assert finetuning_args.freeze_trainable_layers > 0  # the LAST n layers train
     model_name = load_yaml(name)["model_name_or_path"]
-    assert model_name == "Qwen/Qwen2-VL-7B-Instruct"
+    assert model_name == ("Qwen/Qwen2-VL-2B-Instruct" if "2b" in name else "Qwen/Qwen2-VL-7B-Instruct")
+
+
+def test_2b_recipe_is_the_7b_recipe_sized_for_one_gpu():
+    """One recipe, two sizes: the 2B file differs from the 7B one only in model, output dir, DeepSpeed and the split
+    of the same 8 samples per optimizer step into micro-batches."""
+    full, small = load_yaml("qwen2_vl_full_sft"), load_yaml("qwen2_vl_2b_full_sft")
+    differing = {key for key in full.keys() | small.keys() if full.get(key) != small.get(key)}
+    assert differing == {"model_name_or_path", "output_dir", "deepspeed", "per_device_train_batch_size",
+                         "gradient_accumulation_steps"}
+    assert "deepspeed" not in small
+    assert (small["per_device_train_batch_size"] * small["gradient_accumulation_steps"]
+            == full["per_device_train_batch_size"] * full["gradient_accumulation_steps"] == 8)
 
 
 def test_predict_is_greedy_and_within_the_rules(tmp_path):

