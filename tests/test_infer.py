@@ -89,6 +89,9 @@ def test_refuses_more_than_100_new_tokens(tmp_path, synthetic_dataset):
                     "--max_new_tokens", "101", "--save_name", tmp_path / "p.jsonl")
     assert proc.returncode == 2 and "--no_competition_limits" in proc.stderr
     assert not (tmp_path / "p.jsonl").exists()
+    proc = run_tool("vllm_infer", "--model_name_or_path", "unused", "--dataset", "mire_test", "--dataset_dir", ds,
+                    "--backend", "vllm", "--compile", "--save_name", tmp_path / "p.jsonl")
+    assert proc.returncode == 2 and "--compile is for the hf backend" in proc.stderr
 
 
 def test_sharded_runs_merged_equal_the_unsharded_run_and_resume(tiny_model_dir, synthetic_dataset, tmp_path):

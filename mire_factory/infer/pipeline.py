@@ -50,6 +50,8 @@ def check_args(args: InferArgs) -> None:
                              f"{COMPETITION_MAX_NEW_TOKENS}; pass --no_competition_limits to allow it")
     if not args.merge_shards and not args.model_name_or_path:
         raise MireInputError("--model_name_or_path is required (except with --merge_shards)")
+    if args.compile and args.backend == "vllm":
+        raise MireInputError("--compile is for the hf backend (vLLM compiles its own graphs)")
     if args.max_images_per_prompt is not None and args.max_images_per_prompt < 1:
         raise MireInputError("--max_images_per_prompt must be >= 1")
 
