@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .io import MireInputError, write_text_atomic
-from .reasons import ReasonRecord, load_reasons
+from .reasons import ReasonRecord, load_numbered_reasons
 from .records import MireRecord
 from .taxonomy import DIALOGUE_END, DIALOGUE_START, LABELS, TASKS
 
@@ -45,7 +45,7 @@ def load_study(records: list[MireRecord], reasons_files: list[str | os.PathLike]
     reasons: dict[Run, dict[str, ReasonRecord]] = defaultdict(dict)
     problems = []
     for file in reasons_files:
-        for k, line in enumerate(load_reasons(file), start=1):
+        for k, line in load_numbered_reasons(file):
             if line.id not in by_id:
                 problems.append(f"{file}: line {k}: record {line.id!r}: field 'id': not in the input file")
                 continue

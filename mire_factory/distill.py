@@ -27,7 +27,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from .content import to_content_parts
-from .io import MireInputError, parse_jsonl, problem, write_text_atomic
+from .io import MireInputError, numbered_jsonl, problem, write_text_atomic
 from .prompts import teacher_prompt
 from .reasons import ReasonRecord, reason_from_dict
 from .records import MireRecord
@@ -164,8 +164,7 @@ class ReasonsLog:
             self.repaired_bytes = len(data) - keep
             os.truncate(self.path, keep)
             data = data[:keep]
-        rows = parse_jsonl(data.decode("utf-8"), self.path)
-        return [reason_from_dict(row, self.path, k) for k, row in enumerate(rows, start=1)]
+        return [reason_from_dict(row, self.path, k) for k, row in numbered_jsonl(data.decode("utf-8"), self.path)]
 
     def rewrite_without(self, drop: set[tuple[str, int, str]], kinds: tuple[str, ...] = ("failed",)) -> int:
         """Atomically removes the lines of `drop` keys whose status is in `kinds`; returns how many went."""

@@ -72,14 +72,20 @@ def read_json(path: str | os.PathLike) -> Any:
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     """JSON lines; a blank trailing line is fine, a broken line is an error naming its line number."""
+    return [row for _, row in read_numbered_jsonl(path)]
+
+
+def read_numbered_jsonl(path: str | os.PathLike) -> list[tuple[int, dict]]:
+    """read_jsonl with each object's line number in the file."""
     path = Path(path)
     if not path.is_file():
         raise MireInputError(problem(path, None, None, "file not found"))
-    return parse_jsonl(path.read_text(encoding="utf-8-sig"), path)
+    return numbered_jsonl(path.read_text(encoding="utf-8-sig"), path)
 
 
-def parse_jsonl(text: str, path: str | os.PathLike) -> list[dict]:
-    """The objects of JSON-lines text; a broken line is an error naming `path` and its line number."""
+def numbered_jsonl(text: str, path: str | os.PathLike) -> list[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of JSON-lines text; a broken line is an error naming `path` and
+    its line number, and so can later checks."""
     rows = []
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -90,7 +96,7 @@ def parse_jsonl(text: str, path: str | os.PathLike) -> list[dict]:
             raise MireInputError(f"{path}: line {lineno}: not valid JSON ({exc.msg})") from None
         if not isinstance(row, dict):
             raise MireInputError(f"{path}: line {lineno}: expected a JSON object, got {type(row).__name__}")
-        rows.append(row)
+        rows.append((lineno, row))
     return rows
 
 

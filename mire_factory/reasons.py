@@ -7,7 +7,7 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Literal
 
-from .io import MireInputError, read_jsonl
+from .io import MireInputError, read_numbered_jsonl
 
 Status = Literal["ok", "refused", "failed"]
 STATUSES: tuple[str, ...] = ("ok", "refused", "failed")
@@ -53,4 +53,9 @@ def reason_from_dict(row: dict, source: str | os.PathLike = "<reasons>", lineno:
 
 
 def load_reasons(path: str | os.PathLike) -> list[ReasonRecord]:
-    return [reason_from_dict(row, path, k) for k, row in enumerate(read_jsonl(path), start=1)]
+    return [reason for _, reason in load_numbered_reasons(path)]
+
+
+def load_numbered_reasons(path: str | os.PathLike) -> list[tuple[int, ReasonRecord]]:
+    """(line number in the file, reason) pairs, for errors that name the line."""
+    return [(lineno, reason_from_dict(row, path, lineno)) for lineno, row in read_numbered_jsonl(path)]

@@ -123,10 +123,11 @@ def test_bad_reasons_lines(study, tmp_path):
     bad = tmp_path / "bad.jsonl"
     rec = study["records"][0]
     good_line = line(rec, 1, rec.output, "r").to_json()
-    bad.write_text(good_line + "\n" + good_line + "\n" + json.dumps({"id": "nope", "mode": 1, "model": "T",
-                                                                       "status": "ok"}) + "\n", encoding="utf-8")
+    # a blank line first: errors name the file's own line numbers, not the count of objects
+    bad.write_text("\n" + good_line + "\n" + good_line + "\n" + json.dumps({"id": "nope", "mode": 1, "model": "T",
+                                                                            "status": "ok"}) + "\n", encoding="utf-8")
     proc = run_tool("analyze", "--input_file", study["train"], "--reasons_file", bad, "--output_dir", tmp_path / "o")
     assert proc.returncode == 2
-    assert f"{bad}: line 2: record {rec.id!r}: field 'id': a second line for mode 1" in proc.stderr
-    assert f"{bad}: line 3: record 'nope': field 'id': not in the input file" in proc.stderr
+    assert f"{bad}: line 3: record {rec.id!r}: field 'id': a second line for mode 1" in proc.stderr
+    assert f"{bad}: line 4: record 'nope': field 'id': not in the input file" in proc.stderr
     assert not (tmp_path / "o" / "report.md").exists()
