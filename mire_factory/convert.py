@@ -9,8 +9,8 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .dataset_info import dataset_name, read_dataset_info, register, sharegpt_entry
-from .io import MireInputError, problem, write_json_atomic, write_jsonl_atomic
+from .dataset_info import commit_registrations, dataset_name, read_dataset_info, sharegpt_entry
+from .io import MireInputError, OutputSet, output_lock, problem
 from .records import IMAGE_PLACEHOLDER, Kind, MireRecord, load_records
 from .taxonomy import LABELS, TASKS
 
@@ -133,6 +133,7 @@ class ConvertResult:
     dataset_info: Path | None
     summary: str = ""
     warnings: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)  # splits of an earlier run this one no longer writes
 
 
 def convert(
@@ -169,6 +170,7 @@ def convert(
 
     warnings: list[str] = []
     if all(r.has_label for r in records):
+        group = ("train", "val")
         train, val = stratified_split(records, val_size, seed)
         splits = {dataset_name("train", task): train}
         if val:
@@ -176,16 +178,27 @@ def convert(
         elif val_size > 0:
             warnings.append(f"val_size {val_size} gives no validation record for {len(records)} records")
     else:
+        group = ("test",)
         splits = {dataset_name("test", task): records}
 
     ext = "json" if fmt == "sharegpt" else "jsonl"
     files = {name: output_dir / f"{name}.{ext}" for name in splits}
-    for name, recs in splits.items():
-        if fmt == "sharegpt":
-            write_json_atomic(files[name], records_to_sharegpt(recs, image_dir, output_dir))
-        else:
-            write_jsonl_atomic(files[name], records_to_swift(recs, image_dir))
+    # Splits of this kind of file that this run no longer writes (a val split before, --val_size 0 now) go, with
+    # their registrations: a recipe's eval_dataset must not go on reading an old split.
+    stale = [dataset_name(split, task) for split in group if dataset_name(split, task) not in splits]
     info = None
-    if fmt == "sharegpt":
-        info = register(output_dir, {name: sharegpt_entry(files[name].name) for name in splits})
-    return ConvertResult(splits, files, info, summary_text(splits, files), warnings)
+    # One writer per set of files; a train and a test file, or two tasks, convert into one folder side by side.
+    with output_lock(output_dir / dataset_name(group[0], task), what="another tools.convert is writing this split"), \
+            OutputSet() as outs:
+        for name, recs in splits.items():
+            if fmt == "sharegpt":
+                outs.write_json(files[name], records_to_sharegpt(recs, image_dir, output_dir))
+            else:
+                outs.write_jsonl(files[name], records_to_swift(recs, image_dir))
+        for name in stale:
+            outs.remove(output_dir / f"{name}.{ext}")
+        removed = [name for name in stale if (output_dir / f"{name}.{ext}").is_file()]
+        if fmt == "sharegpt":
+            info = commit_registrations(outs, output_dir, {name: sharegpt_entry(files[name].name) for name in splits},
+                                        unregister={name: f"{name}.{ext}" for name in stale})
+    return ConvertResult(splits, files, info, summary_text(splits, files), warnings, removed)

@@ -1,11 +1,14 @@
-"""LLaMA-Factory's dataset_info.json: the registration entry of a MIRE ShareGPT file, and an atomic merge."""
+"""LLaMA-Factory's dataset_info.json: the registration entry of a MIRE ShareGPT file, and an atomic merge under a
+lock (read-modify-write: two tools registering into one folder at once both keep their entries)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-from .io import MireInputError, problem, read_json, write_json_atomic
+from .io import MireInputError, OutputSet, output_lock, problem, read_json
 
 DATASET_INFO = "dataset_info.json"
 SPLITS = ("train", "val", "test")
@@ -39,10 +42,33 @@ def read_dataset_info(output_dir: str | os.PathLike) -> dict:
     return info
 
 
+LOCK_TIMEOUT_S = 120.0  # a read-modify-write takes milliseconds; waiting this long means a stuck writer
+
+
+@contextlib.contextmanager
+def locked_dataset_info(output_dir: str | os.PathLike) -> Iterator[dict]:
+    """Holds output_dir/dataset_info.json's lock and yields its registrations, read under the lock; the caller
+    stages the new file and commits its output set before the block ends."""
+    with output_lock(Path(output_dir) / DATASET_INFO, timeout=LOCK_TIMEOUT_S, what="another tool is updating it"):
+        yield read_dataset_info(output_dir)
+
+
+def commit_registrations(outs: OutputSet, output_dir: str | os.PathLike, entries: dict[str, dict],
+                         unregister: Mapping[str, str] | None = None) -> Path:
+    """Commits `outs` together with dataset_info.json updated by `entries` (added or replaced), every other
+    registration kept; `unregister` {name: file_name} removes a name only while it still points at that file (ours)."""
+    path = Path(output_dir) / DATASET_INFO
+    with locked_dataset_info(output_dir) as info:
+        for name, file_name in (unregister or {}).items():
+            if isinstance(info.get(name), dict) and info[name].get("file_name") == file_name:
+                del info[name]
+        info.update(entries)
+        outs.write_json(path, info)
+        outs.commit()
+    return path
+
+
 def register(output_dir: str | os.PathLike, entries: dict[str, dict]) -> Path:
     """Adds or replaces `entries` in output_dir/dataset_info.json, keeping every other registration."""
-    info = read_dataset_info(output_dir)
-    info.update(entries)
-    path = Path(output_dir) / DATASET_INFO
-    write_json_atomic(path, info)
-    return path
+    with OutputSet() as outs:
+        return commit_registrations(outs, output_dir, entries)

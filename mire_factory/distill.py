@@ -22,16 +22,16 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import lru_cache
 from pathlib import Path
 
 from .content import to_content_parts
-from .io import MireInputError, numbered_jsonl, problem, write_text_atomic
+from .io import MireInputError, numbered_jsonl, output_lock, problem, write_text_atomic
 from .prompts import teacher_prompt
 from .reasons import ReasonRecord, reason_from_dict
 from .records import MireRecord
-from .teacher_reply import parse_reply, refusal_reason
+from .teacher_reply import parse_reply, read_completion, refusal_reason
 
 # Qwen2-VL: 14-pixel patches merged 2x2, so image sides are multiples of 28.
 IMAGE_FACTOR = 28
@@ -40,6 +40,7 @@ DEFAULT_MAX_PIXELS = 1280 * IMAGE_FACTOR * IMAGE_FACTOR
 PLACEHOLDER_KEY = "EMPTY"  # vLLM and `llamafactory-cli api` accept any key when they were started without one
 RETRYABLE_STATUS = frozenset({408, 409, 425, 429})
 RETRY_AFTER_CAP_S = 600.0
+LINE_START = b'{"id": '  # how every line of a reasons file begins (ReasonRecord.to_json)
 
 
 @dataclass
@@ -154,17 +155,35 @@ class ReasonsLog:
         self.path = Path(path)
         self.repaired_bytes = 0
 
-    def load(self) -> list[ReasonRecord]:
+    def load(self, repair: bool = True) -> list[ReasonRecord]:
+        """The file's lines. A file that is not a reasons file is refused (MireInputError) before anything changes:
+        distill appends only to its own files. `repair` cuts an unfinished last line left by a kill."""
         if not self.path.exists():
             return []
+        if self.path.is_dir():
+            raise MireInputError(problem(self.path, None, None, "is a directory, expected a reasons file"))
         data = self.path.read_bytes()
-        if data and not data.endswith(b"\n"):
-            # A kill during write() can only leave the last line unfinished; it was never acknowledged, drop it.
-            keep = data.rfind(b"\n") + 1
-            self.repaired_bytes = len(data) - keep
+        keep = data.rfind(b"\n") + 1 if data and not data.endswith(b"\n") else len(data)
+        tail = data[keep:]
+        # A kill during write() can only leave the start of one of our lines, which all begin the same way.
+        if tail and not (tail.startswith(LINE_START) or LINE_START.startswith(tail)):
+            raise self._not_ours(f"its last line ({len(tail)} bytes) is not a reasons line cut by a kill")
+        try:
+            text = data[:keep].decode("utf-8")
+            rows = [reason_from_dict(row, self.path, k) for k, row in numbered_jsonl(text, self.path)]
+        except UnicodeDecodeError as exc:
+            raise self._not_ours(f"not UTF-8 text at byte {exc.start}") from None
+        except MireInputError as exc:
+            raise self._not_ours(exc.lines[0].removeprefix(f"{self.path}: ")) from None
+        if tail and repair:
+            self.repaired_bytes = len(tail)
             os.truncate(self.path, keep)
-            data = data[:keep]
-        return [reason_from_dict(row, self.path, k) for k, row in numbered_jsonl(data.decode("utf-8"), self.path)]
+        return rows
+
+    def _not_ours(self, why: str) -> MireInputError:
+        return MireInputError(problem(self.path, None, None, f"not a reasons file of tools.distill ({why}); distill "
+                                      "appends only to a reasons file or a new or empty one: choose another "
+                                      "--output_file"))
 
     def rewrite_without(self, drop: set[tuple[str, int, str]], kinds: tuple[str, ...] = ("failed",)) -> int:
         """Atomically removes the lines of `drop` keys whose status is in `kinds`; returns how many went."""
@@ -314,12 +333,9 @@ async def complete_with_retries(client, request: dict, cfg: DistillConfig) -> tu
             response = await client.post("/chat/completions", cast_to=_response_type(), body=request)
             try:
                 body = json.loads(response.content)
-                if not isinstance(body, dict) or not isinstance(body.get("choices"), list) or not body["choices"]:
-                    raise ValueError("no choices in the response")
-                if not isinstance(body["choices"][0].get("message"), dict):
-                    raise ValueError("no message in the first choice")
+                read_completion(body)  # a body of another shape is a server fault: asked again like a 5xx
                 return body, attempt + 1
-            except (ValueError, UnicodeDecodeError) as exc:
+            except (ValueError, UnicodeDecodeError, RecursionError) as exc:
                 last = f"malformed response ({_short(exc, 120)})"
         except openai.APIStatusError as exc:
             status = exc.status_code
@@ -344,24 +360,22 @@ async def complete_with_retries(client, request: dict, cfg: DistillConfig) -> tu
 
 
 def reason_from_response(body: dict, record: MireRecord, mode: int, model: str) -> ReasonRecord:
-    choice = body["choices"][0]
-    message = choice.get("message") or {}
-    text = message.get("content")
-    if isinstance(text, list):  # some servers return content parts
-        text = "".join(p.get("text", "") for p in text if isinstance(p, dict))
-    usage = {k: int(v) for k, v in (body.get("usage") or {}).items()
-             if k in ("prompt_tokens", "completion_tokens", "total_tokens") and isinstance(v, int | float)}
-    rec = ReasonRecord(id=record.id, mode=mode, model=model, status="ok", gold=record.output, task=record.task,
-                       raw=text, usage=usage)
-    refused = refusal_reason(text, choice.get("finish_reason"), message.get("refusal"))
+    rec = ReasonRecord(id=record.id, mode=mode, model=model, status="ok", gold=record.output, task=record.task)
+    try:
+        reply = read_completion(body)
+    except ValueError as exc:
+        rec.status, rec.error = "failed", f"malformed response ({_short(exc, 120)})"
+        return rec
+    rec.raw, rec.usage = reply.text, reply.usage
+    refused = refusal_reason(reply.text, reply.finish_reason, reply.refusal)
     if refused:
         rec.status, rec.error = "refused", refused
         return rec
-    parsed = parse_reply(text, record.task)
+    parsed = parse_reply(reply.text, record.task)
     rec.reason, rec.label = parsed.reason, parsed.label
     if not parsed.ok:
         rec.status = "failed"
-        cut = "; the reply was cut at max_tokens" if choice.get("finish_reason") == "length" else ""
+        cut = "; the reply was cut at max_tokens" if reply.finish_reason == "length" else ""
         rec.error = parsed.error + cut
     return rec
 
@@ -388,6 +402,15 @@ def scrub(text: str | None, secret: str | None) -> str | None:
     return text
 
 
+def scrub_record(rec: ReasonRecord, secret: str | None) -> ReasonRecord:
+    """Every text field without the key: a server may echo the Authorization value anywhere (reason, label, raw)."""
+    for f in fields(rec):
+        value = getattr(rec, f.name)
+        if isinstance(value, str):
+            setattr(rec, f.name, scrub(value, secret))
+    return rec
+
+
 def make_client(cfg: DistillConfig, api_key: str):
     import openai
 
@@ -397,9 +420,16 @@ def make_client(cfg: DistillConfig, api_key: str):
 async def run_distill(records: list[MireRecord], image_dir: str | os.PathLike, cfg: DistillConfig,
                       output_file: str | os.PathLike, api_key: str = PLACEHOLDER_KEY, progress: bool = True,
                       client=None) -> RunSummary:
+    log = ReasonsLog(output_file)
+    log.load(repair=False)  # refuses a file that is not ours before even a lock file is created beside it
+    with output_lock(output_file, what="another tools.distill is writing it"):
+        return await _run_locked(log, records, image_dir, cfg, api_key, progress, client)
+
+
+async def _run_locked(log: ReasonsLog, records: list[MireRecord], image_dir: str | os.PathLike, cfg: DistillConfig,
+                      api_key: str, progress: bool, client) -> RunSummary:
     from tqdm import tqdm
 
-    log = ReasonsLog(output_file)
     existing = log.load()
     plan = plan_work(records, cfg.modes, cfg.model, existing, cfg.retry_failed)
     summary = RunSummary(plan=plan, repaired_bytes=log.repaired_bytes)
@@ -433,13 +463,15 @@ async def run_distill(records: list[MireRecord], image_dir: str | os.PathLike, c
         except TeacherError as exc:
             rec = ReasonRecord(id=record.id, mode=mode, model=cfg.model, status="refused" if exc.refused else "failed",
                                gold=record.output, task=record.task, error=str(exc))
+        except Exception as exc:  # noqa: BLE001 - whatever a reply holds fails its record, never the run
+            rec = ReasonRecord(id=record.id, mode=mode, model=cfg.model, status="failed", gold=record.output,
+                               task=record.task, error=f"unreadable response ({type(exc).__name__}: {_short(exc, 160)})")
         rec.latency_s = round(time.perf_counter() - t0, 4)
         return rec
 
     async def worker() -> None:
         for record, mode in work:
-            rec = await one(record, mode)
-            rec.error, rec.raw = scrub(rec.error, api_key), scrub(rec.raw, api_key)
+            rec = scrub_record(await one(record, mode), api_key)
             log.append(rec)
             summary.requests += 1
             summary.statuses[rec.status] += 1
@@ -482,4 +514,21 @@ def format_summary(summary: RunSummary, output_file: str | os.PathLike) -> str:
         lines.append(f"skipped {plan.skipped_done} already done{extra}")
     for error, n in summary.errors.most_common(8):
         lines.append(f"  {n} x {error}")
+    return "\n".join(lines)
+
+
+def failure_summary(summary: RunSummary) -> str:
+    """For stderr when the file still holds failed lines for this run's keys (exit 3); "" when none."""
+    plan = summary.plan
+    now, before = summary.statuses["failed"], plan.skipped_failed if plan is not None else 0
+    if not now and not before:
+        return ""
+    parts = []
+    if now:
+        parts.append(f"{now} of {summary.requests} requests of this run failed")
+    if before:
+        parts.append(f"{before} failed in an earlier run and were not asked again")
+    lines = [f"distill finished with failures: {'; '.join(parts)}. Each failed line says why; rerun with "
+             "--retry_failed to ask them again."]
+    lines += [f"  {n} x {error}" for error, n in summary.errors.most_common(5) if error]
     return "\n".join(lines)

@@ -39,16 +39,41 @@ class ReasonRecord:
 _FIELDS = {f.name for f in fields(ReasonRecord)}
 
 
+_TEXT_FIELDS = ("reason", "label", "gold", "task", "raw", "error")
+
+
+def _type_problem(row: dict) -> tuple[str, str] | None:
+    """(field, what is wrong) for the first field of the wrong type, else None."""
+    if not isinstance(row["id"], str) or not row["id"]:
+        return "id", f"expected a non-empty string, got {row['id']!r}"
+    if not isinstance(row["model"], str):
+        return "model", f"expected a string, got {type(row['model']).__name__}"
+    for name in _TEXT_FIELDS:
+        if row.get(name) is not None and not isinstance(row[name], str):
+            return name, f"expected a string or null, got {type(row[name]).__name__}"
+    usage = row.get("usage", {})
+    if not isinstance(usage, dict) or not all(isinstance(v, int | float) and not isinstance(v, bool)
+                                              for v in usage.values()):
+        return "usage", "expected an object of token counts"
+    latency = row.get("latency_s")
+    if latency is not None and (not isinstance(latency, int | float) or isinstance(latency, bool)):
+        return "latency_s", f"expected a number or null, got {type(latency).__name__}"
+    return None
+
+
 def reason_from_dict(row: dict, source: str | os.PathLike = "<reasons>", lineno: int | None = None) -> ReasonRecord:
     where = f"{source}: line {lineno}" if lineno else str(source)
     rid = row.get("id")
     for name in ("id", "mode", "model", "status"):
         if name not in row:
             raise MireInputError(f"{where}: record {rid!r}: field '{name}': missing field")
-    if row["status"] not in STATUSES:
+    if not isinstance(row["status"], str) or row["status"] not in STATUSES:
         raise MireInputError(f"{where}: record {rid!r}: field 'status': expected one of {STATUSES}, got {row['status']!r}")
-    if row["mode"] not in (1, 2, 3):
+    if not isinstance(row["mode"], int) or isinstance(row["mode"], bool) or row["mode"] not in (1, 2, 3):
         raise MireInputError(f"{where}: record {rid!r}: field 'mode': expected 1, 2 or 3, got {row['mode']!r}")
+    wrong = _type_problem(row)
+    if wrong is not None:
+        raise MireInputError(f"{where}: record {rid!r}: field '{wrong[0]}': {wrong[1]}")
     return ReasonRecord(**{k: v for k, v in row.items() if k in _FIELDS})
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,12 +35,21 @@ class MireRecord:
 
 
 def image_size(path: str | os.PathLike, verify: bool = False) -> tuple[int, int]:
-    """(width, height) from the file header; `verify` decodes the whole image too."""
-    with Image.open(path) as img:
-        size = img.size
-        if verify:
-            img.load()
+    """(width, height) from the file header; `verify` decodes the whole image too. An image past PIL's
+    decompression-bomb limit is an error here, not a warning: no screenshot has 89 million pixels."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as img:
+            size = img.size
+            if verify:
+                img.load()
     return size
+
+
+def decode_error_text(exc: BaseException) -> str:
+    """What went wrong decoding an image, in the decoder's words (e.g. "image file is truncated")."""
+    detail = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
 
 
 def resolve_image(image_dir: str | os.PathLike, name: str) -> Path | None:
@@ -121,6 +131,9 @@ def check_records(
         sizes: list[tuple[int, int]] = []
         if isinstance(images, list) and image_dir is not None:
             for pos, name in enumerate(images):
+                if "\x00" in name:
+                    problems.append(problem(file, ref, f"image[{pos}]", f"{name!r} holds a NUL character"))
+                    continue
                 path = resolve_image(image_dir, name)
                 if path is None:
                     problems.append(problem(file, ref, f"image[{pos}]", f"{name!r} resolves outside the image directory"))
@@ -130,8 +143,10 @@ def check_records(
                     continue
                 try:
                     sizes.append(image_size(path, verify=verify_images))
-                except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-                    problems.append(problem(file, ref, f"image[{pos}]", f"cannot decode {name!r} ({type(exc).__name__})"))
+                except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
+                        Image.DecompressionBombWarning) as exc:
+                    problems.append(problem(file, ref, f"image[{pos}]",
+                                            f"cannot decode {name!r} ({decode_error_text(exc)})"))
         if len(problems) == before and task is not None:
             records.append(
                 MireRecord(

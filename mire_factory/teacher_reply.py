@@ -30,6 +30,51 @@ _REFUSAL_PATTERNS = re.compile(
 
 
 @dataclass
+class Completion:
+    """What we use of an OpenAI-style chat completion body."""
+
+    text: str | None
+    finish_reason: str | None
+    refusal: str | None
+    usage: dict
+
+
+_USAGE_KEYS = ("prompt_tokens", "completion_tokens", "total_tokens")
+
+
+def read_completion(body: object) -> Completion:
+    """The first choice's text, finish reason and refusal, and the token usage; ValueError saying what is wrong
+    when the body is not shaped like a chat completion (servers and proxies send anything)."""
+    if not isinstance(body, dict):
+        raise ValueError(f"the body is a JSON {type(body).__name__}, not an object")
+    choices = body.get("choices")
+    if not isinstance(choices, list) or not choices:
+        raise ValueError("no choices in the response")
+    choice = choices[0]
+    if not isinstance(choice, dict):
+        raise ValueError(f"choices[0] is a JSON {type(choice).__name__}, not an object")
+    message = choice.get("message")
+    if not isinstance(message, dict):
+        raise ValueError("no message in the first choice")
+    text = message.get("content")
+    if isinstance(text, list):  # some servers return content parts
+        if not all(isinstance(p, dict) and isinstance(p.get("text", ""), str) for p in text):
+            raise ValueError("content parts without text")
+        text = "".join(p.get("text", "") for p in text)
+    elif text is not None and not isinstance(text, str):
+        raise ValueError(f"message content is a JSON {type(text).__name__}, not a string")
+    finish = choice.get("finish_reason")
+    refusal = message.get("refusal")
+    if refusal is not None and not isinstance(refusal, str):
+        # `refusal: true` and the like: the server says it refused, without words
+        refusal = json.dumps(refusal, ensure_ascii=False)[:200] if refusal not in (False, 0, "", [], {}) else None
+    usage = body.get("usage")
+    counts = {k: int(v) for k, v in usage.items() if k in _USAGE_KEYS and isinstance(v, int | float)
+              and not isinstance(v, bool) and 0 <= v < 2**53} if isinstance(usage, dict) else {}
+    return Completion(text, finish if isinstance(finish, str) else None, refusal, counts)
+
+
+@dataclass
 class ParsedReply:
     reason: str | None
     label: str | None
@@ -79,6 +124,8 @@ def _load_object(chunk: str) -> dict | None:
     for attempt in attempts:
         try:
             obj = json.loads(attempt)
+        except RecursionError:
+            continue
         except json.JSONDecodeError:
             try:
                 obj = ast.literal_eval(attempt)  # single quotes, Python-style dicts

@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
         fmt=args.format, kind=args.kind, verify_images=args.verify_images,
     )
     print(result.summary)
+    for name in result.removed:
+        print(f"removed {name} of an earlier run (this run does not write it) and its registration")
     for line in result.warnings:
         print(f"warning: {line}", file=sys.stderr)
     if result.dataset_info is not None:

@@ -7,6 +7,9 @@ Modes: 1 free reasoning over the label list (no gold label); 2 gold label + all 
 3 as 2 in at most --max_chars characters. One JSONL line per (record, mode, model), appended and fsync'd one by one:
 rerun the same command to resume (records done, refused or failed before are skipped; --retry_failed asks the
 failed ones again and replaces their lines). The API key comes from $OPENAI_API_KEY (or --api_key_env NAME).
+
+Exit codes: 0 every request answered (ok or refused); 2 bad input, an --output_file that is not a reasons file, or
+another run writing it; 3 finished, but failed lines remain (this run's or skipped ones): rerun with --retry_failed.
 """
 
 from __future__ import annotations
@@ -24,10 +27,11 @@ from mire_factory.distill import (
     build_request,
     check_modes,
     elide_images,
+    failure_summary,
     format_summary,
     run_distill,
 )
-from mire_factory.io import MireInputError, run_cli
+from mire_factory.io import EXIT_FAILURES, MireInputError, run_cli
 from mire_factory.records import load_records
 
 
@@ -99,6 +103,10 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 130
     print(format_summary(summary, args.output_file))
+    failures = failure_summary(summary)
+    if failures:
+        print(failures, file=sys.stderr)
+        return EXIT_FAILURES
     return 0
 
 
