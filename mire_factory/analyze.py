@@ -12,7 +12,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from .io import MireInputError, write_text_atomic
+from .io import MireInputError, OutputSet
 from .reasons import ReasonRecord, load_numbered_reasons
 from .records import MireRecord
 from .taxonomy import DIALOGUE_END, DIALOGUE_START, LABELS, TASKS
@@ -133,7 +133,7 @@ def plot_confusion(matrix: dict[tuple[str, str], int], task: str, path: Path, ti
     ax.set_ylabel("gold label")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
 
 
@@ -153,7 +153,7 @@ def plot_lengths(lengths: dict[str, list[int]], path: Path, title: str) -> None:
     ax.set_title(title, fontsize=9)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
 
 
@@ -216,7 +216,7 @@ def section_per_class(study: Study, names: dict[Run, str]) -> list[str]:
     return out
 
 
-def section_mode_2_vs_3(study: Study, out_dir: Path) -> list[str]:
+def section_mode_2_vs_3(study: Study, outs: OutputSet, out_dir: Path) -> list[str]:
     out = ["## Mode 2 vs mode 3: does the length limit help or hurt?", ""]
     models = sorted({model for mode, model in study.runs if mode == 2} & {model for mode, model in study.runs if mode == 3})
     if not models:
@@ -239,7 +239,7 @@ def section_mode_2_vs_3(study: Study, out_dir: Path) -> list[str]:
                            f"| {p90} | {max(lengths)} | {statistics.mean(tokens):.1f} |")
         if both:
             png = f"reason_length_{_slug(model)}.png"
-            plot_lengths({"mode 2": len2, "mode 3": len3}, out_dir / png, f"reason length, {model}")
+            plot_lengths({"mode 2": len2, "mode 3": len3}, outs.path(out_dir / png), f"reason length, {model}")
             out += ["", f"![reason length]({png})", ""]
         flips_hurt = [r for r in both if m2[r.id].label == r.output != m3[r.id].label]
         flips_help = [r for r in both if m3[r.id].label == r.output != m2[r.id].label]
@@ -267,7 +267,7 @@ def _slug(text: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in text)[:60]
 
 
-def section_confusions(study: Study, names: dict[Run, str], out_dir: Path) -> list[str]:
+def section_confusions(study: Study, names: dict[Run, str], outs: OutputSet, out_dir: Path) -> list[str]:
     out = ["## Classes the teacher confuses", "",
            "Counts over every run given (gold label -> teacher label, ok answers only). Pairs that come up often are "
            "hints that the official definitions overlap.", ""]
@@ -283,7 +283,7 @@ def section_confusions(study: Study, names: dict[Run, str], out_dir: Path) -> li
         if not matrix:
             continue
         png = f"confusion_{task}.png"
-        plot_confusion(matrix, task, out_dir / png, f"{task} task: gold vs teacher, all runs")
+        plot_confusion(matrix, task, outs.path(out_dir / png), f"{task} task: gold vs teacher, all runs")
         out += [f"### {task} task", "", f"![confusion matrix]({png})", ""]
         pairs: Counter = Counter()
         for (gold, teacher), runs in by_pair.items():
@@ -348,19 +348,22 @@ def trainset_error_text(study: Study, names: dict[Run, str]) -> str:
 
 def write_report(records: list[MireRecord], reasons_files: list[str | os.PathLike], out_dir: str | os.PathLike
                  ) -> dict[str, Path]:
+    """report.md, trainset_error.md and the PNGs, staged and renamed into out_dir together (or none of them)."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     study = load_study(records, reasons_files)
     many_models = len({model for _, model in study.runs}) > 1
     names = {run: run_name(run, many_models) for run in study.runs}
     files = [str(f) for f in reasons_files]
-    lines = (section_overview(study, names, files) + section_per_class(study, names)
-             + section_mode_2_vs_3(study, out_dir) + section_confusions(study, names, out_dir))
-    n_suspects = len(suspected_label_errors(study))
-    lines += ["## Suspected label errors", "",
-              f"{n_suspects} samples where the teacher disagrees with the gold label in every run: see "
-              "[trainset_error.md](trainset_error.md).", ""]
-    write_text_atomic(out_dir / "trainset_error.md", trainset_error_text(study, names))
-    write_text_atomic(out_dir / "report.md", "\n".join(lines))
+    with OutputSet() as outs:
+        lines = (section_overview(study, names, files) + section_per_class(study, names)
+                 + section_mode_2_vs_3(study, outs, out_dir) + section_confusions(study, names, outs, out_dir))
+        n_suspects = len(suspected_label_errors(study))
+        lines += ["## Suspected label errors", "",
+                  f"{n_suspects} samples where the teacher disagrees with the gold label in every run: see "
+                  "[trainset_error.md](trainset_error.md).", ""]
+        outs.write_text(out_dir / "trainset_error.md", trainset_error_text(study, names))
+        outs.write_text(out_dir / "report.md", "\n".join(lines))
+        written = outs.commit()
+    pngs = sorted(p for p in written if p.suffix == ".png")
     return {"report": out_dir / "report.md", "trainset_error": out_dir / "trainset_error.md",
-            **{p.stem: p for p in sorted(out_dir.glob("*.png"))}}
+            **{p.stem: p for p in pngs}}

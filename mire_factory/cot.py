@@ -9,8 +9,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .dataset_info import read_dataset_info, register, sharegpt_entry
-from .io import MireInputError, problem, read_json, write_json_atomic
+from .dataset_info import commit_registrations, read_dataset_info, sharegpt_entry
+from .io import MireInputError, OutputSet, problem, read_json
 from .prompts import cot_user_suffix, format_cot_answer
 from .reasons import ReasonRecord, load_reasons
 from .taxonomy import LABELS, detect_task, normalize_label
@@ -73,7 +73,8 @@ def load_sharegpt_rows(path: str | os.PathLike) -> list[dict]:
             continue
         if not normalize_label(messages[1]["content"]):
             problems.append(problem(path, ref, "messages[1].content", "no gold label (a test file?)"))
-        if not isinstance(row.get("images", []), list):
+        images = row.get("images", [])
+        if not isinstance(images, list) or not all(isinstance(p, str) and "\x00" not in p for p in images):
             problems.append(problem(path, ref, "images", "expected a list of paths"))
     if problems:
         raise MireInputError(problems)
@@ -114,7 +115,10 @@ class MergeReport:
 def _reasons_by_id(reason_files: list[str | os.PathLike]) -> dict[str, list[ReasonRecord]]:
     by_id: dict[str, list[ReasonRecord]] = {}
     for path in reason_files:
-        for reason in load_reasons(path):
+        reasons = load_reasons(path)
+        if not reasons:
+            raise MireInputError(problem(path, None, None, "no reasons lines (empty file)"))
+        for reason in reasons:
             by_id.setdefault(reason.id, []).append(reason)
     return by_id
 
@@ -146,7 +150,10 @@ def merge_cot(
     for row in rows:
         user, assistant = row["messages"]
         gold = normalize_label(assistant["content"])
-        task = detect_task(user["content"])
+        try:
+            task = detect_task(user["content"])
+        except ValueError as exc:
+            raise MireInputError(problem(dataset_file, row["id"], "messages[0].content", str(exc))) from None
         if gold not in LABELS[task]:
             raise MireInputError(problem(dataset_file, row["id"], "messages[1].content",
                                          f"unknown label {gold!r} for the {task} task"))
@@ -178,9 +185,13 @@ def merge_cot(
             "images": images,
         })
     if not out_rows:
-        raise MireInputError(problem(dataset_file, None, None, "no record has a usable reason with the gold label; "
+        files = ", ".join(str(f) for f in reason_files)
+        raise MireInputError(problem(dataset_file, None, None, f"no record has a usable reason with the gold label in "
+                                     f"{files} (ok lines for ids of this file: "
+                                     f"{sum(r.status == 'ok' for row in rows for r in by_id.get(row['id'], []))}); "
                                      "nothing to write"))
     report.written = len(out_rows)
-    write_json_atomic(output_file, out_rows)
-    register(out_dir, {report.dataset_name: sharegpt_entry(output_file.name)})
+    with OutputSet() as outs:
+        outs.write_json(output_file, out_rows)
+        commit_registrations(outs, out_dir, {report.dataset_name: sharegpt_entry(output_file.name)})
     return report

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 
-from .io import atomic_path
+from .io import OutputSet
 from .taxonomy import LABELS, TASKS
 
 METRICS: tuple[str, ...] = ("f1", "accuracy", "precision", "recall")
@@ -100,9 +100,10 @@ def _cjk_font() -> str | None:
 
 
 def plot_confusion(
-    task: str, golds: Sequence[str], preds: Sequence[str], out_dir: str | os.PathLike
+    task: str, golds: Sequence[str], preds: Sequence[str], out_dir: str | os.PathLike, outs: OutputSet | None = None
 ) -> tuple[Path, Path]:
-    """confusion_<task>.png (rows: gold, columns: predicted) and confusion_<task>.csv with the label names.
+    """confusion_<task>.png (rows: gold, columns: predicted) and confusion_<task>.csv with the label names, staged
+    in `outs` (committed by the caller with its other files), else written at once.
 
     Without a CJK font the axes show label numbers (1-based, official order), which the CSV maps to names."""
     import matplotlib
@@ -111,6 +112,9 @@ def plot_confusion(
     import matplotlib.pyplot as plt
     import pandas as pd
 
+    if outs is None:
+        with OutputSet() as own:
+            return plot_confusion(task, golds, preds, out_dir, own)
     labels = class_order(task, golds, preds)
     matrix = confusion_matrix(golds, preds, labels=labels)
     out_dir = Path(out_dir)
@@ -140,12 +144,10 @@ def plot_confusion(
                             color="white" if matrix[i, j] > threshold else "black")
         fig.tight_layout()
         png = out_dir / f"confusion_{task}.png"
-        with atomic_path(png) as tmp:
-            fig.savefig(tmp, format="png", dpi=120)
+        fig.savefig(outs.path(png), format="png", dpi=120)
         plt.close(fig)
     table = pd.DataFrame(matrix, index=[f"{k} {lab}" for k, lab in zip(numbers, labels, strict=True)],
                          columns=[f"{k} {lab}" for k, lab in zip(numbers, labels, strict=True)])
     csv = out_dir / f"confusion_{task}.csv"
-    with atomic_path(csv) as tmp:
-        table.to_csv(tmp, encoding="utf-8-sig", index_label="gold \\ predicted")
+    table.to_csv(outs.path(csv), encoding="utf-8-sig", index_label="gold \\ predicted")
     return png, csv

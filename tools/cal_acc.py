@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
-from mire_factory.io import run_cli, write_json_atomic
+from mire_factory.io import OutputSet, run_cli
 from mire_factory.predictions import load_labels
 from mire_factory.records import load_records
 from mire_factory.scoring import format_per_class_table, format_scores_table, plot_confusion, score
@@ -36,15 +37,16 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(line for line in lines if "filled ->" in line))
     print(format_scores_table(result))
     print(format_per_class_table(result))
-    if args.json_file:
-        write_json_atomic(args.json_file, result)
-        print(f"wrote {args.json_file}")
-    if args.plot_dir:
-        for task in TASKS:
-            idx = [i for i, t in enumerate(tasks) if t == task]
-            if idx:
-                png, _ = plot_confusion(task, [golds[i] for i in idx], [preds[i] for i in idx], args.plot_dir)
-                print(f"wrote {png}")
+    with OutputSet() as outs:  # metrics and plots are replaced together, or none of them
+        if args.json_file:
+            outs.write_json(args.json_file, result)
+        if args.plot_dir:
+            for task in TASKS:
+                idx = [i for i, t in enumerate(tasks) if t == task]
+                if idx:
+                    plot_confusion(task, [golds[i] for i in idx], [preds[i] for i in idx], Path(args.plot_dir), outs)
+        for path in outs.commit():
+            print(f"wrote {path}")
     return 0
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from mire_factory.io import MireInputError, read_json, run_cli, write_json_atomic, write_jsonl_atomic
+from mire_factory.io import MireInputError, OutputSet, read_json, run_cli
 from mire_factory.predictions import load_labels
 from mire_factory.records import load_records
 from mire_factory.vote import TieBreak, format_agreement, parse_weights, vote
@@ -43,19 +43,21 @@ def main(argv: list[str] | None = None) -> int:
         {"id": r.id, "predict": label, "task": r.task, "votes": votes, "unanimous": unanimous}
         for r, label, votes, unanimous in zip(records, result.labels, result.votes, result.unanimous, strict=True)
     ]
-    write_jsonl_atomic(args.save_path, rows)
+    with OutputSet() as outs:  # the vote and its pseudo-labels are replaced together, or neither
+        outs.write_jsonl(args.save_path, rows)
+        if args.unanimous_out:
+            raw = {example["id"]: example for example in read_json(args.test_file)}
+            chosen = [
+                {**raw[r.id], "output": label}
+                for r, label, unanimous in zip(records, result.labels, result.unanimous, strict=True)
+                if unanimous
+            ]
+            outs.write_json(args.unanimous_out, chosen)
     print(format_agreement(result.agreement, files))
     n_unanimous, n_tied = sum(result.unanimous), sum(result.tied)
     print(f"{n_unanimous}/{len(records)} records unanimous, {n_tied} ties broken by '{args.tie_break}'")
     print(f"wrote {args.save_path}")
     if args.unanimous_out:
-        raw = {example["id"]: example for example in read_json(args.test_file)}
-        chosen = [
-            {**raw[r.id], "output": label}
-            for r, label, unanimous in zip(records, result.labels, result.unanimous, strict=True)
-            if unanimous
-        ]
-        write_json_atomic(args.unanimous_out, chosen)
         print(f"wrote {args.unanimous_out}: {len(chosen)} pseudo-labelled records")
     return 0
 

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..io import MireInputError, problem, read_json
+from ..io import MireInputError, problem, read_json, read_jsonl
 from ..taxonomy import Task, detect_task
 
 DATASET_INFO = "dataset_info.json"
@@ -27,14 +26,7 @@ class InferRecord:
 
 def _load_rows(path: Path) -> list:
     if path.suffix == ".jsonl":
-        rows = []
-        for lineno, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise MireInputError(f"{path}: line {lineno}: not valid JSON ({exc.msg})") from None
-        return rows
+        return read_jsonl(path)
     rows = read_json(path)
     if not isinstance(rows, list):
         raise MireInputError(problem(path, None, None, f"expected a JSON list of records, got {type(rows).__name__}"))
@@ -48,8 +40,12 @@ def dataset_entry(dataset: str, dataset_dir: str | os.PathLike) -> dict:
         names = sorted(info) if isinstance(info, dict) else []
         raise MireInputError(problem(info_path, None, dataset, f"dataset not registered (registered: {names})"))
     entry = info[dataset]
-    if entry.get("formatting", "alpaca") != "sharegpt" or "file_name" not in entry:
+    if not isinstance(entry, dict) or entry.get("formatting", "alpaca") != "sharegpt" \
+            or not isinstance(entry.get("file_name"), str) or "\x00" in entry["file_name"]:
         raise MireInputError(problem(info_path, None, dataset, "expected a sharegpt dataset with a file_name"))
+    for key in ("columns", "tags"):
+        if not isinstance(entry.get(key, {}), dict) or not all(isinstance(v, str | None) for v in entry.get(key, {}).values()):
+            raise MireInputError(problem(info_path, None, f"{dataset}.{key}", "expected an object of names"))
     return entry
 
 

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
-from ..io import MireInputError, problem, write_jsonl_atomic
+from ..io import MireInputError, output_lock, write_jsonl_atomic
+
+_ID_IN_LINE = re.compile(rb'^\{"id": "((?:[^"\\]|\\.)*)"')
 
 
 def read_done(path: str | os.PathLike) -> dict[str, dict]:
@@ -18,19 +21,23 @@ def read_done(path: str | os.PathLike) -> dict[str, dict]:
     done: dict[str, dict] = {}
     good_end = 0
     pos = 0
-    for line in raw.splitlines(keepends=True):
+    for lineno, line in enumerate(raw.splitlines(keepends=True), start=1):
         pos += len(line)
         if not line.strip():
             good_end = pos
             continue
         try:
             row = json.loads(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
             if pos == len(raw) and not line.endswith(b"\n"):
                 break  # a partial last line: rewritten below
-            raise MireInputError(problem(path, None, None, f"broken line at byte {pos - len(line)}")) from None
+            rid = _ID_IN_LINE.search(line)
+            record = f"record {rid.group(1).decode('utf-8', 'replace')!r}: " if rid else ""
+            why = exc.msg if isinstance(exc, json.JSONDecodeError) else type(exc).__name__
+            raise MireInputError(f"{path}: line {lineno}: {record}not valid JSON ({why}); fix or remove the line, "
+                                 "then rerun to predict it again") from None
         if not isinstance(row, dict) or not isinstance(row.get("id"), str):
-            raise MireInputError(problem(path, None, "id", f"line at byte {pos - len(line)} has no id"))
+            raise MireInputError(f"{path}: line {lineno}: field 'id': missing; not a predictions line of ours")
         done[row["id"]] = row
         good_end = pos
     if good_end < len(raw):
@@ -60,3 +67,9 @@ def finalize(path: str | os.PathLike, ordered_ids: list[str]) -> bool:
         return False
     write_jsonl_atomic(path, [done[rid] for rid in ordered_ids])
     return True
+
+
+def lock_predictions(path: str | os.PathLike):
+    """The exclusive lock of a predictions file for a whole run (read, append, finalize): a second run on the same
+    file is refused with one line, exit 2, instead of predicting everything twice."""
+    return output_lock(path, what="another tools.vllm_infer is writing it")

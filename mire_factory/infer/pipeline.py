@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..io import MireInputError
 from .dataset import load_dataset
-from .output import Appender, finalize, read_done
+from .output import Appender, finalize, lock_predictions, read_done
 from .shards import merge_shards, shard_path, shard_range
 from .vllm_inputs import COMPETITION_MAX_NEW_TOKENS
 
@@ -67,12 +67,13 @@ def run(args: InferArgs) -> Path:
     if args.num_shards > 1:
         records = [records[i] for i in shard_range(len(records), args.num_shards, args.shard_index)]
         save_path = shard_path(save_path, args.shard_index, args.num_shards)
-    done = read_done(save_path)
-    todo = [r for r in records if r.id not in done]
-    print(f"{len(records)} records, {len(records) - len(todo)} already in {save_path}, {len(todo)} to predict")
-    if todo:
-        _predict(args, todo, save_path)
-    finalize(save_path, [r.id for r in records])
+    with lock_predictions(save_path):
+        done = read_done(save_path)
+        todo = [r for r in records if r.id not in done]
+        print(f"{len(records)} records, {len(records) - len(todo)} already in {save_path}, {len(todo)} to predict")
+        if todo:
+            _predict(args, todo, save_path)
+        finalize(save_path, [r.id for r in records])
     return save_path
 
 
