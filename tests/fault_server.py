@@ -14,6 +14,10 @@ real TCP reset and a malformed body is exactly the bytes we choose.
   Answers come in several wrappings (clean JSON, code fence, trailing text, single quotes).
 - --permanent: 1 in 25 prompts each always get a content_filter finish, a refusal sentence, the refusal field,
   an unparseable reply, or HTTP 400 (not retryable), so runs end with every status.
+- Odd shapes (--faults odd_choices,odd_content,odd_usage,odd_refusal,odd_body): a 200 with valid JSON of the
+  wrong shape. odd_usage and odd_refusal still carry an answer or a refusal; the others carry nothing usable.
+- --echo_key: every answer repeats the request's Authorization value inside 理由, and half of them answer it as the label,
+  as a leaky proxy would; tools must never write it.
 - GET /stats: counters of requests and faults served. If FAULT_SERVER_API_KEY is set, other keys get HTTP 401.
 """
 
@@ -34,9 +38,15 @@ from collections import Counter
 from pathlib import Path
 
 FAULTS = ("429", "500", "timeout", "reset", "malformed")
+# Valid JSON of the wrong shape, as broken proxies and servers send: choices ["x"], content a number, usage a
+# string, `refusal: true` without words, a JSON list for a body.
+ODD_FAULTS = ("odd_choices", "odd_content", "odd_usage", "odd_refusal", "odd_body")
 _GOLD = re.compile(r"正确分类标签是「(.+?)」")
 _LABEL_LIST = re.compile(r"\[(\"[^\]]*\")\]")
 REFUSAL_TEXT = "抱歉，我无法协助处理这个请求。"
+
+
+_LABEL_VALUE = re.compile(r"(所属类别[\"']?\s*[:：]\s*[\"'])([^\"']+)")  # the label in one of answer_for's replies
 
 
 def _reason_text(digest: int, label: str, mode: int) -> str:
@@ -72,7 +82,8 @@ def answer_for(prompt: str, images: list[str]) -> tuple[str, dict, int]:
 
 class FaultServer:
     def __init__(self, latency: float, fault_rate: float, faults: list[str], script: list[str], permanent: bool,
-                 seed: int, hang: float, retry_after: float):
+                 seed: int, hang: float, retry_after: float, echo_key: bool = False):
+        self.echo_key = echo_key
         self.latency, self.fault_rate, self.faults = latency, fault_rate, faults
         self.script = list(script)
         self.permanent, self.hang, self.retry_after = permanent, hang, retry_after
@@ -120,6 +131,13 @@ class FaultServer:
         images = [p["image_url"]["url"] for p in parts if p.get("type") == "image_url"]
         n_images = len(images)
         kind, message, digest = answer_for(prompt, images)
+        if self.echo_key:
+            token = headers.get("authorization", "").removeprefix("Bearer ")
+            text = message["content"]
+            text = text.replace("界面与", f"界面与{token}", 1)
+            if digest % 2:  # the label becomes the token itself (a padded label would be cut back to the label)
+                text = _LABEL_VALUE.sub(lambda m: m.group(1) + token, text, count=1)
+            message = {**message, "content": text}
         finish = "stop"
         if self.permanent:
             special = digest % 25
@@ -142,6 +160,16 @@ class FaultServer:
             "usage": {"prompt_tokens": len(prompt) + 100 * n_images, "completion_tokens": len(text),
                       "total_tokens": len(prompt) + 100 * n_images + len(text)},
         }
+        if fault == "odd_choices":
+            reply["choices"] = ["x"]
+        elif fault == "odd_content":
+            reply["choices"][0]["message"]["content"] = [1, 2] if digest % 2 else 5
+        elif fault == "odd_usage":
+            reply["usage"] = "abc"
+        elif fault == "odd_refusal":
+            reply["choices"][0]["message"] = {"role": "assistant", "content": None, "refusal": True}
+        elif fault == "odd_body":
+            reply = [reply]
         data = json.dumps(reply, ensure_ascii=False).encode()
         if fault == "malformed":
             data = data[: len(data) // 2]
@@ -193,7 +221,7 @@ def _error(message: str, code: str = "error") -> bytes:
 async def serve(args: argparse.Namespace) -> None:
     server = FaultServer(args.latency, args.fault_rate, [f for f in args.faults.split(",") if f],
                          [f for f in args.script.split(",") if f], args.permanent, args.seed, args.hang,
-                         args.retry_after)
+                         args.retry_after, args.echo_key)
     srv = await asyncio.start_server(server.handle, "127.0.0.1", args.port, backlog=1024)
     port = srv.sockets[0].getsockname()[1]
     print(f"listening http://127.0.0.1:{port}/v1", flush=True)
@@ -212,10 +240,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--hang", type=float, default=5.0, help="seconds a timeout fault waits before answering")
     parser.add_argument("--retry_after", type=float, default=0.05, help="Retry-After of a 429, seconds")
+    parser.add_argument("--echo_key", action="store_true", help="answers repeat the Authorization value")
     args = parser.parse_args(argv)
-    bad = [f for f in (args.faults + "," + args.script).split(",") if f and f not in (*FAULTS, "ok")]
+    bad = [f for f in (args.faults + "," + args.script).split(",") if f and f not in (*FAULTS, *ODD_FAULTS, "ok")]
     if bad:
-        parser.error(f"unknown faults {bad}; known: {FAULTS}")
+        parser.error(f"unknown faults {bad}; known: {FAULTS + ODD_FAULTS}")
     try:
         asyncio.run(serve(args))
     except KeyboardInterrupt:

@@ -78,7 +78,8 @@ def test_spent_retries_and_client_errors_fail_with_their_reason(text_records, tm
         proc = run_tool("distill", *distill_args(text_records, server.url, out, "--mode", "1", "--limit", "3",
                                                  "--max_retries", "2"))
         assert server.stats()["fault_500"] == 9
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 3, proc.stderr  # finished with failures
+    assert "3 of 3 requests of this run failed" in proc.stderr and "--retry_failed" in proc.stderr
     lines = read_lines(out)
     assert [r["status"] for r in lines] == ["failed"] * 3
     assert all(r["error"].startswith("HTTP 500") and "gave up after 3 attempts" in r["error"] for r in lines)
@@ -94,7 +95,7 @@ def test_1000_records_under_30_percent_faults(text_records, tmp_path):
                                                  "--max_retries", "10"))
         elapsed = time.perf_counter() - start
         stats = server.stats()
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 3, proc.stderr  # the permanent failures (unparseable, HTTP 400) remain
     lines = read_lines(out)
     ids = [r["id"] for r in lines]
     assert len(lines) == 1000 and len(set(ids)) == 1000
@@ -123,7 +124,7 @@ def test_sigkill_halfway_then_resume_gives_the_uninterrupted_result(text_records
     reference, killed = tmp_path / "reference.jsonl", tmp_path / "killed.jsonl"
     with RunningServer(*server_args) as server:
         proc = run_tool("distill", *distill_args(text_records, server.url, reference, *run))
-        assert proc.returncode == 0, proc.stderr
+        assert proc.returncode == 3, proc.stderr
         cmd = [sys.executable, "-m", "tools.distill", *map(str, distill_args(text_records, server.url, killed, *run))]
         child = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 120
@@ -137,7 +138,7 @@ def test_sigkill_halfway_then_resume_gives_the_uninterrupted_result(text_records
         half = killed.read_bytes().count(b"\n")
         assert 200 <= half < 400
         proc = run_tool("distill", *distill_args(text_records, server.url, killed, *run))
-        assert proc.returncode == 0, proc.stderr
+        assert proc.returncode == 3, proc.stderr
     done_before = sum(r["status"] != "failed" for r in read_lines(killed)[:half])
     assert f"skipped {done_before} already done" in proc.stdout
     ref_lines, resumed = read_lines(reference), read_lines(killed)
@@ -149,13 +150,15 @@ def test_sigkill_halfway_then_resume_gives_the_uninterrupted_result(text_records
 def test_retry_failed_replaces_failed_lines(text_records, tmp_path):
     out = tmp_path / "r.jsonl"
     with RunningServer("--fault_rate", "1", "--faults", "500") as broken:
-        run_tool("distill", *distill_args(text_records, broken.url, out, "--mode", "2", "--limit", "20",
-                                          "--max_retries", "0"), check=True)
+        down = run_tool("distill", *distill_args(text_records, broken.url, out, "--mode", "2", "--limit", "20",
+                                                 "--max_retries", "0"))
+    assert down.returncode == 3 and "20 of 20 requests of this run failed" in down.stderr
     assert Counter(r["status"] for r in read_lines(out)) == {"failed": 20}
     with RunningServer() as healthy:
-        again = run_tool("distill", *distill_args(text_records, healthy.url, out, "--mode", "2", "--limit", "20"),
-                         check=True)
+        again = run_tool("distill", *distill_args(text_records, healthy.url, out, "--mode", "2", "--limit", "20"))
+        assert again.returncode == 3  # nothing asked, and the file still holds 20 failures: said, not hidden
         assert "20 failed before (rerun with --retry_failed)" in again.stdout
+        assert "20 failed in an earlier run and were not asked again" in again.stderr
         assert healthy.stats()["requests"] == 1  # nothing asked but /stats
         proc = run_tool("distill", *distill_args(text_records, healthy.url, out, "--mode", "2", "--limit", "20",
                                                  "--retry_failed"), check=True)
@@ -176,8 +179,10 @@ def test_api_key_is_sent_but_never_written(text_records, tmp_path):
         wrong = run_tool("distill", *distill_args(text_records, server.url, tmp_path / "wrong.jsonl", "--mode", "1",
                                                   "--limit", "3"), env={"OPENAI_API_KEY": secret + "-not"})
         assert server.stats()["unauthorized"] == 3
+    for proc in (good, other):
+        assert proc.returncode in (0, 3), proc.stderr  # --permanent: some lines fail for good
+    assert wrong.returncode == 3, wrong.stderr
     for proc in (good, other, wrong):
-        assert proc.returncode == 0, proc.stderr
         assert secret not in proc.stdout and secret not in proc.stderr
     assert Counter(r["status"] for r in read_lines(out))["ok"] > 20  # the key reached the server
     assert Counter(r["status"] for r in read_lines(tmp_path / "other.jsonl"))["ok"] > 20

@@ -76,7 +76,10 @@ def sample_reasons(api_server, mire_sample, tmp_path_factory) -> Path:
                     mire_sample / "images", "--base_url", api_server, "--model", "tiny-teacher", "--mode", "1", "2",
                     "3", "--output_file", out, "--max_tokens", "6", "--max_pixels", MAX_PIXELS, "--concurrency", "4",
                     "--timeout", "300", "--max_retries", "1", "--no_progress")
-    assert proc.returncode == 0, proc.stderr
+    failed = sum(json.loads(line)["status"] == "failed" for line in out.read_text(encoding="utf-8").splitlines())
+    # a random-weight teacher rarely writes readable JSON in 6 tokens: failures exit 3 and say so on stderr
+    assert proc.returncode == (3 if failed else 0), proc.stderr
+    assert not failed or f"{failed} of 72 requests of this run failed" in proc.stderr
     assert "72 requests" in proc.stdout
     return out
 
@@ -116,7 +119,8 @@ def test_resume_asks_nothing_again(sample_reasons, api_server, mire_sample):
     proc = run_tool("distill", "--input_file", mire_sample / "train_sample.json", "--image_dir",
                     mire_sample / "images", "--base_url", api_server, "--model", "tiny-teacher", "--mode", "1", "2",
                     "3", "--output_file", sample_reasons, "--max_tokens", "6", "--no_progress")
-    assert proc.returncode == 0, proc.stderr
+    failed = sum(json.loads(line)["status"] == "failed" for line in before.splitlines())
+    assert proc.returncode == (3 if failed else 0), proc.stderr
     assert proc.stdout.startswith("0 requests") and "skipped" in proc.stdout
     assert sample_reasons.read_text(encoding="utf-8") == before
 
