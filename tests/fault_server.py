@@ -18,6 +18,8 @@ real TCP reset and a malformed body is exactly the bytes we choose.
   wrong shape. odd_usage and odd_refusal still carry an answer or a refusal; the others carry nothing usable.
 - --echo_key: every answer repeats the request's Authorization value inside 理由, and half of them answer it as the label,
   as a leaky proxy would; tools must never write it.
+- POST /queue with a JSON list of strings: each string is sent verbatim as the 200 body of one later chat request,
+  in order (for fuzzing the client with arbitrary replies); faults and answers resume once the queue is empty.
 - GET /stats: counters of requests and faults served. If FAULT_SERVER_API_KEY is set, other keys get HTTP 401.
 """
 
@@ -90,6 +92,7 @@ class FaultServer:
         self.rng = random.Random(seed)
         self.stats: Counter = Counter()
         self.api_key = os.environ.get("FAULT_SERVER_API_KEY")
+        self.queue: list[str] = []
 
     def _pick_fault(self) -> str | None:
         if self.script:
@@ -106,11 +109,17 @@ class FaultServer:
             return 200, {}, json.dumps(self.stats).encode(), ""
         if method == "GET" and path.rstrip("/").endswith("/models"):
             return 200, {}, json.dumps({"object": "list", "data": [{"id": "fault-teacher", "object": "model"}]}).encode(), ""
+        if method == "POST" and path.rstrip("/").endswith("/queue"):
+            self.queue = list(json.loads(body))  # replaces what an earlier caller left
+            return 200, {}, json.dumps({"queued": len(self.queue)}).encode(), ""
         if not path.rstrip("/").endswith("/chat/completions"):
             return 404, {}, _error("not found"), ""
         if self.api_key and headers.get("authorization") != f"Bearer {self.api_key}":
             self.stats["unauthorized"] += 1
             return 401, {}, _error("invalid api key", "invalid_api_key"), ""
+        if self.queue:
+            self.stats["queued_replies"] += 1
+            return 200, {}, self.queue.pop(0).encode("utf-8", "surrogateescape"), ""
         fault = self._pick_fault()
         if fault:
             self.stats[f"fault_{fault}"] += 1
@@ -275,6 +284,14 @@ class RunningServer:
 
         with urllib.request.urlopen(self.url + "/stats", timeout=10) as resp:
             return json.loads(resp.read())
+
+    def queue(self, bodies: list[str]) -> None:
+        """The next len(bodies) chat replies are these bodies, verbatim."""
+        import urllib.request
+
+        request = urllib.request.Request(self.url + "/queue", data=json.dumps(bodies).encode(), method="POST")
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            resp.read()
 
     def __exit__(self, *exc) -> None:
         if self.proc and self.proc.poll() is None:
