@@ -47,7 +47,7 @@ def problem(file: str | os.PathLike, record: str | int | None, field: str | None
 def os_error_text(exc: OSError) -> str:
     """`path: reason` for an OSError, in words a user acts on."""
     name = exc.filename if exc.filename is not None else ""
-    reason = exc.strerror or type(exc).__name__
+    reason = exc.strerror or " ".join(str(exc).split())[:500] or type(exc).__name__
     if isinstance(exc, IsADirectoryError):
         reason = "is a directory, expected a file"
     elif isinstance(exc, NotADirectoryError):

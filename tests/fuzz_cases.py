@@ -290,3 +290,126 @@ def make_material(root: Path) -> Material:
 PREDICTION_KEYS = ["id", "predict", "label", "prompt", "task"]
 REASON_KEYS = ["id", "mode", "model", "status", "reason", "label", "gold", "task", "raw", "usage", "latency_s", "error"]
 
+
+
+# ---------------------------------------------------------------- one case per tool (or pair of tools)
+# Each draws its inputs from `data` (hypothesis' st.data()), runs the tools and returns their Results.
+
+
+def _tools():
+    from tools import analyze, cal_acc, convert, convert2submit, distill, merge_cot, validate, vllm_infer, vote
+
+    return analyze, cal_acc, convert, convert2submit, distill, merge_cot, validate, vllm_infer, vote
+
+
+def case_validate_convert(m: Material, server, data) -> list[Result]:
+    _, _, convert, _, _, _, validate, _, _ = _tools()
+    src = m.root / "in.json"
+    src.write_bytes(data.draw(mire_json(m.train_rows)))
+    out = m.fresh_output("validate")
+    first = run_tool(validate.main, ["--input_file", src, "--image_dir", m.images, "--verify_images"], out)
+    out = m.fresh_output("convert", m.converted)
+    extra = data.draw(st.sampled_from([[], ["--val_size", "0"], ["--task", "image"], ["--format", "swift"],
+                                       ["--kind", "test"], ["--val_size", "0.5", "--task", "dialogue"]]))
+    return [first, run_tool(convert.main, ["--input_file", src, "--image_dir", m.images, "--output_dir", out,
+                                           *extra], out)]
+
+
+def _predictions(m: Material, data, name: str) -> Path:
+    path = m.root / name
+    path.write_bytes(data.draw(jsonl_file(m.prediction_rows, PREDICTION_KEYS)))
+    return path
+
+
+def case_submit_cal_acc(m: Material, server, data) -> list[Result]:
+    _, cal_acc, _, convert2submit, _, _, _, _, _ = _tools()
+    preds = _predictions(m, data, "p.jsonl")
+    test = m.root / "test.json"
+    test.write_bytes(_dumps(m.test_rows).encode() if data.draw(st.booleans()) else data.draw(mire_json(m.test_rows)))
+    out = m.fresh_output("submit")
+    (out / "submit.csv").write_text("id,predict\nold,old\n", encoding="utf-8-sig")
+    fill = ["--fill"] if data.draw(st.booleans()) else []
+    first = run_tool(convert2submit.main, ["--test_file", test, "--prediction_file", preds, "--save_path",
+                                           out / "submit.csv", *fill], out)
+    out = m.fresh_output("cal_acc")
+    plots = ["--plot_dir", out / "plots"] if data.draw(st.integers(0, 4)) == 0 else []  # plotting is slow
+    return [first, run_tool(cal_acc.main, ["--test_file", m.train, "--prediction_file", preds, "--json_file",
+                                           out / "metrics.json", *plots, *fill], out)]
+
+
+def case_vote(m: Material, server, data) -> list[Result]:
+    vote = _tools()[8]
+    first, second = _predictions(m, data, "a.jsonl"), _predictions(m, data, "b.jsonl")
+    out = m.fresh_output("vote")
+    extra = data.draw(st.sampled_from([[], ["--weights", "1,2"], ["--weights", "x"], ["--tie_break", "model:3"],
+                                       ["--unanimous_out", out / "u.json"]]))
+    return [run_tool(vote.main, ["--prediction_file", first, "--prediction_file", second, "--test_file", m.train,
+                                 "--save_path", out / "vote.jsonl", *extra], out)]
+
+
+def case_analyze_merge_cot(m: Material, server, data) -> list[Result]:
+    analyze, _, _, _, _, merge_cot, _, _, _ = _tools()
+    reasons = m.root / "r.jsonl"
+    reasons.write_bytes(data.draw(jsonl_file(m.reason_rows, REASON_KEYS)))
+    out = m.fresh_output("analyze")
+    first = run_tool(analyze.main, ["--input_file", m.train, "--reasons_file", reasons, "--output_dir", out], out)
+    out = m.fresh_output("merge", m.converted)
+    dataset = out / "mire_train.json"
+    if data.draw(st.booleans()):
+        source = m.root / "sharegpt.json"
+        source.write_bytes(data.draw(sharegpt_json(json.loads(dataset.read_text(encoding="utf-8")))))
+        dataset = source
+    return [first, run_tool(merge_cot.main, ["--dataset_file", dataset, "--reasons_file", reasons, "--output_file",
+                                             out / "mire_train_cot.json", "--keep_unexplained"], out)]
+
+
+def case_distill_input(m: Material, server, data) -> list[Result]:
+    distill = _tools()[4]
+    src = m.root / "distill_in.json"
+    src.write_bytes(data.draw(mire_json(m.train_rows)))
+    out = m.fresh_output("distill_in")
+    return [run_tool(distill.main, ["--input_file", src, "--image_dir", m.images, "--base_url", server.url, "--model",
+                                    "t", "--mode", data.draw(st.sampled_from(["1", "2"])), "--output_file",
+                                    out / "r.jsonl", "--limit", "2", "--max_retries", "0", "--no_progress"], out)]
+
+
+def case_teacher_replies(m: Material, server, data) -> list[Result]:
+    """Any reply bodies, served verbatim by the loopback server: each request ends as one line, exit 0 or 3."""
+    distill = _tools()[4]
+    server.queue([data.draw(teacher_body(m.reply)) for _ in range(3)])
+    out = m.fresh_output("distill_replies")
+    result = run_tool(distill.main, ["--input_file", m.train, "--image_dir", m.images, "--base_url", server.url,
+                                     "--model", "t", "--mode", "2", "--output_file", out / "r.jsonl", "--limit", "3",
+                                     "--max_retries", "0", "--concurrency", "1", "--no_progress"], out, allowed=(0, 3))
+    path = out / "r.jsonl"
+    lines = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()] if path.is_file() else []
+    if len(lines) != 3 or len({x["id"] for x in lines}) != 3:
+        result.problems.append(f"{len(lines)} reasons lines for 3 requests")
+    if any((x["error"] is None) != (x["status"] == "ok") for x in lines):
+        result.problems.append("a line whose error does not match its status")
+    if (result.code == 3) != any(x["status"] == "failed" for x in lines):
+        result.problems.append(f"exit {result.code} with statuses {[x['status'] for x in lines]}")
+    return [result]
+
+
+def case_infer_input(m: Material, server, data) -> list[Result]:
+    vllm_infer = _tools()[7]
+    out = m.fresh_output("infer", m.converted)
+    target = data.draw(st.sampled_from(["dataset_info.json", "mire_train.json"]))
+    content = json.loads((out / target).read_text(encoding="utf-8"))
+    strategy = dataset_info_json(content, "mire_train") if target == "dataset_info.json" else sharegpt_json(content)
+    (out / target).write_bytes(data.draw(strategy))
+    (out / "preds.shard-0-of-1.jsonl").write_bytes(_jsonl(m.prediction_rows))
+    return [run_tool(vllm_infer.main, ["--dataset", "mire_train", "--dataset_dir", out, "--save_name",
+                                       out / "preds.jsonl", "--merge_shards", "--num_shards", "1"], out)]
+
+
+CASES = {
+    "validate+convert": case_validate_convert,
+    "convert2submit+cal_acc": case_submit_cal_acc,
+    "vote": case_vote,
+    "analyze+merge_cot": case_analyze_merge_cot,
+    "distill (input)": case_distill_input,
+    "distill (teacher replies)": case_teacher_replies,
+    "vllm_infer (input loading)": case_infer_input,
+}
