@@ -49,8 +49,9 @@ def make_run(name, case, counts: Counter, material, server, examples: int, seed:
     @settings(max_examples=examples, deadline=None, database=None, suppress_health_check=list(HealthCheck))
     @given(data=st.data())
     def run(data):
-        counts["inputs"] += 1
-        for result in case(material, server, data):
+        results = case(material, server, data)
+        counts["inputs"] += 1  # drawn in full and run (hypothesis also starts draws it then rejects)
+        for result in results:
             counts["runs"] += 1
             counts[f"exit {result.code}"] += 1
             for p in result.problems:

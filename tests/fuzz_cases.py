@@ -254,7 +254,7 @@ class Material:
 
     def fresh_output(self, name: str, template: Path | None = None) -> Path:
         """An output folder that already holds files of an earlier run (so a refusal has something to keep)."""
-        out = self.root / "runs" / name
+        out = self.root / f"run-{name}"  # beside `converted`: a copy keeps its relative image paths
         if out.exists():
             shutil.rmtree(out)
         if template is not None:
@@ -315,9 +315,9 @@ def case_validate_convert(m: Material, server, data) -> list[Result]:
                                            *extra], out)]
 
 
-def _predictions(m: Material, data, name: str) -> Path:
+def _predictions(m: Material, data, name: str, valid: bool = False) -> Path:
     path = m.root / name
-    path.write_bytes(data.draw(jsonl_file(m.prediction_rows, PREDICTION_KEYS)))
+    path.write_bytes(_jsonl(m.prediction_rows) if valid else data.draw(jsonl_file(m.prediction_rows, PREDICTION_KEYS)))
     return path
 
 
@@ -339,7 +339,8 @@ def case_submit_cal_acc(m: Material, server, data) -> list[Result]:
 
 def case_vote(m: Material, server, data) -> list[Result]:
     vote = _tools()[8]
-    first, second = _predictions(m, data, "a.jsonl"), _predictions(m, data, "b.jsonl")
+    first = _predictions(m, data, "a.jsonl", valid=data.draw(st.integers(0, 4)) == 0)
+    second = _predictions(m, data, "b.jsonl", valid=data.draw(st.booleans()))  # so that some votes succeed
     out = m.fresh_output("vote")
     extra = data.draw(st.sampled_from([[], ["--weights", "1,2"], ["--weights", "x"], ["--tie_break", "model:3"],
                                        ["--unanimous_out", out / "u.json"]]))
@@ -395,10 +396,11 @@ def case_teacher_replies(m: Material, server, data) -> list[Result]:
 def case_infer_input(m: Material, server, data) -> list[Result]:
     vllm_infer = _tools()[7]
     out = m.fresh_output("infer", m.converted)
-    target = data.draw(st.sampled_from(["dataset_info.json", "mire_train.json"]))
-    content = json.loads((out / target).read_text(encoding="utf-8"))
-    strategy = dataset_info_json(content, "mire_train") if target == "dataset_info.json" else sharegpt_json(content)
-    (out / target).write_bytes(data.draw(strategy))
+    target = data.draw(st.sampled_from(["dataset_info.json", "mire_train.json", "mire_train.json", None]))
+    if target is not None:  # None: valid input, the shard is merged
+        content = json.loads((out / target).read_text(encoding="utf-8"))
+        strategy = dataset_info_json(content, "mire_train") if target == "dataset_info.json" else sharegpt_json(content)
+        (out / target).write_bytes(data.draw(strategy))
     (out / "preds.shard-0-of-1.jsonl").write_bytes(_jsonl(m.prediction_rows))
     return [run_tool(vllm_infer.main, ["--dataset", "mire_train", "--dataset_dir", out, "--save_name",
                                        out / "preds.jsonl", "--merge_shards", "--num_shards", "1"], out)]

@@ -22,7 +22,7 @@ from mire_factory.infer.output import read_done
 from mire_factory.io import TMP_SUFFIX, MireInputError, output_lock, run_cli
 from mire_factory.records import load_records
 from mire_factory.synthetic import make_records, write_dataset
-from tools import analyze, cal_acc, convert, distill, merge_cot, validate, vllm_infer, vote
+from tools import analyze, cal_acc, convert, convert2submit, distill, merge_cot, validate, vllm_infer, vote
 
 SECRET = "sk-MIRE-ROBUST-7c1d2e3f4a5b6c7d8e9f"
 FAST = ["--backoff_base", "0.01", "--backoff_max", "0.05", "--timeout", "5", "--no_progress"]
@@ -380,7 +380,15 @@ def test_unwritable_outputs_give_one_line(data, tmp_path):
          "--save_path", blocked / "v.jsonl"),
         (distill.main, *distill_args(data, "http://127.0.0.1:9/v1", blocked / "r.jsonl")),
         (analyze.main, "--input_file", data["train"], "--reasons_file", preds, "--output_dir", blocked),
+        (convert2submit.main, "--test_file", data["train"], "--prediction_file", preds, "--save_path",
+         blocked / "s.csv"),
+        (vllm_infer.main, "--model_name_or_path", tmp_path, "--dataset", "mire_train", "--dataset_dir",
+         converted(data, tmp_path / "o"), "--save_name", blocked / "p.jsonl"),
+        (merge_cot.main, "--dataset_file", tmp_path / "o" / "mire_train.json", "--reasons_file", tmp_path / "r.jsonl",
+         "--output_file", blocked / "cot.json"),
     ]
+    (tmp_path / "r.jsonl").write_text("".join(reasons_line(r.id, label=r.output)
+                                              for r in load_records(data["train"])), encoding="utf-8")
     for main, *args in runs:
         code, _, err = call(main, *args)
         assert code == 2 and "Traceback" not in err, (main, err)
@@ -403,3 +411,10 @@ def test_a_second_inference_on_the_same_file_is_refused(data, tmp_path):
         code, _, err = call(vllm_infer.main, "--model_name_or_path", tmp_path / "no-model", "--dataset", "mire_val",
                             "--dataset_dir", out, "--save_name", save, "--backend", "hf")
     assert code == 2 and "another tools.vllm_infer is writing it" in err
+
+
+def test_predictions_that_are_not_utf8_give_one_line(data, tmp_path):
+    preds = predictions(data, tmp_path / "p.jsonl")
+    preds.write_bytes(preds.read_bytes() + "不\n".encode("gbk"))
+    code, _, err = call(cal_acc.main, "--test_file", data["train"], "--prediction_file", preds)
+    assert code == 2 and f"line {len(load_records(data['train'])) + 1}: not UTF-8 text" in err
