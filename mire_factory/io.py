@@ -135,12 +135,6 @@ def numbered_jsonl(text: str, path: str | os.PathLike) -> list[tuple[int, dict]]
 # ---------------------------------------------------------------- writing
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def _new_temp(path: Path) -> Path:
     """An empty temp file beside `path`, created with the mode a plain open() would give (0666 less the umask),
     not mkstemp's 0600: outputs are read by other users and containers."""
