@@ -59,8 +59,8 @@ def make_run(name, case, counts: Counter, material, server, examples: int, seed:
                         if p.startswith("outputs changed") else "unparseable_outputs"
                         if p.startswith("written file") else "other_problems")
                 counts[kind] += 1
-                if len(seen) < 10:
-                    seen.append(f"{name}: {p[:600]}")
+                if len(seen) < 10:  # a traceback is shown by its last line, the exception
+                    seen.append(f"{name}: " + (p.strip().splitlines()[-1] if p.startswith("traceback") else p)[:300])
 
     return run
 
@@ -117,7 +117,8 @@ def distill_under_faults(requests: int, fault_rate: float, seed: int, root: Path
                 break
             time.sleep(0.01)
         killed_alive = child.poll() is None
-        os.kill(child.pid, signal.SIGKILL)
+        if killed_alive:
+            os.kill(child.pid, signal.SIGKILL)
         stdout, stderr = child.communicate()
         streams += [stdout.decode("utf-8", "replace"), stderr.decode("utf-8", "replace")]
         lines_at_kill = out.read_bytes().count(b"\n")
