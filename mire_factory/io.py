@@ -233,8 +233,13 @@ class OutputSet:
 
     def commit(self) -> list[Path]:
         self.done = True
-        for target in self._staged:
+        for target, tmp in self._staged.items():
             _check_target(target)
+            fd = os.open(tmp, os.O_RDONLY)  # on disk before it takes the target's name, so a crash leaves no
+            try:  # empty file under that name
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         for target, tmp in list(self._staged.items()):
             os.replace(tmp, target)
             del self._staged[target]
