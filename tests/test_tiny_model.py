@@ -128,5 +128,5 @@ def test_real_05b_text_logits_equal_the_gguf_llm(tmp_path):
     pixels = processor.image_processor(images=[image], return_tensors="pt")
     with torch.no_grad():
         tokens = vl.model.get_image_features(pixels["pixel_values"], pixels["image_grid_thw"]).pooler_output[0]
-    text_rms = vl.model.language_model.embed_tokens.weight.float().pow(2).mean().sqrt()
+        text_rms = vl.model.language_model.embed_tokens.weight.float().pow(2).mean().sqrt()
     assert 0.5 < float(tokens.float().pow(2).mean().sqrt() / text_rms) < 2
