@@ -24,7 +24,7 @@ follow() {  # NAME: print the harness's stage lines until it ends or WAIT_S seco
   cp "$STAGE/results/$name".* "$STAGE/results/${name}_eval_f1.png" "$OUT/" 2>/dev/null
   cp "$log" "$OUT/harness.log" 2>/dev/null
   (cd "$STAGE/work/$name" 2>/dev/null && tar czf "$OUT/logs.tgz" logs timings.json 2>/dev/null)
-  nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
+  nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader 2>/dev/null
 }
 
 cmd=${1:-}; shift || true
