@@ -5,8 +5,8 @@ Policy, by taxonomy.match_label's evidence:
 - a label up to spacing, quotes, bracket width, trailing punctuation or a "标签：" prefix: the label;
 - CoT JSON (`{"理由": ..., "所属类别": ...}`, fenced, single-quoted or cut off): the label it names, read as above;
 - near misses are fixed: the text contains a label (padded), is its first characters (truncated, >= 2), or matches
-  at least two thirds of the characters in order (difflib ratio >= SIMILAR_MIN; a single wrong, missing or extra
-  character in a label of 3 or more characters);
+  at least two thirds of the characters of one label in order, and that label more than any other (difflib ratio
+  >= SIMILAR_MIN; a single wrong, missing or extra character in a label of 3 or more characters);
 - everything else stays invalid (label None): empty answers, a label of the other task, garbage. Scored as the
   official tool scores it (the string is the prediction, which matches no gold). Under per-task weighted F1 a wrong
   valid label also costs the precision of the class it lands in, so guessing a default scores lower than leaving
@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from .prompts import LABEL_KEY
-from .taxonomy import LABELS, TASKS, Task, match_label, normalize_label
+from .taxonomy import LABELS, TASKS, Task, label_similarities, match_label, normalize_label
 
 # Keys a JSON answer may carry its label under, most specific first.
 ANSWER_KEYS: tuple[str, ...] = (LABEL_KEY, "label", "分类标签", "类别", "标签", "answer")
@@ -124,11 +124,17 @@ def read_answer(raw: str | None, task: Task, fill: bool = False, error: str | No
     label, evidence, score = match_label(text, task)
     if other:
         answer = Answer(None, "other_task", text, from_json)
-    elif evidence in ("contained", "truncated") or (evidence == "similar" and score >= SIMILAR_MIN):
+    elif evidence in ("contained", "truncated") or (evidence == "similar" and _clearly_nearest(text, task)):
         return Answer(label, evidence, text, from_json)
     else:
         answer = Answer(None, "empty" if evidence == "empty" else "unmatched", text, from_json)
     return _filled(answer, task) if fill else answer
+
+
+def _clearly_nearest(text: str, task: Task) -> bool:
+    """Similar enough to one label, and more similar to it than to any other (退叒页面 is as near 退款页面 as 退货页面)."""
+    ranked = label_similarities(text, task)
+    return ranked[0][1] >= SIMILAR_MIN and (len(ranked) == 1 or ranked[1][1] < ranked[0][1])
 
 
 def _filled(answer: Answer, task: Task) -> Answer:

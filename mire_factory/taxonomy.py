@@ -248,12 +248,18 @@ def match_label(text: str, task: Task) -> tuple[str, Evidence, float]:
     if prefixed and len(key) >= 2:
         best = min(prefixed, key=lambda label: len(_key(label)))
         return best, "truncated", len(key) / len(_key(best))
-    best_label, best_score = candidates[0], -1.0
-    for label in candidates:
-        score = difflib.SequenceMatcher(None, key, _key(label), autojunk=False).ratio()
-        if score > best_score:
-            best_label, best_score = label, score
-    return best_label, "similar", round(best_score, 6)
+    best_label, best_score = label_similarities(text, task)[0]
+    return best_label, "similar", best_score
+
+
+def label_similarities(text: str, task: Task) -> list[tuple[str, float]]:
+    """(label, difflib's ratio with the normalized text) for every label of the task a fix may choose (retired
+    labels never), best first; equal ratios keep the official order."""
+    key = _key(normalize_label(text))
+    candidates = [label for label in LABELS[task] if label not in RETIRED_IMAGE_LABELS]
+    scores = [(label, round(difflib.SequenceMatcher(None, key, _key(label), autojunk=False).ratio(), 6))
+              for label in candidates]
+    return sorted(scores, key=lambda pair: -pair[1])
 
 
 def fix_label(text: str, task: Task) -> tuple[str, float]:

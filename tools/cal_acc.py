@@ -44,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     result = score(golds, preds, tasks)
 
     print(json.dumps(result["overall"]))  # the official tool's one line
+    if not alignment.by_id:
+        print(f"paired {len(records)} predictions with the test records by position (--by_position)")
     if args.raw:
         print("scored the raw strings (no CoT parsing, no label fixing)"
               + (f"; {n_missing} missing predictions scored as the task's default label" if n_missing else ""))

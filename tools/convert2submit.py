@@ -38,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     answers, report, alignment = load_answers(records, args.prediction_file, fill=args.fill,
                                               by_position=args.by_position)
     labels = [a.label if a.label is not None else a.text for a in answers]
+    if not alignment.by_id:
+        print(f"paired {len(records)} predictions with the test records by position (--by_position)")
     for line in report.lines():
         print(line)
     if alignment.missing:
