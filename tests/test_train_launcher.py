@@ -98,3 +98,12 @@ def test_launcher_logs_per_task_f1_into_trainer_state(tiny_model_dir, tmp_path):
     assert Counter(r["gold"] for r in rows) == val_golds  # every validation record, gold read back from the labels
     assert {r["task"] for r in rows} == {"image", "dialogue"}
     assert (out / "training_eval_f1.png").is_file()
+
+    # the arguments trained with are saved where tools.vllm_infer finds them (model dir, no --config needed)
+    from mire_factory.hparams import parse_args
+    from mire_factory.infer.args import InferArgs, config_values
+
+    args = parse_args(InferArgs, ["--model_name_or_path", str(out), "--dataset", "mire_val"],
+                      config_values=config_values)
+    assert (args.model_name_or_path, args.image_max_pixels, args.cutoff_len) == (str(out), 12544, 10240)
+    assert args.dataset_dir == str(tmp_path / "data") and args.prompt_variant == "plain"

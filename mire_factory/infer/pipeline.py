@@ -56,8 +56,8 @@ def dataset_variant(args: InferArgs) -> PromptVariant:
 
 def run(args: InferArgs) -> Path:
     check_args(args)
-    records = load_dataset(args.dataset, args.dataset_dir)
     variant = dataset_variant(args)
+    records = load_dataset(args.dataset, args.dataset_dir)
     save_path = Path(args.save_name)
     if args.merge_shards:
         n = merge_shards(save_path, args.num_shards, [r.id for r in records])
