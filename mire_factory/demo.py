@@ -42,11 +42,27 @@ class DemoConfig:
     max_new_tokens: int = 16
 
 
-# Each step allocates and frees ~1 GB of logits (152k vocab); glibc maps such blocks afresh each time, and faulting
-# them in 4 KiB pages cost as much as the bf16 matmuls. Transparent huge pages for malloc (glibc >= 2.35; ignored
-# elsewhere), measured over 40 demo steps on 2 cores: fp32 81 s, bf16 76 s, fp32 + huge pages 76 s, bf16 + huge
-# pages 47 s.
-CPU_TRAIN_ENV = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+# Each step allocates and frees gigabytes of logits (152k vocab, every position, bf16 then fp32 for the loss and its
+# gradient). Blocks that large are mapped afresh by the allocator every step and the kernel zero-fills them at first
+# touch, page by page: with 4 KiB pages that costs as much as the step's arithmetic. Transparent huge pages cut the
+# page faults ~160x (benchmarks/bench_demo_train.py; 10 lm_head steps: 10.8M faults -> 66k, system time 22.7 s ->
+# 13.2 s). Two switches ask for them, so that either suffices: glibc's (>= 2.35; older glibc ignores it) and
+# PyTorch's own allocator's (any glibc). Both need the kernel to offer THP (`madvise` or `always`); `never` leaves
+# the demo ~1.6x slower in training (README: 5:27 against 3:38), and the demo says so.
+CPU_TRAIN_ENV = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1", "THP_MEM_ALLOC_ENABLE": "1"}
+THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+def huge_pages_note() -> str | None:
+    """A line for the demo's output when the kernel offers no transparent huge pages (training then runs slower)."""
+    try:
+        setting = THP_SETTING.read_text().strip()
+    except OSError:
+        return None
+    if "[never]" in setting:
+        return (f"  note: the kernel offers no transparent huge pages ({THP_SETTING}: {setting}); training runs about "
+                "1.6x slower than with them (echo madvise > that file, as root, enables them)")
+    return None
 
 _START = time.perf_counter()
 
@@ -76,13 +92,65 @@ def train_overrides(cfg: DemoConfig, model_dir: Path, data_dir: Path, out_dir: P
         "gradient_accumulation_steps=1",
         f"num_train_epochs={cfg.epochs}",
         f"learning_rate={cfg.learning_rate}",
-        "preprocessing_num_workers=2",
+        "preprocessing_num_workers=1",  # 212 small records: two more interpreters would cost more than they map
         "dataloader_num_workers=2",  # collate (image processing) while the step computes
         "eval_steps=1000",
         "save_steps=1000",
         "logging_steps=12",
         f"seed={cfg.seed}",
     ]
+
+
+def train_command(cfg: DemoConfig, model_dir: Path, data_dir: Path, out_dir: Path) -> list[str]:
+    return [str(Path(sys.executable).with_name("llamafactory-cli")), "train", str(RECIPE),
+            *train_overrides(cfg, model_dir, data_dir, out_dir)]
+
+
+def cpu_train_env() -> dict[str, str]:
+    return {"DISABLE_VERSION_CHECK": "1", "TOKENIZERS_PARALLELISM": "false", **CPU_TRAIN_ENV}
+
+
+class ExampleDumpFilter:
+    """Drops the data example LLaMA-Factory prints before training (its data/loader.py, on the main process, with
+    no switch to turn it off): "training example:" or "eval example:", then input_ids, inputs, label_ids and
+    labels, each a header line followed by its value; hundreds of token ids nobody reads in a demo."""
+
+    HEADERS = ("training example:", "eval example:")
+
+    def __init__(self):
+        self.state = "pass"
+
+    def keep(self, line: str) -> bool:
+        text = line.rstrip("\n")
+        if self.state == "pass":
+            if text.strip() in self.HEADERS:
+                self.state = "example"
+                return False
+            return True
+        if self.state == "example":  # input_ids, inputs (multi-line text), label_ids: up to the labels header
+            if text == "labels:":
+                self.state = "labels"
+            return False
+        if self.state == "labels":  # the decoded answer, "<label><|im_end|>", then the blank line print adds
+            self.state = "blank" if text.endswith("<|im_end|>") else "pass"
+            return False
+        self.state = "pass"
+        return bool(text) and self.keep(line)
+
+
+def run_filtered(cmd: list[str], env: dict, log: Path) -> int:
+    """Runs cmd with its stdout copied whole to `log` and shown without the data examples; stderr (progress bars,
+    warnings) as it comes."""
+    keep = ExampleDumpFilter()
+    with open(log, "w", encoding="utf-8") as raw, subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, text=True, encoding="utf-8", errors="replace", bufsize=1
+    ) as proc:
+        for line in proc.stdout:
+            raw.write(line)
+            if keep.keep(line):
+                sys.stdout.write(line)
+                sys.stdout.flush()
+    return proc.returncode
 
 
 def build_data(cfg: DemoConfig) -> dict[str, Path]:
@@ -157,13 +225,16 @@ def _run_demo(cfg: DemoConfig) -> dict:
 
     _step(5, total, f"training: llamafactory-cli train {RECIPE.relative_to(REPO)} (full SFT; CPU overrides)")
     saves = work / "saves"
-    cmd = [str(Path(sys.executable).with_name("llamafactory-cli")), "train", str(RECIPE),
-           *train_overrides(cfg, model_dir, mire, saves)]
+    cmd = train_command(cfg, model_dir, mire, saves)
+    log = work / "train_stdout.log"
     print("  $ " + " ".join(cmd), flush=True)
-    env = {**os.environ, "DISABLE_VERSION_CHECK": "1", "TOKENIZERS_PARALLELISM": "false", **CPU_TRAIN_ENV}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, check=False)
-    if proc.returncode != 0:
-        raise SystemExit(f"llamafactory-cli train failed with exit code {proc.returncode}")
+    print(f"  (LLaMA-Factory's whole standard output, example token ids included: {log})", flush=True)
+    note = huge_pages_note()
+    if note:
+        print(note, flush=True)
+    code = run_filtered(cmd, {**os.environ, **cpu_train_env()}, log)
+    if code != 0:
+        raise SystemExit(f"llamafactory-cli train failed with exit code {code}; see {log}")
 
     _step(6, total, "inference with the trained model, submission CSV, official metric")
     after = infer_and_score(saves, mire, paths["gold"], paths["test"], work / "trained", cfg, plots=True)
