@@ -172,11 +172,9 @@ def infer_and_score(model_dir: Path, data_dir: Path, gold: Path, test: Path, out
                     plots: bool) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     preds = out / "predictions.jsonl"
-    if preds.exists():
-        preds.unlink()  # a fresh run, not a resume of an older model's predictions
     _run_tool("vllm_infer", ["--model_name_or_path", model_dir, "--dataset", "mire_test", "--dataset_dir", data_dir,
                              "--backend", "hf", "--save_name", preds, "--max_new_tokens", cfg.max_new_tokens,
-                             "--batch_size", 16])
+                             "--batch_size", 16, "--overwrite"])  # a fresh run, not a resume of an older one
     _run_tool("convert2submit", ["--test_file", test, "--prediction_file", preds, "--save_path", out / "submit.csv"])
     args = ["--test_file", gold, "--prediction_file", preds, "--json_file", out / "metrics.json"]
     if plots:
