@@ -8,7 +8,7 @@
 setting; `lm_head` times the step's dominant part in one process: bf16 logits over 1400 positions x 151,936 tokens,
 the fp32 cross entropy and its backward. Both print wall time, CPU time (user, sys), minor page faults and, for
 `train`, the trainer's samples/s. Settings: default (nothing), glibc (GLIBC_TUNABLES=glibc.malloc.hugetlb=1, glibc
->= 2.35), torch (THP_MEM_ALLOC_ENABLE=1, PyTorch's allocator), demo (what mire_factory.demo sets: both).
+>= 2.35), torch (THP_MEM_ALLOC_ENABLE=1, PyTorch's allocator), demo (what mire_factory.demo sets: the glibc switch).
 Each step allocates gigabytes of logits; the allocator maps them afresh and the kernel zero-fills them at the first
 touch, a fault per 4 KiB page unless huge pages are used. On a shared machine compare sys time and faults, which
 other load barely moves, rather than wall time.

@@ -44,12 +44,14 @@ class DemoConfig:
 
 # Each step allocates and frees gigabytes of logits (152k vocab, every position, bf16 then fp32 for the loss and its
 # gradient). Blocks that large are mapped afresh by the allocator every step and the kernel zero-fills them at first
-# touch, page by page: with 4 KiB pages that costs as much as the step's arithmetic. Transparent huge pages cut the
-# page faults ~160x (benchmarks/bench_demo_train.py; 10 lm_head steps: 10.8M faults -> 66k, system time 22.7 s ->
-# 13.2 s). Two switches ask for them, so that either suffices: glibc's (>= 2.35; older glibc ignores it) and
-# PyTorch's own allocator's (any glibc). Both need the kernel to offer THP (`madvise` or `always`); `never` leaves
-# the demo ~1.6x slower in training (README: 5:27 against 3:38), and the demo says so.
-CPU_TRAIN_ENV = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1", "THP_MEM_ALLOC_ENABLE": "1"}
+# touch, page by page: with 4 KiB pages that costs as much as the step's arithmetic. glibc's transparent huge pages
+# for malloc (glibc >= 2.35; ignored elsewhere) cut the page faults ~160x (benchmarks/bench_demo_train.py; 40 demo
+# steps: bf16 76 s -> 47 s). They need the kernel to offer THP (`madvise` or `always`); with `never` the demo trains
+# ~1.6x slower (README: 5:27 against 3:38), and says so. PyTorch's own switch (THP_MEM_ALLOC_ENABLE=1, any glibc)
+# cuts the faults as much, but it also aligns every large tensor to 2 MiB, which may change how CPU kernels block
+# their sums; one demo run with it (under heavy load) trained to F1 0.83, not checked further, so the demo keeps
+# the glibc switch alone: its training stays the one its F1 figures were measured on.
+CPU_TRAIN_ENV = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
 THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
@@ -92,7 +94,7 @@ def train_overrides(cfg: DemoConfig, model_dir: Path, data_dir: Path, out_dir: P
         "gradient_accumulation_steps=1",
         f"num_train_epochs={cfg.epochs}",
         f"learning_rate={cfg.learning_rate}",
-        "preprocessing_num_workers=1",  # 212 small records: two more interpreters would cost more than they map
+        "preprocessing_num_workers=2",
         "dataloader_num_workers=2",  # collate (image processing) while the step computes
         "eval_steps=1000",
         "save_steps=1000",
