@@ -48,9 +48,8 @@ class DemoConfig:
 # for malloc (glibc >= 2.35; ignored elsewhere) cut the page faults ~160x (benchmarks/bench_demo_train.py; 40 demo
 # steps: bf16 76 s -> 47 s). They need the kernel to offer THP (`madvise` or `always`); with `never` the demo trains
 # ~1.6x slower (README: 5:27 against 3:38), and says so. PyTorch's own switch (THP_MEM_ALLOC_ENABLE=1, any glibc)
-# cuts the faults as much, but it also aligns every large tensor to 2 MiB, which may change how CPU kernels block
-# their sums; one demo run with it (under heavy load) trained to F1 0.83, not checked further, so the demo keeps
-# the glibc switch alone: its training stays the one its F1 figures were measured on.
+# cuts the faults as much (benchmarks/bench_demo_train.py), but it also aligns every large tensor to 2 MiB, which
+# may change how CPU kernels block their sums; not checked, so the demo keeps the glibc switch alone.
 CPU_TRAIN_ENV = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
 THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
