@@ -3,6 +3,7 @@
     python -m tools.vllm_infer --model_name_or_path M --dataset mire_test --dataset_dir O [--backend vllm|hf]
         [--adapter_name_or_path A] [--cutoff_len 4096] [--max_new_tokens 100] [--constrained]
         [--answer_format label|cot] [--num_shards N --shard_index I] [--merge_shards]
+        [--vllm_engine_args '{"max_num_seqs": 512}'] [--vllm_renderer_workers 8]
 """
 
 from __future__ import annotations
@@ -32,7 +33,16 @@ def parse_args(argv: list[str] | None = None) -> InferArgs:
     p.add_argument("--compile", action="store_true",
                    help="hf backend on CUDA: varlen attention and torch.compile in the vision tower, a compiled decode "
                         "step (CUDA graphs); ~1.5 min of compiling first")
-    p.add_argument("--vllm_chunk", type=int, default=1024, help="vllm backend: prompts per generate call")
+    p.add_argument("--vllm_engine_args", help="vllm backend: JSON object of extra vLLM engine arguments, e.g. "
+                   "'{\"max_num_seqs\": 512, \"gpu_memory_utilization\": 0.5}'")
+    p.add_argument("--vllm_renderer_workers", type=int, default=8,
+                   help="vllm backend: threads running vLLM's multimodal processor")
+    p.add_argument("--vllm_max_in_flight", type=int, default=512, help="vllm backend: requests handed over at once")
+    p.add_argument("--image_workers", type=int, default=8,
+                   help="vllm backend: threads decoding and resizing images before vLLM gets them")
+    p.add_argument("--cot_reason_chars", type=int,
+                   help="vllm backend, --constrained --answer_format cot: longest reason (default: the most that "
+                        "always leaves room for the label within --max_new_tokens)")
     p.add_argument("--constrained", action="store_true", help="decode only valid labels of the record's task")
     p.add_argument("--answer_format", choices=ANSWER_FORMATS, default="label",
                    help="label: the bare label; cot: JSON with a free reason and a constrained label")

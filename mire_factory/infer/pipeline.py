@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +38,11 @@ class InferArgs:
     shard_index: int = 0
     merge_shards: bool = False
     tensor_parallel_size: int = 1
-    vllm_chunk: int = 1024
+    vllm_engine_args: str | None = None  # JSON object of extra vLLM engine arguments
+    vllm_renderer_workers: int = 8
+    vllm_max_in_flight: int = 512
+    image_workers: int = 8
+    cot_reason_chars: int | None = None
     no_competition_limits: bool = False
 
 
@@ -54,6 +60,23 @@ def check_args(args: InferArgs) -> None:
         raise MireInputError("--compile is for the hf backend (vLLM compiles its own graphs)")
     if args.max_images_per_prompt is not None and args.max_images_per_prompt < 1:
         raise MireInputError("--max_images_per_prompt must be >= 1")
+    vllm_engine_args(args)
+    for name in ("vllm_renderer_workers", "vllm_max_in_flight", "image_workers"):
+        if getattr(args, name) < 1:
+            raise MireInputError(f"--{name} must be >= 1")
+
+
+def vllm_engine_args(args: InferArgs) -> dict:
+    """--vllm_engine_args as a dict (a JSON object of vLLM engine arguments, e.g. '{"max_num_seqs": 512}')."""
+    if not args.vllm_engine_args:
+        return {}
+    try:
+        extra = json.loads(args.vllm_engine_args)
+    except json.JSONDecodeError as exc:
+        raise MireInputError(f"--vllm_engine_args: not valid JSON ({exc.msg})") from None
+    if not isinstance(extra, dict):
+        raise MireInputError("--vllm_engine_args: expected a JSON object of engine arguments")
+    return extra
 
 
 def run(args: InferArgs) -> Path:
@@ -76,14 +99,12 @@ def run(args: InferArgs) -> Path:
     return save_path
 
 
-def _predict(args: InferArgs, todo, save_path: Path) -> None:
-    from tqdm import tqdm
-
-    from .answer import AnswerConstraints
+def prepare(args: InferArgs, todo):
+    """LLaMA-Factory's components, the truncation plans and the rendered prompt ids (one image-pad token per
+    image) of the records: what every backend, and the benchmarks, start from."""
     from .render import load_components, render_prompt_ids
     from .truncation import ImageTokenizer, Planner
 
-    backend = args.backend or default_backend()
     comp = load_components(args.model_name_or_path, args.template, args.adapter_name_or_path,
                            args.image_max_pixels, args.image_min_pixels, args.cutoff_len)
     planner = Planner(comp.tokenizer, ImageTokenizer.from_processor(comp.processor),
@@ -93,9 +114,19 @@ def _predict(args: InferArgs, todo, save_path: Path) -> None:
     n_cut = sum(bool(p.dropped_turns or p.dropped_images) for p in plans)
     n_over = sum(p.over_budget for p in plans)
     print(f"planned {len(plans)} prompts: {n_cut} truncated, {n_over} still over cutoff_len {args.cutoff_len}")
+    prompt_ids = [render_prompt_ids(comp, p.content, p.images, r.system) for r, p in zip(todo, plans, strict=True)]
+    return comp, plans, prompt_ids
+
+
+def _predict(args: InferArgs, todo, save_path: Path) -> None:
+    from tqdm import tqdm
+
+    from .answer import AnswerConstraints
+
+    backend = args.backend or default_backend()
+    comp, plans, prompt_ids = prepare(args, todo)
     if args.constrained:
         _check_room_for_answers(comp, args)
-    prompt_ids = [render_prompt_ids(comp, p.content, p.images, r.system) for r, p in zip(todo, plans, strict=True)]
 
     def row(r, p, ids, predict):
         return {"id": r.id, "prompt": comp.tokenizer.decode(ids, skip_special_tokens=False), "predict": predict,
@@ -118,27 +149,54 @@ def _predict(args: InferArgs, todo, save_path: Path) -> None:
                                for i, pred in zip(batch, predicts, strict=True)])
                     bar.update(len(batch))
         elif backend == "vllm":
-            from . import vllm_backend
-            from .vllm_inputs import engine_kwargs, prompt_input, sampling_kwargs
-
-            llm = vllm_backend.make_llm(engine_kwargs(
-                args.model_name_or_path, plans, args.cutoff_len, args.max_new_tokens, args.adapter_name_or_path,
-                args.tensor_parallel_size))
-            stop_ids = comp.template.get_stop_token_ids(comp.tokenizer)
-            params = {task: vllm_backend.sampling_params(sampling_kwargs(
-                task, args.max_new_tokens, stop_ids, args.constrained, args.answer_format, args.label_position))
-                for task in ("image", "dialogue")}
-            for start in tqdm(range(0, len(todo), args.vllm_chunk), desc="vllm generate"):
-                idx = range(start, min(start + args.vllm_chunk, len(todo)))
-                prompts = [prompt_input(prompt_ids[i], plans[i].images, comp.template.mm_plugin,
-                                        args.image_max_pixels, args.image_min_pixels) for i in idx]
-                predicts = vllm_backend.generate(llm, prompts, [params[todo[i].task] for i in idx],
-                                                 args.adapter_name_or_path)
-                out.write([row(todo[i], plans[i], prompt_ids[i], pred) for i, pred in zip(idx, predicts, strict=True)])
+            _predict_vllm(args, comp, todo, plans, prompt_ids, row, out)
         else:
             raise MireInputError(f"--backend must be vllm or hf, got {backend!r}")
     finally:
         out.close()
+
+
+def _predict_vllm(args: InferArgs, comp, todo, plans, prompt_ids, row, out) -> None:
+    """Every record through one vLLM engine; each answer is written (in batches of at most a second's worth) as soon
+    as it is finished, so progress is per record and a kill loses only the requests in flight."""
+    from tqdm import tqdm
+
+    from .vllm_backend import VllmEngine, VllmRequest, sampling_params
+    from .vllm_inputs import engine_kwargs, sampling_kwargs
+
+    kwargs = engine_kwargs(args.model_name_or_path, plans, args.cutoff_len, args.max_new_tokens,
+                           args.adapter_name_or_path, args.tensor_parallel_size,
+                           renderer_workers=args.vllm_renderer_workers, extra=vllm_engine_args(args))
+    engine = VllmEngine(kwargs, args.adapter_name_or_path, args.image_workers, args.image_max_pixels,
+                        args.image_min_pixels, comp.template.mm_plugin)
+    try:
+        stop_ids = comp.template.get_stop_token_ids(comp.tokenizer)
+        params = {task: sampling_params(sampling_kwargs(task, args.max_new_tokens, stop_ids, args.constrained,
+                                                        args.answer_format, args.label_position,
+                                                        args.cot_reason_chars))
+                  for task in ("image", "dialogue")}
+        requests = [VllmRequest(i, prompt_ids[i], plans[i].images, params[r.task]) for i, r in enumerate(todo)]
+        pending: list[dict] = []
+        last_write = time.monotonic()
+        with tqdm(total=len(requests), desc="vllm generate") as bar:
+
+            def on_output(answer) -> None:
+                nonlocal last_write
+                i = answer.key
+                pending.append(row(todo[i], plans[i], prompt_ids[i], answer.text))
+                bar.update(1)
+                if len(pending) >= 256 or time.monotonic() - last_write > 1.0:
+                    out.write(pending)
+                    pending.clear()
+                    last_write = time.monotonic()
+
+            try:
+                engine.run(requests, on_output, args.vllm_max_in_flight)
+            finally:
+                if pending:
+                    out.write(pending)
+    finally:
+        engine.close()
 
 
 def _check_room_for_answers(comp, args: InferArgs) -> None:
