@@ -27,6 +27,9 @@ import platform
 import time
 from pathlib import Path
 
+# every engine gets tools.vllm_infer's max_model_len (cutoff + 100): the same configuration hits vLLM's compile cache
+MODEL_LEN_NEW_TOKENS = 100
+
 VARIANTS = {
     # the tool's default: AsyncLLM, 8 renderer threads, no processor cache, 8 image threads
     "default": {},
@@ -34,6 +37,8 @@ VARIANTS = {
     # vLLM's own defaults for its processor: one renderer thread, with the 4 GiB processor cache
     "renderer1": {"renderer_workers": 1},
     "shm": {"engine": {"mm_tensor_ipc": "torch_shm"}},
+    # the image processor's resize, normalisation and patching on the GPU (in the API process), as the hf backend does
+    "gpu_processor": {"engine": {"mm_processor_kwargs": {"device": "cuda"}}},
     "batched32k": {"engine": {"max_num_batched_tokens": 32768}},
     "seqs256": {"engine": {"max_num_seqs": 256}},
     "eager": {"engine": {"enforce_eager": True}},
@@ -181,7 +186,7 @@ def run_variant(args, name, comp, records, plans, prompt_ids, base_kwargs, phase
 
     spec = VARIANTS[name]
     workers = spec.get("renderer_workers", DEFAULT_RENDERER_WORKERS)
-    kwargs = engine_kwargs(args.model, plans, args.cutoff_len, args.new_tokens, renderer_workers=workers,
+    kwargs = engine_kwargs(args.model, plans, args.cutoff_len, MODEL_LEN_NEW_TOKENS, renderer_workers=workers,
                            extra={**base_kwargs, **spec.get("engine", {})})
     engine = VllmEngine(kwargs, None, spec.get("image_workers", args.image_workers), args.image_max_pixels,
                         32 * 32, comp.template.mm_plugin)
@@ -227,7 +232,7 @@ def run_offline_llm(args, comp, records, plans, prompt_ids, base_kwargs) -> dict
 
     from mire_factory.infer.vllm_inputs import engine_kwargs, prompt_input, regularized_images
 
-    kwargs = engine_kwargs(args.model, plans, args.cutoff_len, args.new_tokens, renderer_workers=1,
+    kwargs = engine_kwargs(args.model, plans, args.cutoff_len, MODEL_LEN_NEW_TOKENS, renderer_workers=1,
                            extra=base_kwargs)
     start = time.perf_counter()
     llm = LLM(**kwargs)
@@ -295,7 +300,7 @@ def main() -> None:
     if args.check and args.cpu:
         from mire_factory.infer.vllm_inputs import engine_kwargs
 
-        kwargs = engine_kwargs(args.model, plans, args.cutoff_len, args.new_tokens, extra=base_kwargs)
+        kwargs = engine_kwargs(args.model, plans, args.cutoff_len, MODEL_LEN_NEW_TOKENS, extra=base_kwargs)
         requests = requests_for(records, plans, prompt_ids, {"image": None, "dialogue": None})
         rendered, stats = render_cpu(args, comp, requests, kwargs)
         summary["check"] = {**check_identity(records, comp, plans, prompt_ids, rendered), "render": stats}
@@ -307,7 +312,7 @@ def main() -> None:
         from mire_factory.infer.vllm_backend import VllmEngine
         from mire_factory.infer.vllm_inputs import engine_kwargs
 
-        kwargs = engine_kwargs(args.model, plans, args.cutoff_len, 1, extra=base_kwargs)
+        kwargs = engine_kwargs(args.model, plans, args.cutoff_len, MODEL_LEN_NEW_TOKENS, extra=base_kwargs)
         engine = VllmEngine(kwargs, None, args.image_workers, args.image_max_pixels, 32 * 32,
                             comp.template.mm_plugin)
         try:
