@@ -80,12 +80,17 @@ def vllm_pixels(engine_input):
 
 def check_identity(records, comp, plans, prompt_ids, rendered) -> dict:
     """Counts of records whose vLLM prompt ids, grids and pixels equal training's (bf16), with a few mismatches."""
+    from concurrent.futures import ThreadPoolExecutor
+
     import torch
 
     out = {"records": len(records), "images": 0, "ids_equal": 0, "grids_equal": 0, "pixels_equal_bf16": 0,
            "pixels_max_abs_diff": 0.0, "mismatches": []}
-    for r, plan, ids, engine_input in zip(records, plans, prompt_ids, rendered, strict=True):
-        train_ids, train_pixels, train_grid = training_encoding(comp, plan.images, ids)
+    with ThreadPoolExecutor(8) as pool:  # mm_plugin's processor call per record, on CPU threads
+        training = pool.map(lambda k: training_encoding(comp, plans[k].images, prompt_ids[k]), range(len(records)))
+        training = list(training)
+    for r, plan, engine_input, (train_ids, train_pixels, train_grid) in zip(records, plans, rendered, training,
+                                                                            strict=True):
         v_pixels, v_grid = vllm_pixels(engine_input)
         ids_ok = list(engine_input["prompt_token_ids"]) == train_ids
         grid_ok = (train_grid is None and v_grid is None) or (

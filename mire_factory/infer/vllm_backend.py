@@ -16,7 +16,7 @@ import asyncio
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .vllm_inputs import image_uuids, prompt_input, regularized_images
 
@@ -48,7 +48,6 @@ class RunStats:
     requests: int = 0
     prompt_tokens: int = 0
     generated_tokens: int = 0
-    render_stages_s: dict = field(default_factory=dict)
 
     def summary(self) -> dict:
         n = max(self.requests, 1)
@@ -100,10 +99,11 @@ class VllmEngine:
         self.adapter = adapter
         self.plugin = plugin
         self.image_max_pixels, self.image_min_pixels = image_max_pixels, image_min_pixels
-        self.pool = ThreadPoolExecutor(image_workers, thread_name_prefix="images")
         start = time.perf_counter()
         self.engine = self.loop.run_until_complete(self._make(engine_kwargs))
         self.start_s = time.perf_counter() - start
+        # after the engine's processes have started: no thread of ours is alive while vLLM forks
+        self.pool = ThreadPoolExecutor(image_workers, thread_name_prefix="images")
         self._lora = None
         if adapter:
             from vllm.lora.request import LoRARequest
@@ -168,7 +168,8 @@ class VllmEngine:
     async def _run(self, requests: Sequence[VllmRequest], on_output: Callable[[VllmOutput], None],
                    max_in_flight: int, stats: RunStats, rendered: Sequence | None) -> None:
         limit = asyncio.Semaphore(max_in_flight)
-        tasks = [asyncio.ensure_future(self._one(req, stats, limit, rendered[k] if rendered else None))
+        # a shallow copy of each pre-rendered input: the engine may add keys to the dict it is given
+        tasks = [asyncio.ensure_future(self._one(req, stats, limit, dict(rendered[k]) if rendered else None))
                  for k, req in enumerate(requests)]
         try:
             for next_done in asyncio.as_completed(tasks):
