@@ -125,7 +125,8 @@ def cpu_renderer(kwargs: dict):
     return renderer_from_config(config), config.model_config
 
 
-def render_cpu(args, comp, requests, kwargs) -> tuple[list, dict]:
+def cpu_render_fn(args, comp, kwargs):
+    """requests -> (engine inputs, RunStats), with vLLM's renderer on the CPU, as the engine path renders them."""
     import asyncio
     from concurrent.futures import ThreadPoolExecutor
 
@@ -135,22 +136,46 @@ def render_cpu(args, comp, requests, kwargs) -> tuple[list, dict]:
     renderer, model_config = cpu_renderer(kwargs)
     loop = asyncio.new_event_loop()
     pool = ThreadPoolExecutor(args.image_workers)
-    stats = RunStats()
 
     def images(paths):
         return (regularized_images(comp.template.mm_plugin, paths, args.image_max_pixels, 32 * 32),
                 image_uuids(paths, args.image_max_pixels, 32 * 32))
 
-    async def go():
-        return await asyncio.gather(*(render_request(renderer, model_config, loop, pool, images, req, stats)
-                                      for req in requests))
+    def render(requests):
+        stats = RunStats()
 
-    start = time.perf_counter()
-    rendered = loop.run_until_complete(go())
-    stats.wall_s = time.perf_counter() - start
-    stats.requests = len(requests)
-    renderer.shutdown()
-    return rendered, stats.summary()
+        async def go():
+            return await asyncio.gather(*(render_request(renderer, model_config, loop, pool, images, req, stats)
+                                          for req in requests))
+
+        start = time.perf_counter()
+        rendered = loop.run_until_complete(go())
+        stats.wall_s, stats.requests = time.perf_counter() - start, len(requests)
+        return rendered, stats
+
+    return render
+
+
+def check_in_chunks(render, records, comp, plans, prompt_ids, requests, chunk: int = 32) -> dict:
+    """check_identity over the records a chunk at a time (pixels of 600 records take ~20 GB: never all at once)."""
+    total: dict = {}
+    render_s = 0.0
+    for start in range(0, len(records), chunk):
+        idx = range(start, min(len(records), start + chunk))
+        rendered, stats = render([requests[i] for i in idx])
+        render_s += stats.wall_s
+        part = check_identity([records[i] for i in idx], comp, [plans[i] for i in idx],
+                              [prompt_ids[i] for i in idx], rendered)
+        del rendered
+        for key, value in part.items():
+            if key == "mismatches":
+                total[key] = (total.get(key, []) + value)[:5]
+            elif key == "pixels_max_abs_diff":
+                total[key] = max(total.get(key, 0.0), value)
+            else:
+                total[key] = total.get(key, 0) + value
+    total["render_wall_s"] = round(render_s, 2)
+    return total
 
 
 def requests_for(records, plans, prompt_ids, params_by_task):
@@ -307,8 +332,8 @@ def main() -> None:
 
         kwargs = engine_kwargs(args.model, plans, args.cutoff_len, MODEL_LEN_NEW_TOKENS, extra=base_kwargs)
         requests = requests_for(records, plans, prompt_ids, {"image": None, "dialogue": None})
-        rendered, stats = render_cpu(args, comp, requests, kwargs)
-        summary["check"] = {**check_identity(records, comp, plans, prompt_ids, rendered), "render": stats}
+        summary["check"] = check_in_chunks(cpu_render_fn(args, comp, kwargs), records, comp, plans, prompt_ids,
+                                           requests)
         print(json.dumps(summary["check"], ensure_ascii=False), flush=True)
         save()
         return
@@ -323,10 +348,7 @@ def main() -> None:
         try:
             requests = requests_for(records, plans, prompt_ids, params_for(comp, 1, 1))
             if args.check:
-                rendered, stats = engine.render_all(requests)
-                summary["check"] = {**check_identity(records, comp, plans, prompt_ids, rendered),
-                                    "render": stats.summary()}
-                del rendered
+                summary["check"] = check_in_chunks(engine.render_all, records, comp, plans, prompt_ids, requests)
                 print(json.dumps(summary["check"], ensure_ascii=False), flush=True)
             if args.engine_ids:
                 outputs = {}
@@ -349,7 +371,14 @@ def main() -> None:
     if args.speed:
         summary["speed"] = []
         for k, name in enumerate(args.variants):
-            result = run_variant(args, name, comp, records, plans, prompt_ids, base_kwargs, args.phases and k == 0)
+            try:
+                result = run_variant(args, name, comp, records, plans, prompt_ids, base_kwargs,
+                                     args.phases and k == 0)
+            except Exception as exc:  # noqa: BLE001 - one setting failing must not lose the others' figures
+                summary["speed"].append({"variant": name, "error": f"{type(exc).__name__}: {exc}"[:2000]})
+                print(json.dumps(summary["speed"][-1]), flush=True)
+                save()
+                continue
             answers = result.pop("answers")
             first = summary.get("_answers") or answers
             summary["_answers"] = first

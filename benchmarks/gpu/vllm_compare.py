@@ -29,20 +29,22 @@ def main() -> int:
     by_kernels = {r["kernels"]: r for r in hf["batch_sweep"]}
     speeds = {r["variant"]: r for r in vl["speed"]}
     rates = {
-        "vllm": speeds["default"]["samples_per_s"],
+        "vllm": speeds.get("default", {}).get("samples_per_s"),
         "hf_compile": by_kernels.get("compiled", {}).get("samples_per_s"),
         "hf_eager": by_kernels.get("eager", {}).get("samples_per_s"),
         "per_sample_loop": hf.get("per_sample_loop_samples_per_s"),
         "vllm_offline_llm_before": speeds.get("offline_llm (before)", {}).get("samples_per_s"),
     }
-    ratios = {f"vllm_over_{k}": round(rates["vllm"] / v, 2) for k, v in rates.items() if k != "vllm" and v}
+    ratios = {f"vllm_over_{k}": round(rates["vllm"] / v, 2) for k, v in rates.items()
+              if k != "vllm" and v and rates["vllm"]}
     same = hf["records"] == vl["records"] and hf["new_tokens"] == vl["new_tokens"]
     result = {"records": vl["records"], "images": vl["images"], "new_tokens": vl["new_tokens"],
               "same_records_and_length": same, "device": vl.get("device"), "samples_per_s": rates, "ratios": ratios,
               "targets": {"vllm >= 2x hf --compile": (ratios.get("vllm_over_hf_compile") or 0) >= 2,
                           "vllm >= 25x the loop": (ratios.get("vllm_over_per_sample_loop") or 0) >= 25},
               "loop_measured_on": hf.get("per_sample_loop_records"),
-              "vllm_phases": speeds["default"].get("phases")}
+              "vllm_phases": speeds.get("default", {}).get("phases"),
+              "errors": {name: r["error"] for name, r in speeds.items() if "error" in r}}
     print(json.dumps(result, indent=1))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")

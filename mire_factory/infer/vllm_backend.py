@@ -198,4 +198,8 @@ class VllmEngine:
     def close(self) -> None:
         self.engine.shutdown()
         self.pool.shutdown(wait=False)
+        left = asyncio.all_tasks(self.loop)  # the engine's output handler, if shutdown left it pending
+        for task in left:
+            task.cancel()
+        self.loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
         self.loop.close()
