@@ -13,7 +13,8 @@
 #                       before), then the four-way comparison with speed_hf's figures     (~3 min)
 #   variants [NAME...]  more engine settings, one engine each (default: renderer16 gpu_processor batched32k eager)
 #                                                                                        (~1 min each)
-#   serve               vllm serve as the teacher: tools.distill modes 1-3 over the records killed and resumed, then
+#   serve               vllm serve as the teacher: tools.distill modes 1-3 over the records, SIGKILLed once it has
+#                       written KILL_AT=500 lines and rerun (resumed), then
 #                       req/s at concurrency 16, 32, 64 (benchmarks/bench_distill.py)   (~4 min)
 #   f1 MODEL DATASET_DIR DATASET TEST_JSON
 #                       F1 of a fine-tuned model through vLLM and through hf, tools.cal_acc (~3-5 min)
@@ -132,8 +133,13 @@ EOF
     distill=($PY -m tools.distill --input_file "$DATA/labelled.json" --image_dir "$DATA/images"
              --base_url "http://127.0.0.1:$PORT/v1" --model teacher --mode 1 2 3 --output_file "$reasons"
              --concurrency 64 --max_tokens 32 --no_progress)
-    timeout -s KILL "${KILL_AFTER:-20}" "${distill[@]}" > "$OUT/distill_killed.log" 2>&1
-    echo "first run killed (rc=$?) with $(wc -l < "$reasons") lines"
+    "${distill[@]}" > "$OUT/distill_killed.log" 2>&1 &
+    first=$!
+    for _ in $(seq 1 1200); do  # SIGKILL once KILL_AT lines are written (or after 4 min)
+      [ "$(wc -l 2>/dev/null < "$reasons" || echo 0)" -ge "${KILL_AT:-500}" ] && break
+      kill -0 "$first" 2>/dev/null || break; sleep 0.2; done
+    kill -9 "$first" 2>/dev/null; wait "$first" 2>/dev/null
+    echo "first run killed (SIGKILL) with $(wc -l < "$reasons") lines"
     timed distill_resumed "${distill[@]}"; tail -3 "$OUT/distill_resumed.log"
     $PY - "$reasons" "$OUT/distill_resume.json" <<'EOF'
 import collections, json, sys
