@@ -339,6 +339,8 @@ def main() -> None:
         return
 
     if args.check or args.engine_ids:
+        from concurrent.futures import ThreadPoolExecutor
+
         from mire_factory.infer.vllm_backend import VllmEngine
         from mire_factory.infer.vllm_inputs import engine_kwargs
 
@@ -354,8 +356,10 @@ def main() -> None:
                 outputs = {}
                 engine.run(requests, lambda o: outputs.__setitem__(o.key, o))
                 equal, bad = 0, []
-                for i, (plan, ids) in enumerate(zip(plans, prompt_ids, strict=True)):
-                    train_ids, _, _ = training_encoding(comp, plan.images, ids)
+                with ThreadPoolExecutor(8) as pool:  # training's ids need the processor's grids: CPU threads
+                    all_train_ids = list(pool.map(
+                        lambda k: training_encoding(comp, plans[k].images, prompt_ids[k])[0], range(len(records))))
+                for i, train_ids in enumerate(all_train_ids):
                     if outputs[i].prompt_token_ids == train_ids:
                         equal += 1
                     elif len(bad) < 5:
