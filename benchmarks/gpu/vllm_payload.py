@@ -77,9 +77,16 @@ def plan_text(manifest: dict, listing: list[tuple[str, int]], out: Path) -> str:
     pieces = entry["pieces"]
     for k, piece in enumerate(pieces, start=1):
         size = (out / piece).stat().st_size / 2**20
-        stage = "install" if k == len(pieces) else "keep"
-        lines.append(f"{k}. carry [\"{rel}/{piece}\", \"{rel}/manifest.json\"] ({size:.1f} MiB): "
-                     f"`bash benchmarks/gpu/vllm_session.sh {stage} {rel}/{piece}`")
+        if k < len(pieces):
+            lines.append(f"{k}. carry [\"{rel}/{piece}\"] ({size:.1f} MiB): "
+                         f"`bash benchmarks/gpu/vllm_session.sh keep {rel}/{piece}`")
+        else:
+            lines.append(f"{k}. carry [\"{rel}/{piece}\", \"{rel}/manifest.json\"] ({size:.1f} MiB): "
+                         f"`bash benchmarks/gpu/vllm_session.sh install {rel}/{piece} && "
+                         f"bash benchmarks/gpu/vllm_session.sh bg:check,speed_hf,speed_vllm,serve`")
+    lines.append(f"{len(pieces) + 1}. and on, at once each time: "
+                 "`bash benchmarks/gpu/vllm_session.sh wait:check,speed_hf,speed_vllm,serve` until it prints bg-done "
+                 "(benchmarks/gpu/VLLM.md)")
     return "\n".join(lines) + "\n"
 
 
