@@ -1,12 +1,15 @@
 """hf backend, batched, against a per-sample `generate` loop like the seed projects' (issue 6, item 3).
 
 python -m benchmarks.bench_infer [--model DIR] [--preset 2b] [--n 256] [--batch_size 32 [64 ...]] [--new_tokens 16]
-    [--kernels eager compiled] [--images_on device cpu] [--phases] [--skip_loop]
-    [--image_max_pixels 602112] [--cutoff_len 4096] [--plan_records 10000] [--out bench_infer.json]
+    [--kernels eager compiled] [--images_on device cpu] [--phases] [--skip_loop] [--loop_n N]
+    [--dataset mire_test --dataset_dir D] [--image_max_pixels 602112] [--cutoff_len 4096] [--plan_records 10000]
+    [--out bench_infer.json]
 
 Same model (random weights: `make_tiny_model --preset 2b` unless --model is given), same 256 synthetic MIRE records
 (half image scenes, half dialogues with 0-4 screenshot-sized images), same prompts (rendered once, through
-LLaMA-Factory's template), output length fixed (min_new_tokens == max_new_tokens), greedy. Also times the
+LLaMA-Factory's template), output length fixed (min_new_tokens == max_new_tokens), greedy. --dataset_dir takes a
+converted real test set instead of the synthetic records (benchmarks.bench_vllm reads the same one); --loop_n times
+the per-sample loop on every k-th record only (N of them), its samples/s standing for the whole set. Also times the
 truncation planner on --plan_records records (header reads + one batched tokenizer call). Prints a JSON summary.
 The batched run is the product's own path (`hf_backend.generate_sorted`, as `tools.vllm_infer --backend hf` runs
 it: length-sorted batches, the next batch's images prepared in background threads); several --batch_size values
@@ -122,6 +125,9 @@ def main() -> None:
     p.add_argument("--cutoff_len", type=int, default=4096)
     p.add_argument("--plan_records", type=int, default=10000)
     p.add_argument("--skip_loop", action="store_true", help="time the batched run only")
+    p.add_argument("--loop_n", type=int, help="per-sample loop on N records spread over the set (default: all)")
+    p.add_argument("--dataset", default="mire_test")
+    p.add_argument("--dataset_dir", help="a converted test set (tools.convert) instead of synthetic records")
     p.add_argument("--out", default="bench_infer.json")
     args = p.parse_args()
 
@@ -134,10 +140,13 @@ def main() -> None:
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model_dir = str(make_tiny_model(work / "model", preset=args.preset, seed=0, device=device))
-    ds = write_dataset(work / "data", args.n, (args.image_width, args.image_height))
+    if args.dataset_dir:
+        ds, name = Path(args.dataset_dir), args.dataset
+    else:
+        ds, name = write_dataset(work / "data", args.n, (args.image_width, args.image_height)), "bench"
 
     comp = load_components(model_dir, image_max_pixels=args.image_max_pixels, cutoff_len=args.cutoff_len)
-    records = load_dataset("bench", ds)
+    records = load_dataset(name, ds)
     planner = Planner(comp.tokenizer, ImageTokenizer.from_processor(comp.processor),
                       len(render_prompt_ids(comp, "", [])), args.cutoff_len)
 
@@ -170,13 +179,16 @@ def main() -> None:
         sync()
         return {"batched_s": time.perf_counter() - start, **stats, "answers": answers}
 
-    loop_s = None
+    loop_s = loop_measured_s = None
+    loop_items = items if not args.loop_n or args.loop_n >= len(items) else \
+        items[:: -(-len(items) // args.loop_n)][: args.loop_n]
     if not args.skip_loop:  # before any compiled run: --compile changes the vision tower for good
         start = time.perf_counter()
-        for item in items:  # the seed projects' way: one generate call per sample
+        for item in loop_items:  # the seed projects' way: one generate call per sample
             generate_batch(model, comp, [item], args.new_tokens, min_new_tokens=args.new_tokens)
         sync()
-        loop_s = time.perf_counter() - start
+        loop_measured_s = time.perf_counter() - start
+        loop_s = loop_measured_s * len(items) / len(loop_items)  # at the measured samples/s, for every record
 
     sweep, phases, reference, eager_answers = [], [], None, None
     for kernels in sorted(set(args.kernels), key=["eager", "compiled"].index):
@@ -200,6 +212,7 @@ def main() -> None:
     summary = {
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu",
         "model": args.model or f"make_tiny_model --preset {args.preset} (random weights)",
+        "dataset": f"{args.dataset_dir}:{args.dataset}" if args.dataset_dir else f"synthetic, {args.n} records",
         "dtype": str(model.dtype),
         "records": len(items),
         "images": sum(len(it.images) for it in items),
@@ -210,6 +223,9 @@ def main() -> None:
         "batched_s": round(batched_s, 2),
         "batched_samples_per_s": round(len(items) / batched_s, 2),
         "per_sample_loop_s": loop_s and round(loop_s, 2),
+        "per_sample_loop_records": len(loop_items) if loop_s else None,
+        "per_sample_loop_measured_s": loop_measured_s and round(loop_measured_s, 2),
+        "per_sample_loop_samples_per_s": loop_s and round(len(loop_items) / loop_measured_s, 3),
         "speedup": loop_s and round(loop_s / batched_s, 2),
         "batch_sweep": [{"kernels": r["kernels"], "batch_size": r["batch_size"], "images_on": r["images_on"],
                          "batched_s": round(r["batched_s"], 2),

@@ -172,13 +172,28 @@ def test_cot_grammar_and_regex_accept_exactly_the_answer_format(position):
 
     grammar = Grammar(answer_paths("image", "cot", position))
     regex = re.compile(guided_decoding("image", "cot", position)["regex"])
-    good = format_cot_answer("截图里是购物车列表", "购物车页面", position)
+    good = format_cot_answer("购物车列表", "购物车页面", position)
     assert grammar.is_complete(good.encode()) and regex.fullmatch(good)
     for k in range(len(good.encode())):
         assert grammar.locate(good.encode()[:k])  # every prefix is viable
     for bad in [format_cot_answer("x", "不是标签", position), good[:-1], good + " ", '{"理由": "a\nb", "所属类别": "退款页面"}']:
         assert not grammar.is_complete(bad.encode()) and not regex.fullmatch(bad)
     assert guided_decoding("dialogue", "label") == {"choice": list(LABELS["dialogue"])}
+
+
+@pytest.mark.parametrize("task", ["image", "dialogue"])
+def test_cot_regex_reason_leaves_room_for_the_label_even_byte_by_byte(task):
+    """vLLM's regex cannot count tokens: the reason cap keeps every path within max_new_tokens even when the fixed
+    text comes one token per byte (a random-weight model does that) and the reason one token per character."""
+    from mire_factory.infer.answer import answer_paths, guided_decoding, reason_chars
+
+    n = reason_chars(task, 100)
+    regex = re.compile(guided_decoding(task, "cot", "last", 100)["regex"])
+    assert n > 0 and regex.fullmatch(format_cot_answer("因" * n, LABELS[task][0])) \
+        and not regex.fullmatch(format_cot_answer("因" * (n + 1), LABELS[task][0]))
+    for path in answer_paths(task, "cot"):
+        assert len((path.a + path.b).encode()) + n + 1 <= 100
+    assert guided_decoding(task, "cot", "last", 100, max_reason_chars=60)["regex"].count("{0,60}") == len(LABELS[task])
 
 
 def test_grammar_processor_forces_a_label_before_the_token_limit(comp):
@@ -207,22 +222,56 @@ def test_grammar_processor_forces_a_label_before_the_token_limit(comp):
 def test_vllm_inputs_are_the_training_prompt(comp, sample_dataset):
     from mire_factory.infer.dataset import load_dataset
     from mire_factory.infer.render import render_prompt_ids
-    from mire_factory.infer.vllm_inputs import engine_kwargs, prompt_input, sampling_kwargs
+    from mire_factory.infer.vllm_inputs import (
+        engine_kwargs,
+        image_uuids,
+        prompt_input,
+        regularized_images,
+        sampling_kwargs,
+    )
 
     records = load_dataset("mire_test", sample_dataset)
     plans = make_planner(comp, cutoff_len=512, max_images=2).plan_many(records)
-    kwargs = engine_kwargs("m", plans, 512, 12, adapter="a", tensor_parallel_size=2)
+    kwargs = engine_kwargs("m", plans, 512, 12, adapter="a", tensor_parallel_size=2, extra={"max_num_seqs": 64})
     assert kwargs["max_model_len"] == 512 + 12 and kwargs["limit_mm_per_prompt"]["image"] == 2
-    assert kwargs["enable_lora"] and kwargs["tensor_parallel_size"] == 2
+    assert kwargs["enable_lora"] and kwargs["tensor_parallel_size"] == 2 and kwargs["max_num_seqs"] == 64
+    # several renderer threads: vLLM refuses its processor cache then
+    assert kwargs["renderer_num_workers"] > 1 and kwargs["mm_processor_cache_gb"] == 0
+    assert engine_kwargs("m", plans, 512, 12, renderer_workers=1)["mm_processor_cache_gb"] > 0
     plan = next(p for p in plans if len(p.images) == 2)
     ids = render_prompt_ids(comp, plan.content, plan.images)
-    req = prompt_input(ids, plan.images, comp.template.mm_plugin, 65536, 1024)
+    plugin = comp.template.mm_plugin
+    images = regularized_images(plugin, plan.images, 65536, 1024)
+    training = plugin._regularize_images(plan.images, image_max_pixels=65536, image_min_pixels=1024)["images"]
+    assert [im.tobytes() for im in images] == [im.tobytes() for im in training]  # training's own pixels
+    uuids = image_uuids(plan.images, 65536, 1024)
+    req = prompt_input(ids, images, uuids)
     assert req["prompt_token_ids"].count(comp.image_pad_id) == 2 and len(req["multi_modal_data"]["image"]) == 2
     assert all(img.width * img.height <= 65536 for img in req["multi_modal_data"]["image"])
+    assert req["multi_modal_uuids"]["image"] == uuids and len(set(uuids)) == 2
+    assert image_uuids(plan.images, 589824, 1024) != uuids  # another resize is another image for vLLM's caches
     assert len(req["prompt_token_ids"]) + sum(plan.image_tokens) - 2 == plan.n_tokens
+    assert prompt_input(ids[:3], []) == {"prompt_token_ids": ids[:3]}
     fields = sampling_kwargs("image", 12, [comp.stop_id], constrained=True)
-    assert fields["temperature"] == 0.0 and fields["max_tokens"] == 12 and fields["guided"]["choice"][0] == LABELS["image"][0]
-    assert sampling_kwargs("image", 12, [1], constrained=False)["guided"] is None
+    assert fields["temperature"] == 0.0 and fields["max_tokens"] == 12
+    assert fields["structured_outputs"] == {"choice": list(LABELS["image"])} and "min_tokens" not in fields
+    assert sampling_kwargs("image", 12, [1], constrained=False)["structured_outputs"] is None
+    assert sampling_kwargs("dialogue", 16, [1], min_new_tokens=16)["min_tokens"] == 16
+    cot = sampling_kwargs("dialogue", 100, [1], constrained=True, answer_format="cot", max_reason_chars=30)
+    assert "{0,30}" in cot["structured_outputs"]["regex"]
+
+
+def test_vllm_engine_args_flag_is_checked(tmp_path):
+    from mire_factory.infer.pipeline import InferArgs, check_args, vllm_engine_args
+
+    args = InferArgs("m", "mire_test", str(tmp_path), vllm_engine_args='{"max_num_seqs": 8}')
+    check_args(args)
+    assert vllm_engine_args(args) == {"max_num_seqs": 8}
+    for bad in ("{not json", "[1, 2]"):
+        with pytest.raises(MireInputError):
+            check_args(InferArgs("m", "mire_test", str(tmp_path), vllm_engine_args=bad))
+    with pytest.raises(MireInputError):
+        check_args(InferArgs("m", "mire_test", str(tmp_path), vllm_renderer_workers=0))
 
 
 def test_shards_cover_everything_once_and_merge_checks(tmp_path):

@@ -8,8 +8,9 @@ mkdir -p .git/info && { grep -qx "/.whl/" .git/info/exclude 2>/dev/null || echo 
 rm -rf .whl && mkdir -p .whl
 PLAT=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64
       --platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform manylinux_2_24_x86_64)
-PY=python3
-[ -x .venv/bin/python ] && PY=.venv/bin/python
+# PY: a python with pip (and torch, for building deepspeed); default .venv/bin/python, else python3
+PY=${PY:-python3}
+[ "$PY" = python3 ] && [ -x .venv/bin/python ] && PY=.venv/bin/python
 # Pinned to what llamafactory 0.9.5 resolves on the CPU set-up (see pyproject.toml / constraints-cpu.txt).
 BINARY=(
   llamafactory==0.9.5 transformers==5.6.0 tokenizers==0.22.2 accelerate==1.11.0 peft==0.18.1 trl==0.24.0

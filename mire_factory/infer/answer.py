@@ -22,8 +22,23 @@ class AnswerConstraints:
         self.grammars = {t: Grammar(answer_paths(t, "cot", label_position)) for t in LABELS}
 
 
-def guided_decoding(task: Task, answer_format: AnswerFormat, label_position: str = "last") -> dict:
-    """vLLM guided-decoding fields: a choice among the task's labels, or a regex for the CoT JSON."""
+def reason_chars(task: Task, max_new_tokens: int, label_position: str = "last") -> int:
+    """The longest CoT reason, in characters, that vLLM's regex allows, so that the JSON always closes within
+    max_new_tokens: the fixed text may come one token per byte, the reason at least one character per token.
+
+    A regex cannot count tokens (the hf backend's grammar does: it ends the reason when the budget runs out).
+    """
+    fixed = max(len((p.a + p.b).encode()) for p in answer_paths(task, "cot", label_position))
+    return max(0, max_new_tokens - 1 - fixed)
+
+
+def guided_decoding(task: Task, answer_format: AnswerFormat, label_position: str = "last",
+                    max_new_tokens: int = 100, max_reason_chars: int | None = None) -> dict:
+    """vLLM structured-outputs fields (StructuredOutputsParams): a choice among the task's labels, or a regex for
+    the CoT JSON whose reason is at most max_reason_chars long (default reason_chars(): always closes in time)."""
     if answer_format == "label":
         return {"choice": list(LABELS[task])}
-    return {"regex": answer_regex(answer_paths(task, "cot", label_position))}
+    paths = answer_paths(task, "cot", label_position)
+    if max_reason_chars is None:
+        max_reason_chars = reason_chars(task, max_new_tokens, label_position)
+    return {"regex": answer_regex(paths, max_reason_chars)}

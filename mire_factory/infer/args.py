@@ -61,7 +61,17 @@ class InferArgs:
     compile: bool = field(default=False, metadata={
         "help": "hf backend on CUDA: varlen attention and torch.compile in the vision tower, a compiled decode step "
                 "(CUDA graphs); ~1.5 min of compiling first"})
-    vllm_chunk: int = field(default=1024, metadata={"help": "vllm backend: prompts per generate call"})
+    vllm_engine_args: str | None = field(default=None, metadata={
+        "help": "vllm backend: JSON object of extra vLLM engine arguments, e.g. "
+                "'{\"max_num_seqs\": 512, \"gpu_memory_utilization\": 0.5}'"})
+    vllm_renderer_workers: int = field(default=8, metadata={
+        "help": "vllm backend: threads running vLLM's multimodal processor"})
+    vllm_max_in_flight: int = field(default=512, metadata={"help": "vllm backend: requests handed over at once"})
+    image_workers: int = field(default=8, metadata={
+        "help": "vllm backend: threads decoding and resizing images before vLLM gets them"})
+    cot_reason_chars: int | None = field(default=None, metadata={
+        "help": "vllm backend, --constrained with a CoT prompt variant: longest reason (default: the most that "
+                "always leaves room for the label within --max_new_tokens)"})
     constrained: bool = field(default=False, metadata={
         "help": "decode only valid answers of the record's task, in the prompt variant's answer format"})
     num_shards: int = field(default=1, metadata={"help": "split the dataset into this many contiguous shards"})

@@ -105,11 +105,11 @@ def label_paths(labels) -> list[Path]:
     return [Path(label, "", False) for label in labels]
 
 
-def answer_regex(paths: list[Path]) -> str:
-    """The same language as a regular expression (vLLM structured outputs)."""
+def answer_regex(paths: list[Path], max_free_chars: int | None = None) -> str:
+    """The same language as a regular expression (vLLM structured outputs); the free text at most max_free_chars."""
     import re
 
-    free = r'[^"\\\n]*'
+    free = r'[^"\\\n]' + ("*" if max_free_chars is None else f"{{0,{max_free_chars}}}")
     alts = [re.escape(p.a) + (free if p.free else "") + re.escape(p.b) for p in paths]
     return "(" + "|".join(alts) + ")"
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import time
 from pathlib import Path
 
 from ..dataset_info import DATASET_INFO, entry_variant
@@ -16,7 +18,7 @@ from .output import Appender, finalize, lock_predictions, read_done
 from .shards import merge_shards, shard_path, shard_range
 from .vllm_inputs import COMPETITION_MAX_NEW_TOKENS
 
-__all__ = ["InferArgs", "run"]
+__all__ = ["InferArgs", "prepare", "run"]
 
 
 def default_backend() -> str:
@@ -39,6 +41,23 @@ def check_args(args: InferArgs) -> None:
         raise MireInputError("--compile is for the hf backend (vLLM compiles its own graphs)")
     if args.max_images_per_prompt is not None and args.max_images_per_prompt < 1:
         raise MireInputError("--max_images_per_prompt must be >= 1")
+    vllm_engine_args(args)
+    for name in ("vllm_renderer_workers", "vllm_max_in_flight", "image_workers"):
+        if getattr(args, name) < 1:
+            raise MireInputError(f"--{name} must be >= 1")
+
+
+def vllm_engine_args(args: InferArgs) -> dict:
+    """--vllm_engine_args as a dict (a JSON object of vLLM engine arguments, e.g. '{"max_num_seqs": 512}')."""
+    if not args.vllm_engine_args:
+        return {}
+    try:
+        extra = json.loads(args.vllm_engine_args)
+    except json.JSONDecodeError as exc:
+        raise MireInputError(f"--vllm_engine_args: not valid JSON ({exc.msg})") from None
+    if not isinstance(extra, dict):
+        raise MireInputError("--vllm_engine_args: expected a JSON object of engine arguments")
+    return extra
 
 
 def dataset_variant(args: InferArgs) -> PromptVariant:
@@ -108,20 +127,30 @@ def failed_row(record, reason: str) -> dict:
             "truncation": None, "error": reason}
 
 
-def _predict(args: InferArgs, variant: PromptVariant, todo, save_path: Path) -> None:
+def prepare(args: InferArgs, todo, sizes: list | None = None):
+    """LLaMA-Factory's components, the truncation plans and the rendered prompt ids (one image-pad token per
+    image) of the records: what every backend, and the benchmarks, start from. `sizes`: each record's image sizes
+    (read from the headers when not given)."""
     from .render import load_components, render_prompt_ids
     from .truncation import ImageTokenizer, Planner
 
-    backend = args.backend or default_backend()
-    if backend not in ("hf", "vllm"):
-        raise MireInputError(f"--backend must be vllm or hf, got {backend!r}")
     comp = load_components(args.model_name_or_path, args.template, args.adapter_name_or_path,
                            args.image_max_pixels, args.image_min_pixels, args.cutoff_len)
-    if args.constrained:
-        _check_room_for_answers(comp, args, variant)
     planner = Planner(comp.tokenizer, ImageTokenizer.from_processor(comp.processor),
                       overhead=len(render_prompt_ids(comp, "", [])), cutoff_len=args.cutoff_len,
                       max_images=args.max_images_per_prompt)
+    plans = planner.plan_many(todo, sizes)
+    n_cut = sum(bool(p.dropped_turns or p.dropped_images) for p in plans)
+    n_over = sum(p.over_budget for p in plans)
+    print(f"planned {len(plans)} prompts: {n_cut} truncated, {n_over} still over cutoff_len {args.cutoff_len}")
+    prompt_ids = [render_prompt_ids(comp, p.content, p.images, r.system) for r, p in zip(todo, plans, strict=True)]
+    return comp, plans, prompt_ids
+
+
+def _predict(args: InferArgs, variant: PromptVariant, todo, save_path: Path) -> None:
+    backend = args.backend or default_backend()
+    if backend not in ("hf", "vllm"):
+        raise MireInputError(f"--backend must be vllm or hf, got {backend!r}")
     sizes, failed = _read_sizes(todo)
     out = Appender(save_path)
     try:
@@ -131,11 +160,9 @@ def _predict(args: InferArgs, variant: PromptVariant, todo, save_path: Path) -> 
             sizes = [s for k, s in enumerate(sizes) if k not in failed]
         if not todo:
             return
-        plans = planner.plan_many(todo, sizes)
-        n_cut = sum(bool(p.dropped_turns or p.dropped_images) for p in plans)
-        n_over = sum(p.over_budget for p in plans)
-        print(f"planned {len(plans)} prompts: {n_cut} truncated, {n_over} still over cutoff_len {args.cutoff_len}")
-        prompt_ids = [render_prompt_ids(comp, p.content, p.images, r.system) for r, p in zip(todo, plans, strict=True)]
+        comp, plans, prompt_ids = prepare(args, todo, sizes)
+        if args.constrained:
+            _check_room_for_answers(comp, args, variant)
         generate = _generate_hf if backend == "hf" else _generate_vllm
         generate(args, variant, comp, todo, plans, prompt_ids, out)
     finally:
@@ -172,32 +199,47 @@ def _generate_hf(args: InferArgs, variant: PromptVariant, comp, todo, plans, pro
 
 
 def _generate_vllm(args: InferArgs, variant: PromptVariant, comp, todo, plans, prompt_ids, out: Appender) -> None:
+    """Every record through one vLLM engine; each answer is written (in batches of at most a second's worth) as soon
+    as it is finished, so progress is per record and a kill loses only the requests in flight."""
     from tqdm import tqdm
 
-    from . import vllm_backend
-    from .vllm_inputs import engine_kwargs, prompt_input, sampling_kwargs
+    from .vllm_backend import VllmEngine, VllmRequest, sampling_params
+    from .vllm_inputs import engine_kwargs, sampling_kwargs
 
-    llm = vllm_backend.make_llm(engine_kwargs(
-        args.model_name_or_path, plans, args.cutoff_len, args.max_new_tokens, args.adapter_name_or_path,
-        args.tensor_parallel_size))
-    stop_ids = comp.template.get_stop_token_ids(comp.tokenizer)
-    params = {task: vllm_backend.sampling_params(sampling_kwargs(
-        task, args.max_new_tokens, stop_ids, args.constrained, variant.answer_format, variant.label_position))
-        for task in ("image", "dialogue")}
-    for start in tqdm(range(0, len(todo), args.vllm_chunk), desc="vllm generate"):
-        idx, prompts = [], []
-        for i in range(start, min(start + args.vllm_chunk, len(todo))):
-            try:  # images are decoded here: one bad file fails its record, not the chunk
-                prompts.append(prompt_input(prompt_ids[i], plans[i].images, comp.template.mm_plugin,
-                                            args.image_max_pixels, args.image_min_pixels))
-                idx.append(i)
-            except IMAGE_ERRORS as exc:
-                out.write([failed_row(todo[i], image_failure(exc))])
-        if idx:
-            predicts = vllm_backend.generate(llm, prompts, [params[todo[i].task] for i in idx],
-                                             args.adapter_name_or_path)
-            out.write([_row(comp, todo[i], plans[i], prompt_ids[i], pred) for i, pred in zip(idx, predicts,
-                                                                                         strict=True)])
+    kwargs = engine_kwargs(args.model_name_or_path, plans, args.cutoff_len, args.max_new_tokens,
+                           args.adapter_name_or_path, args.tensor_parallel_size,
+                           renderer_workers=args.vllm_renderer_workers, extra=vllm_engine_args(args))
+    engine = VllmEngine(kwargs, args.adapter_name_or_path, args.image_workers, args.image_max_pixels,
+                        args.image_min_pixels, comp.template.mm_plugin)
+    try:
+        stop_ids = comp.template.get_stop_token_ids(comp.tokenizer)
+        params = {task: sampling_params(sampling_kwargs(task, args.max_new_tokens, stop_ids, args.constrained,
+                                                        variant.answer_format, variant.label_position,
+                                                        args.cot_reason_chars))
+                  for task in ("image", "dialogue")}
+        requests = [VllmRequest(i, prompt_ids[i], plans[i].images, params[r.task]) for i, r in enumerate(todo)]
+        pending: list[dict] = []
+        last_write = time.monotonic()
+        with tqdm(total=len(requests), desc="vllm generate") as bar:
+
+            def on_output(answer) -> None:
+                nonlocal last_write
+                i = answer.key
+                pending.append(failed_row(todo[i], answer.error) if answer.error
+                               else _row(comp, todo[i], plans[i], prompt_ids[i], answer.text))
+                bar.update(1)
+                if len(pending) >= 256 or time.monotonic() - last_write > 1.0:
+                    out.write(pending)
+                    pending.clear()
+                    last_write = time.monotonic()
+
+            try:
+                engine.run(requests, on_output, args.vllm_max_in_flight)
+            finally:
+                if pending:
+                    out.write(pending)
+    finally:
+        engine.close()
 
 
 def _check_room_for_answers(comp, args: InferArgs, variant: PromptVariant) -> None:
