@@ -83,13 +83,15 @@ print('vllm', vllm.__version__, 'transformers', transformers.__version__, 'token
     echo "install stage: $((SECONDS - start)) s" ;;
 
   check)
+    # ENGINE_EXTRA (JSON engine arguments, e.g. '{"gpu_memory_utilization": 0.3}'): room for another GPU job beside
     timed check $PY -m benchmarks.bench_vllm --model "$MODEL" --dataset_dir "$DATA/mire" --check --engine_ids \
-      --out "$OUT/check.json"
+      ${ENGINE_EXTRA:+--engine_args "$ENGINE_EXTRA"} --out "$OUT/check.json"
     tail -c 600 "$OUT/check.log"
     for fmt in label cot; do
       dir=$DATA/mire; [ "$fmt" = cot ] && dir=$DATA/mire_cot  # the answer format is the dataset's prompt variant's
       timed "infer_$fmt" $PY -m tools.vllm_infer --model_name_or_path "$MODEL" --dataset mire_test \
-        --dataset_dir "$dir" --backend vllm --constrained --overwrite --save_name "$RES/pred_$fmt.jsonl"
+        --dataset_dir "$dir" --backend vllm --constrained --overwrite --save_name "$RES/pred_$fmt.jsonl" \
+        ${ENGINE_EXTRA:+--vllm_engine_args "$ENGINE_EXTRA"}
       grep -E "planned|records|Error|error" "$OUT/infer_$fmt.log" | grep -v Warning | tail -3
       $PY benchmarks/gpu/answer_validity.py --prediction_file "$RES/pred_$fmt.jsonl" --answer_format "$fmt" \
         --json_out "$OUT/valid_$fmt.json"

@@ -45,10 +45,13 @@ case $cmd in
     if [ -f .gpu_data/quality/train.json ]; then
       rm -rf "$STAGE/quality" && cp -r .gpu_data/quality "$STAGE/quality" || exit 1
     fi
+    # IMAGES: the split's images already on the machine (e.g. the vLLM payload's data/images, the same mire_dev
+    # files), so that only the split's json travels
+    if [ -n "${IMAGES:-}" ] && [ ! -d "$STAGE/quality/images" ]; then ln -sfn "$IMAGES" "$STAGE/quality/images"; fi
     [ -f "$STAGE/quality/test.json" ] || { echo "no data in $STAGE/quality: carry .gpu_data/quality"; exit 1; }
     if [ ! -f "$STAGE/$GGUF_NAME" ]; then
-      python3 benchmarks/gpu/chunks.py join --manifest .stage/manifest.json --dest "$STAGE" --names "$GGUF_NAME" \
-        || exit 1
+      python3 benchmarks/gpu/chunks.py join --manifest "${MANIFEST:-.stage/manifest.json}" --dest "$STAGE" \
+        --names "$GGUF_NAME" || exit 1
     fi
     # the harness runs on a copy of the code: a later call re-syncs the working tree under a running process
     rm -rf "$STAGE/repo" && mkdir -p "$STAGE/repo" && cp -r mire_factory tools configs benchmarks pyproject.toml \
