@@ -24,7 +24,7 @@ def user_content(record: MireRecord) -> str:
     return record.instruction + ("\n" + record.input if record.input else "")
 
 
-def _image_path_maker(image_dir: str | os.PathLike, output_dir: str | os.PathLike | None):
+def image_path_maker(image_dir: str | os.PathLike, output_dir: str | os.PathLike | None):
     # One relpath for the directory instead of one per image: 10,000s of images convert in well under a second.
     base = os.path.abspath(image_dir)
     prefix = base if output_dir is None else os.path.relpath(base, os.path.abspath(output_dir))
@@ -41,26 +41,26 @@ def records_to_sharegpt(
     """ShareGPT rows. Image paths are relative to output_dir, because LLaMA-Factory joins each with `media_dir`,
     which defaults to `dataset_dir`: point dataset_dir at output_dir. Unlabelled records get an empty assistant
     turn, so that LLaMA-Factory keeps them (predict)."""
-    return _rows(records, _image_path_maker(image_dir, output_dir))
+    return _rows(records, image_path_maker(image_dir, output_dir))
 
 
 def records_to_swift(records: list[MireRecord], image_dir: str | os.PathLike) -> list[dict]:
     """ms-swift's messages/images rows; absolute image paths, since ms-swift does not join them with a folder."""
-    return _rows(records, _image_path_maker(image_dir, None))
+    return _rows(records, image_path_maker(image_dir, None))
 
 
 def _rows(records: list[MireRecord], path_of) -> list[dict]:
-    return [
-        {
-            "id": r.id,
-            "messages": [
-                {"role": "user", "content": user_content(r)},
-                {"role": "assistant", "content": r.output or ""},
-            ],
-            "images": [path_of(name) for name in r.images],
-        }
-        for r in records
-    ]
+    return [chat_row(user_content(r), r.output or "", r.images, path_of, row_id=r.id) for r in records]
+
+
+def chat_row(user: str, assistant: str, images: list[str], path_of, system: str | None = None,
+             row_id: str | None = None) -> dict:
+    """One row of both formats: LLaMA-Factory's ShareGPT `messages` (registered with sharegpt_entry) and ms-swift's
+    `messages`/`images`; `<image>` placeholders stay in the user turn and `path_of` maps image names to paths."""
+    messages = [{"role": "system", "content": system}] if system else []
+    messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+    row = {"id": row_id} if row_id is not None else {}
+    return {**row, "messages": messages, "images": [path_of(name) for name in images]}
 
 
 def stratified_split(

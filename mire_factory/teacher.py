@@ -32,22 +32,37 @@ RETRYABLE_STATUS = frozenset({408, 409, 425, 429})
 RETRY_AFTER_CAP_S = 600.0
 
 
+def _help(text: str, default):
+    return field(default=default, metadata={"help": text})
+
+
 @dataclass
 class TeacherConfig:
-    """How requests are sent; the tools' flags of the same names."""
+    """How requests are sent; the same flags in every teacher tool (help texts for HfArgumentParser)."""
 
-    base_url: str
-    model: str
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    min_pixels: int = DEFAULT_MIN_PIXELS
-    max_tokens: int = 512
-    temperature: float = 0.0
-    timeout: float = 120.0
-    max_retries: int = 5
-    backoff_base: float = 1.0  # first retry waits about this long, doubling after each failure
-    backoff_max: float = 60.0
-    concurrency: int = 16
-    retry_failed: bool = False
+    _argument_group_name = "teacher (an OpenAI-compatible server)"
+
+    base_url: str | None = _help("the server, e.g. http://127.0.0.1:8000/v1 (vLLM, llamafactory-cli api, a hosted "
+                                 "API)", None)
+    model: str | None = _help("model name sent to the server; part of the resume key", None)
+    max_pixels: int = _help("images are resized as Qwen2-VL would, to at most this many pixels", DEFAULT_MAX_PIXELS)
+    min_pixels: int = _help("and at least this many", DEFAULT_MIN_PIXELS)
+    max_tokens: int = _help("longest reply", 512)
+    temperature: float = _help("sampling temperature", 0.0)
+    timeout: float = _help("seconds to wait for a reply", 120.0)
+    max_retries: int = _help("retries on 429/5xx/timeouts/connection errors", 5)
+    backoff_base: float = _help("seconds before the first retry (doubles after each)", 1.0)
+    backoff_max: float = _help("longest wait between retries", 60.0)
+    concurrency: int = _help("requests in flight", 16)
+    retry_failed: bool = _help("ask again for what failed before (its failed lines are replaced)", False)
+
+    def check(self) -> list[str]:
+        """What is wrong with these settings, as flag messages."""
+        out = [f"--{name} must be at least 1" for name in ("concurrency", "max_tokens", "max_pixels")
+               if getattr(self, name) < 1]
+        if self.max_retries < 0 or self.timeout <= 0 or self.backoff_base < 0:
+            out.append("--max_retries must be >= 0, --timeout > 0 and --backoff_base >= 0")
+        return out
 
 
 def api_key_from_env(name: str | None) -> str:
@@ -282,10 +297,11 @@ class RunSummary:
 J = TypeVar("J")
 
 
-async def run_jobs(jobs: Sequence[J], answer: Callable[[J], Awaitable[R]], write: Callable[[R], None],
+async def run_jobs(jobs: Sequence[J], answer: Callable[[J], Awaitable[R | list[R]]], write: Callable[[R], None],
                    summary: RunSummary, concurrency: int, desc: str, progress: bool = True) -> RunSummary:
-    """Answers every job with at most `concurrency` in flight; each row is written as soon as it is ready
-    (`write`, e.g. an AppendLog) and counted, with a progress bar of the statuses and tokens."""
+    """Answers every job with at most `concurrency` in flight; each row (or list of rows) `answer` returns is written
+    as soon as it is ready (`write`, e.g. an AppendLog's append) and counted, with a progress bar of the statuses and
+    tokens (one step per job)."""
     from tqdm import tqdm
 
     work = iter(jobs)
@@ -295,9 +311,10 @@ async def run_jobs(jobs: Sequence[J], answer: Callable[[J], Awaitable[R]], write
 
     async def worker() -> None:
         for job in work:
-            row = await answer(job)
-            write(row)
-            summary.count(row)
+            answered = await answer(job)
+            for row in answered if isinstance(answered, list) else [answered]:
+                write(row)
+                summary.count(row)
             st = summary.statuses
             bar.set_postfix(ok=st["ok"], refused=st["refused"], failed=st["failed"],
                             tokens=summary.prompt_tokens + summary.completion_tokens, refresh=False)
@@ -325,6 +342,8 @@ def format_summary(summary: RunSummary, output_file: str | os.PathLike, what: st
     unit = "req" if what == "requests" else what
     lines.append(f"{summary.requests} {what} in {summary.elapsed_s:.1f}s ({rate:.1f} {unit}/s): ok {st['ok']}, refused "
                  f"{st['refused']}, failed {st['failed']}{tokens} -> {output_file}")
+    if getattr(plan, "copies", None):
+        lines.append(f"copied {len(plan.copies)} done before under another name (same bytes)")
     if plan is not None and (plan.skipped_done or plan.skipped_failed):
         extra = f", {plan.skipped_failed} failed before (rerun with --retry_failed)" if plan.skipped_failed else ""
         lines.append(f"skipped {plan.skipped_done} already done{extra}")
