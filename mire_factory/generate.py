@@ -216,7 +216,11 @@ def export_dataset(rows: list[InfoRecord], image_dir: str | os.PathLike, prompt:
     with output_lock(target, what="another export is writing it"), OutputSet() as outs:
         if fmt == "sharegpt":
             outs.write_json(target, data)
-            commit_registrations(outs, export_dir, {name: sharegpt_entry(target.name)})
+            entry = sharegpt_entry(target.name)
+            # LLaMA-Factory reads a leading system turn only when the entry names its tag (no default once `tags`
+            # is given)
+            entry["tags"]["system_tag"] = "system"
+            commit_registrations(outs, export_dir, {name: entry})
         else:
             outs.write_jsonl(target, data)
     return target, len(data)
