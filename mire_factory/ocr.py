@@ -61,17 +61,17 @@ def available_cores() -> int:
 
 @lru_cache(maxsize=1)
 def model_paths() -> dict[str, str]:
-    """The ONNX files inside the installed package; a missing package or file is one line (exit 2)."""
+    """The ONNX files inside the installed package; a package that is missing or does not load (OpenCV without
+    libGL on a minimal image) and a missing model file are one line each (exit 2)."""
     try:
-        import importlib.util
-
-        spec = importlib.util.find_spec("rapidocr_onnxruntime")
-    except (ImportError, ValueError):
-        spec = None
-    if spec is None or spec.origin is None:
-        raise MireInputError(f"--backend ocr needs the Python package {OCR_PACKAGE} (pip install -e . installs "
-                             f"it; Python < 3.13)")
-    folder = Path(spec.origin).parent / "models"
+        import rapidocr_onnxruntime
+    except ModuleNotFoundError:
+        raise MireInputError(f"--backend ocr needs the Python package {OCR_PACKAGE} (pip install -e . installs it "
+                             "on Python < 3.13)") from None
+    except (ImportError, OSError) as exc:
+        raise MireInputError(f"--backend ocr: {OCR_PACKAGE} does not load ({exc}); OpenCV needs libGL and glib: "
+                             "apt-get install libgl1 libglib2.0-0") from None
+    folder = Path(rapidocr_onnxruntime.__file__).parent / "models"
     paths = {key: folder / name for key, name in MODEL_FILES.items()}
     missing = [str(p) for p in paths.values() if not p.is_file()]
     if missing:
