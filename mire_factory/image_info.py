@@ -238,17 +238,18 @@ def copy_for(item: ImageItem, done: InfoRecord) -> InfoRecord:
 
 @dataclass
 class InfoIndex:
-    """The usable text of an info file: by content hash and by image name (the last ok row wins)."""
+    """The usable text of an info file (ok rows; the last one wins): by content hash, and by image name for
+    messages."""
 
     path: Path
     by_sha256: dict[str, str]
     by_name: dict[str, str]
     origin: tuple[str, str, str | None] | None
 
-    def text_for(self, image_path: str | os.PathLike, name: str) -> str | None:
-        """The text of an image (by its bytes; then by its name), None when the file has none for it."""
-        text = self.by_sha256.get(file_sha256(image_path))
-        return text if text is not None else self.by_name.get(name)
+    def text_for(self, image_path: str | os.PathLike) -> str | None:
+        """The text of an image, looked up by its bytes (a renamed or moved image still finds its text, a changed
+        one does not); None when the file has no usable row for these bytes."""
+        return self.by_sha256.get(file_sha256(image_path))
 
 
 def read_info_file(path: str | os.PathLike) -> InfoIndex:

@@ -16,6 +16,7 @@ import hashlib
 import os
 import signal
 import sys
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -91,9 +92,19 @@ def engine_name() -> str:
 _ENGINE = None
 
 
-def _init_worker(threads: int, min_score: float) -> None:
+def _exit_with_parent(parent: int) -> None:
+    # A worker blocks on the pool's queue, whose pipe it holds both ends of: when the parent is killed (SIGKILL),
+    # nothing would ever wake it. It leaves as soon as its parent is gone, even in the middle of an image.
+    while True:
+        time.sleep(0.5)
+        if os.getppid() != parent:
+            os._exit(0)
+
+
+def _init_worker(threads: int, min_score: float, parent: int) -> None:
     global _ENGINE
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it stops the pool
+    threading.Thread(target=_exit_with_parent, args=(parent,), name="exit-with-parent", daemon=True).start()
     import cv2
 
     cv2.setNumThreads(1)
@@ -166,7 +177,7 @@ def run_ocr(items: list[ImageItem], output_file: str | os.PathLike, cfg: OcrConf
 
             # spawn: workers start clean (no copy of a parent's threads or locks), and import only what OCR needs
             pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                       initializer=_init_worker, initargs=(cfg.threads, cfg.min_score))
+                                       initializer=_init_worker, initargs=(cfg.threads, cfg.min_score, os.getpid()))
             try:
                 _drain(pool, plan.todo, workers, model, log, summary, bar)
             finally:

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
@@ -181,8 +182,12 @@ def test_sigkill_loses_only_images_in_flight(tmp_path):
     deadline = time.time() + 240
     while time.time() < deadline and (not out.exists() or out.read_bytes().count(b"\n") < 2):
         time.sleep(0.05)
+    workers = psutil.Process(proc.pid).children(recursive=True)
+    assert workers  # the OCR worker (and multiprocessing's resource tracker)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    _, alive = psutil.wait_procs(workers, timeout=15)
+    assert not alive, f"orphaned workers still running: {alive}"  # they leave with their parent
     kept = out.read_bytes()
     done = kept.count(b"\n")
     assert 2 <= done < 10
