@@ -289,6 +289,8 @@ def make_material(root: Path) -> Material:
 
 PREDICTION_KEYS = ["id", "predict", "label", "prompt", "task"]
 REASON_KEYS = ["id", "mode", "model", "status", "reason", "label", "gold", "task", "raw", "usage", "latency_s", "error"]
+INFO_KEYS = ["image", "sha256", "backend", "model", "status", "text", "lines", "info", "prompt_sha256", "width", "height",
+             "raw", "usage", "latency_s", "error"]
 
 
 
@@ -300,6 +302,61 @@ def _tools():
     from tools import analyze, cal_acc, convert, convert2submit, distill, merge_cot, validate, vllm_infer, vote
 
     return analyze, cal_acc, convert, convert2submit, distill, merge_cot, validate, vllm_infer, vote
+
+
+def _generate_args(m: Material, server, out: Path) -> list:
+    prompt = m.root / "prompt.txt"
+    prompt.write_text("描述这张图片", encoding="utf-8")
+    return ["--image_dir", m.images, "--input_file", m.train, "--prompt_file", prompt, "--base_url", server.url,
+            "--model", "t", "--output_file", out / "info.jsonl", "--limit", "3", "--max_retries", "0",
+            "--concurrency", "1", "--no_progress"]
+
+
+def _info_rows(m: Material) -> list[dict]:
+    """A valid info file of tools.generate for the first image of the material (its origin: model t, the prompt)."""
+    from mire_factory.generate import make_prompt
+    from mire_factory.image_info import InfoRecord, file_sha256
+
+    prompt = m.root / "prompt.txt"
+    prompt.write_text("描述这张图片", encoding="utf-8")
+    sha = make_prompt(str(prompt), None, extract_info=False).sha256
+    name = next(r["image"][0] for r in m.train_rows if r["image"])
+    return [json.loads(InfoRecord(name, file_sha256(m.images / name), "teacher", "t", "ok", text="一张图",
+                                  prompt_sha256=sha, raw="一张图").to_json())]
+
+
+def case_generate_info_file(m: Material, server, data) -> list[Result]:
+    """An existing --output_file of any shape: resumed when it is an info file of the same origin, else refused."""
+    from tools import generate
+
+    out = m.fresh_output("generate_info")
+    (out / "info.jsonl").write_bytes(data.draw(jsonl_file(_info_rows(m), INFO_KEYS)))
+    extra = ["--export_dir", out / "export"] if data.draw(st.booleans()) else []
+    return [run_tool(generate.main, [*_generate_args(m, server, out), *extra], out)]
+
+
+def case_generate_replies(m: Material, server, data) -> list[Result]:
+    """Any reply bodies: each image ends as one line, exit 0 or 3; tools.extract_info's teacher reads them too."""
+    from tools import extract_info, generate
+
+    results = []
+    for tool, extra in ((generate, []), (extract_info, ["--backend", "teacher"])):
+        server.queue([data.draw(teacher_body(m.reply)) for _ in range(3)])
+        out = m.fresh_output("generate_replies")
+        args = _generate_args(m, server, out)
+        if tool is extract_info:
+            args = [a for k, a in enumerate(args) if a != "--prompt_file" and (k == 0 or args[k - 1] != "--prompt_file")]
+        result = run_tool(tool.main, [*args, *extra], out, allowed=(0, 3))
+        path = out / "info.jsonl"
+        lines = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()] if path.is_file() else []
+        if len(lines) != 3 or len({x["image"] for x in lines}) != 3:
+            result.problems.append(f"{len(lines)} info lines for 3 images")
+        if any((x["error"] is None) != (x["status"] == "ok") for x in lines):
+            result.problems.append("a line whose error does not match its status")
+        if (result.code == 3) != any(x["status"] == "failed" for x in lines):
+            result.problems.append(f"exit {result.code} with statuses {[x['status'] for x in lines]}")
+        results.append(result)
+    return results
 
 
 def case_validate_convert(m: Material, server, data) -> list[Result]:
@@ -414,4 +471,6 @@ CASES = {
     "distill (input)": case_distill_input,
     "distill (teacher replies)": case_teacher_replies,
     "vllm_infer (input loading)": case_infer_input,
+    "generate (its info file)": case_generate_info_file,
+    "generate, extract_info (teacher replies)": case_generate_replies,
 }
