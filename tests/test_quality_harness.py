@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from conftest import REPO
+from mire_factory.image_info import InfoRecord, file_sha256
 from mire_factory.synthetic import make_records, write_dataset
 
 HARNESS = REPO / "benchmarks" / "quality" / "run.py"
@@ -30,8 +31,8 @@ def split(tmp_path_factory):
     test = make_records(16, 23, root / "images", seed=2, id_prefix="test")
     write_dataset(root / "train.json", train)
     write_dataset(root / "test.json", test)
-    lines = [json.dumps({"image": name, "text": f"页面标题 {r['output']}"}, ensure_ascii=False)
-             for r in train + test for name in r["image"]]
+    lines = [InfoRecord(name, file_sha256(root / "images" / name), "ocr", "test", "ok",
+                        text=f"页面标题 {r['output']}").to_json() for r in train + test for name in r["image"]]
     (root / "info.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return root
 
@@ -61,11 +62,14 @@ def test_anchor_scores_both_tasks_with_screenshot_text(split, tmp_path):
 
 def test_anchor_bad_info_file_is_one_line(split, tmp_path):
     bad = tmp_path / "info.jsonl"
-    bad.write_text('{"image": "a.png", "text": "ok"}\n{"image": "b.png", "text": 3}\n', encoding="utf-8")
+    ok = InfoRecord("a.png", "0" * 64, "ocr", "test", "ok", text="ok").to_json()
+    bad.write_text(ok + "\n" + ok.replace('"a.png"', '"b.png"').replace('"text": "ok"', '"text": 3') + "\n",
+                   encoding="utf-8")
     proc = script(ANCHOR, "--train_file", split / "train.json", "--test_file", split / "test.json",
                   "--info_file", bad)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [f"error: {bad}: line 2: field 'text': expected a string"]
+    assert proc.stderr.strip().splitlines() == [
+        f"error: {bad}: line 2: image 'b.png': field 'text': expected a string or null, got int"]
 
 
 def test_screenshot_text_hook(split, tmp_path):
