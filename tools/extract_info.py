@@ -20,6 +20,7 @@ with failed images (rerun with --retry_failed).
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import sys
@@ -55,7 +56,8 @@ class ExtractInfoArguments:
 def parse_args(argv: list[str] | None) -> tuple[ExtractInfoArguments, OcrConfig, TeacherConfig]:
     from transformers import HfArgumentParser
 
-    parser = HfArgumentParser([ExtractInfoArguments, OcrConfig, TeacherConfig], description=__doc__)
+    parser = HfArgumentParser([ExtractInfoArguments, OcrConfig, TeacherConfig], description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
     args, ocr, teacher = parser.parse_args_into_dataclasses(argv)
     problems = ocr.check() if args.backend == "ocr" else teacher.check()
     if args.backend == "teacher" and not args.dry_run and not (teacher.base_url and teacher.model):

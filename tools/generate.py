@@ -20,6 +20,7 @@ with failed images (the export holds the answered ones; rerun with --retry_faile
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import sys
@@ -56,7 +57,8 @@ class GenerateArguments:
 def parse_args(argv: list[str] | None) -> tuple[GenerateArguments, TeacherConfig]:
     from transformers import HfArgumentParser
 
-    parser = HfArgumentParser([GenerateArguments, TeacherConfig], description=__doc__)
+    parser = HfArgumentParser([GenerateArguments, TeacherConfig], description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
     args, teacher = parser.parse_args_into_dataclasses(argv)
     problems = teacher.check()
     if not teacher.model:
