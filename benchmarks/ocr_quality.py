@@ -2,15 +2,16 @@
 
 python -m benchmarks.ocr_quality --input_file ../shared/mire_dev/train_dev.json --image_dir ../shared/mire_dev/images \\
     --info_file .gpu_data/info_dev.jsonl [--full_size_dir ../shared/mire_sample/images] [--speed_images 24]
-    [--full_size_images 8] [--json_file ocr_quality.json]
+    [--full_size_images 8] [--json_file ocr_quality.json] [--plot_dir DIR]
 
 Make the info file first: python -m tools.extract_info --input_file ... --image_dir ... --output_file INFO.
 
-1. Speed. (a) The info file's run: each image's compute seconds in its worker (one onnxruntime thread each), and the
-   run's wall time per image if given (--run_wall_s, from the tool's summary line). (b) A clean timing here: the
-   same engine in this process, one image after another, over --speed_images images of --image_dir and
-   --full_size_images full-size screenshots of --full_size_dir, with 1 and with 2 onnxruntime threads: wall and CPU
-   seconds per image (CPU time does not grow when other work shares the cores; wall time does), and the load average.
+1. Speed. (a) The info file's run: each image's wall seconds in its worker (one onnxruntime thread each; the info
+   file's latency_s, which grows with the machine's load), and the run's wall time per image if given (--run_wall_s,
+   from the tool's summary line). (b) A clean timing here: the same engine in this process, one image after
+   another, over --speed_images images of --image_dir and the --full_size_images largest screenshots of
+   --full_size_dir, with 1 and with 2 onnxruntime threads: wall and CPU seconds per image (CPU time does not grow
+   when other work shares the cores; wall time does), and the load average.
 2. Quality. Image-scene records only (their instruction is one fixed text for every scene: without the screenshot's
    text a text classifier can only answer one class, the majority figure). TF-IDF of character 1-3-grams and a
    logistic regression (C chosen by an inner 3-fold search on each training fold) on the OCR text of the record's
@@ -37,7 +38,7 @@ if str(REPO) not in sys.path:
 from mire_factory.image_info import read_info_file  # noqa: E402
 from mire_factory.io import write_json_atomic  # noqa: E402
 from mire_factory.records import load_records  # noqa: E402
-from mire_factory.scoring import task_scores  # noqa: E402
+from mire_factory.scoring import per_class_scores, plot_confusion, task_scores  # noqa: E402
 
 C_GRID = (1.0, 10.0, 100.0)
 
@@ -77,10 +78,10 @@ def time_engine(paths: list[Path], threads: int) -> dict:
 def run_speed(info_rows: list[dict], image_dir: Path, full_size_dir: Path | None, n_dev: int, n_full: int,
               run_wall_s: float | None) -> dict:
     ok = [r for r in info_rows if r["status"] == "ok" and r.get("latency_s")]
-    compute = [r["latency_s"] for r in ok]
-    result = {"run": {"images": len(info_rows), "compute_s_mean": statistics.mean(compute),
-                      "compute_s_median": statistics.median(compute),
-                      "compute_s_p90": sorted(compute)[int(0.9 * (len(compute) - 1))],
+    worker = [r["latency_s"] for r in ok]
+    result = {"run": {"images": len(info_rows), "worker_wall_s_mean": statistics.mean(worker),
+                      "worker_wall_s_median": statistics.median(worker),
+                      "worker_wall_s_p90": sorted(worker)[int(0.9 * (len(worker) - 1))],
                       "pixels_mean": statistics.mean(r["width"] * r["height"] for r in ok),
                       "lines_mean": statistics.mean(len(r["lines"]) for r in ok),
                       "empty_text": sum(1 for r in info_rows if r["status"] == "ok" and not r["text"]),
@@ -151,7 +152,8 @@ def run_quality(texts: list[str], labels: list[str], seed: int) -> dict:
             if hasattr(model, "best_params_"):
                 chosen.append(model.best_params_["logisticregression__C"])
         result[name] = {**task_scores(labels, predicted), "fold_f1_mean": statistics.mean(folds),
-                        "fold_f1_std": statistics.stdev(folds), "fold_f1": folds}
+                        "fold_f1_std": statistics.stdev(folds), "fold_f1": folds,
+                        "per_class": per_class_scores("image", labels, predicted), "predicted": predicted}
         if chosen:
             result[name]["C_chosen"] = chosen
     return result
@@ -169,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip_speed", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json_file")
+    parser.add_argument("--plot_dir", help="confusion_image.png/.csv of the TF-IDF model's out-of-fold predictions")
     args = parser.parse_args(argv)
     rows = [json.loads(line) for line in Path(args.info_file).read_text(encoding="utf-8").splitlines() if line]
     report = {"cores": len(os.sched_getaffinity(0)), "load_at_start": os.getloadavg()}
@@ -182,14 +185,19 @@ def main(argv: list[str] | None = None) -> int:
         m = q[name]
         print(f"{name:16s} {m['f1']:.4f}                {m['accuracy']:.4f}    {m['fold_f1_mean']:.4f} +- "
               f"{m['fold_f1_std']:.4f}")
+    if args.plot_dir:
+        png, _ = plot_confusion("image", labels, q["tfidf_ocr"]["predicted"], args.plot_dir)
+        print(f"wrote {png}")
+    worst = sorted(q["tfidf_ocr"]["per_class"].items(), key=lambda kv: kv[1]["f1"])[:5]
+    print("weakest classes (F1): " + ", ".join(f"{label} {m['f1']:.2f}" for label, m in worst))
     if not args.skip_speed:
         speed = run_speed(rows, Path(args.image_dir), Path(args.full_size_dir) if args.full_size_dir else None,
                           args.speed_images, args.full_size_images, args.run_wall_s)
         report["speed"] = speed
         run = speed["run"]
-        print(f"\nthe info file's run: {run['images']} images, compute per image (one worker, 1 thread) mean "
-              f"{run['compute_s_mean']:.2f} s, median {run['compute_s_median']:.2f} s, p90 {run['compute_s_p90']:.2f}"
-              f" s; {run['pixels_mean']:.0f} px and {run['lines_mean']:.1f} lines on average; {run['empty_text']} "
+        print(f"\nthe info file's run: {run['images']} images, wall time per image in its worker (1 thread) mean "
+              f"{run['worker_wall_s_mean']:.2f} s, median {run['worker_wall_s_median']:.2f} s, p90 "
+              f"{run['worker_wall_s_p90']:.2f} s; {run['pixels_mean']:.0f} px and {run['lines_mean']:.1f} lines on average; {run['empty_text']} "
               f"without text; {run['failed']} failed" + (f"; wall {run['wall_s_per_image']:.2f} s per image"
                                                           if "wall_s_per_image" in run else ""))
         for key in ("dev_clean", "full_size_clean"):
