@@ -9,9 +9,10 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .dataset_info import commit_registrations, dataset_name, read_dataset_info, sharegpt_entry
+from .dataset_info import commit_registrations, dataset_name, entry_variant, read_dataset_info, sharegpt_entry
 from .io import MireInputError, OutputSet, output_lock, problem
-from .records import IMAGE_PLACEHOLDER, Kind, MireRecord, load_records
+from .prompt_variants import DEFAULT_PROMPT_VARIANT, PromptVariant, get_prompt_variant
+from .records import IMAGE_PLACEHOLDER, Kind, MireRecord, read_mire_file
 from .taxonomy import LABELS, TASKS
 
 FORMATS = ("sharegpt", "swift")
@@ -36,21 +37,27 @@ def image_path_maker(image_dir: str | os.PathLike, output_dir: str | os.PathLike
 
 
 def records_to_sharegpt(
-    records: list[MireRecord], image_dir: str | os.PathLike, output_dir: str | os.PathLike
+    records: list[MireRecord], image_dir: str | os.PathLike, output_dir: str | os.PathLike,
+    variant: PromptVariant | None = None, contexts: list[str] | None = None,
 ) -> list[dict]:
-    """ShareGPT rows. Image paths are relative to output_dir, because LLaMA-Factory joins each with `media_dir`,
-    which defaults to `dataset_dir`: point dataset_dir at output_dir. Unlabelled records get an empty assistant
-    turn, so that LLaMA-Factory keeps them (predict)."""
-    return _rows(records, image_path_maker(image_dir, output_dir))
+    """ShareGPT rows, the turns written by the prompt variant (default plain; `contexts`: each record's text for a
+    variant that inserts some). Image paths are relative to output_dir, because LLaMA-Factory joins each with
+    `media_dir`, which defaults to `dataset_dir`: point dataset_dir at output_dir. Unlabelled records get an empty
+    assistant turn, so that LLaMA-Factory keeps them (predict)."""
+    return _rows(records, image_path_maker(image_dir, output_dir), variant or get_prompt_variant(None), contexts)
 
 
-def records_to_swift(records: list[MireRecord], image_dir: str | os.PathLike) -> list[dict]:
+def records_to_swift(records: list[MireRecord], image_dir: str | os.PathLike,
+                     variant: PromptVariant | None = None, contexts: list[str] | None = None) -> list[dict]:
     """ms-swift's messages/images rows; absolute image paths, since ms-swift does not join them with a folder."""
-    return _rows(records, image_path_maker(image_dir, None))
+    return _rows(records, image_path_maker(image_dir, None), variant or get_prompt_variant(None), contexts)
 
 
-def _rows(records: list[MireRecord], path_of) -> list[dict]:
-    return [chat_row(user_content(r), r.output or "", r.images, path_of, row_id=r.id) for r in records]
+def _rows(records: list[MireRecord], path_of, variant: PromptVariant, contexts: list[str] | None) -> list[dict]:
+    contexts = contexts if contexts is not None else [None] * len(records)
+    return [chat_row(variant.user_turn(user_content(r), r.task, context), variant.answer(r.output) if r.output else "",
+                     r.images, path_of, row_id=r.id)
+            for r, context in zip(records, contexts, strict=True)]
 
 
 def chat_row(user: str, assistant: str, images: list[str], path_of, system: str | None = None,
@@ -145,14 +152,26 @@ def convert(
     task: str = "all",
     fmt: str = "sharegpt",
     kind: Kind = "auto",
-    verify_images: bool = False,
+    decode_images: bool = True,
+    prompt_variant: str = DEFAULT_PROMPT_VARIANT,
 ) -> ConvertResult:
-    """Checks everything first; on bad input raises MireInputError before writing any file."""
+    """Checks everything first; on bad input raises MireInputError before writing any file.
+
+    A train file (every record labelled) becomes train + val splits, a test file one test split; every split is
+    written with the same prompt variant, recorded in its registration."""
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
     if task not in TASK_CHOICES:
         raise ValueError(f"task must be one of {TASK_CHOICES}, got {task!r}")
-    records = load_records(input_file, image_dir, kind=kind, verify_images=verify_images)
+    try:
+        variant = get_prompt_variant(prompt_variant)
+    except ValueError as exc:
+        raise MireInputError(f"--prompt_variant: {exc}") from None
+    if variant.context:
+        raise MireInputError(f"--prompt_variant {variant.name}: needs each record's {variant.context}, which "
+                             "tools.convert cannot read yet")
+    mire = read_mire_file(input_file, image_dir, kind=kind, decode_images=decode_images)
+    records = mire.records
     bad_input = [
         problem(input_file, r.id, "input", f"holds {IMAGE_PLACEHOLDER}; images belong in the instruction")
         for r in records
@@ -165,11 +184,10 @@ def convert(
         if not records:
             raise MireInputError(problem(input_file, None, None, f"no {task} records (--task {task})"))
     output_dir = Path(output_dir)
-    if fmt == "sharegpt":
-        read_dataset_info(output_dir)  # a broken dataset_info.json stops us before anything is written
-
     warnings: list[str] = []
-    if all(r.has_label for r in records):
+    existing = read_dataset_info(output_dir) if fmt == "sharegpt" else {}  # a broken one stops us before writing
+
+    if mire.kind == "train":
         group = ("train", "val")
         train, val = stratified_split(records, val_size, seed)
         splits = {dataset_name("train", task): train}
@@ -181,6 +199,7 @@ def convert(
         group = ("test",)
         splits = {dataset_name("test", task): records}
 
+    warnings += _other_variants(existing, output_dir, variant, task, set(splits))
     ext = "json" if fmt == "sharegpt" else "jsonl"
     files = {name: output_dir / f"{name}.{ext}" for name in splits}
     # Splits of this kind of file that this run no longer writes (a val split before, --val_size 0 now) go, with
@@ -192,13 +211,28 @@ def convert(
             OutputSet() as outs:
         for name, recs in splits.items():
             if fmt == "sharegpt":
-                outs.write_json(files[name], records_to_sharegpt(recs, image_dir, output_dir))
+                outs.write_json(files[name], records_to_sharegpt(recs, image_dir, output_dir, variant))
             else:
-                outs.write_jsonl(files[name], records_to_swift(recs, image_dir))
+                outs.write_jsonl(files[name], records_to_swift(recs, image_dir, variant))
         for name in stale:
             outs.remove(output_dir / f"{name}.{ext}")
         removed = [name for name in stale if (output_dir / f"{name}.{ext}").is_file()]
         if fmt == "sharegpt":
-            info = commit_registrations(outs, output_dir, {name: sharegpt_entry(files[name].name) for name in splits},
-                                        unregister={name: f"{name}.{ext}" for name in stale})
+            entries = {name: sharegpt_entry(files[name].name, variant.name) for name in splits}
+            info = commit_registrations(outs, output_dir, entries, unregister={name: f"{name}.{ext}" for name in stale})
     return ConvertResult(splits, files, info, summary_text(splits, files), warnings, removed)
+
+
+def _other_variants(existing: dict, output_dir: Path, variant: PromptVariant, task: str,
+                    writing: set[str]) -> list[str]:
+    """Warnings for the other MIRE splits of the task selection, registered in output_dir with another variant: a
+    model trained on one and asked the other sees prompts it was not trained on (tools.vllm_infer refuses that)."""
+    ours = {dataset_name(split, task) for split in ("train", "val", "test")} - writing
+    out = []
+    for name in sorted(ours & set(existing)):
+        if isinstance(existing[name], dict):
+            other = entry_variant(existing[name], output_dir / "dataset_info.json", name)
+            if other.name != variant.name:
+                out.append(f"{name} in {output_dir} is registered with prompt variant {other.name!r}, this run writes "
+                           f"{variant.name!r}: convert every split with the same --prompt_variant")
+    return out

@@ -1,5 +1,7 @@
-"""CoT training data: a converted ShareGPT file + teacher reasons -> answers `{"理由": ..., "所属类别": ...}` that fit
-the competition's output-token budget."""
+"""CoT training data: a train file converted with a CoT prompt variant + teacher reasons -> answers
+`{"理由": ..., "所属类别": ...}` in the variant's format that fit the competition's output-token budget. The user
+turns stay as tools.convert wrote them (definitions and answer format included), so the test file converted with the
+same variant gives the same prompts."""
 
 from __future__ import annotations
 
@@ -9,13 +11,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .dataset_info import commit_registrations, read_dataset_info, sharegpt_entry
+from .answers import extract_answer
+from .dataset_info import commit_registrations, entry_variant, file_registration, read_dataset_info, sharegpt_entry
 from .io import MireInputError, OutputSet, problem, read_json
-from .prompts import cot_user_suffix, format_cot_answer
+from .prompt_variants import PROMPT_VARIANTS, PromptVariant, get_prompt_variant
 from .reasons import ReasonRecord, load_reasons
 from .taxonomy import LABELS, detect_task, normalize_label
 
-LABEL_POSITIONS = ("last", "first")
+COT_VARIANTS = tuple(name for name, v in PROMPT_VARIANTS.items() if v.answer_format == "cot")
 # A sentence ends after one of these; the piece keeps its punctuation.
 _SENTENCE_END = re.compile(r"(?<=[。！？!?；;…\n])")
 
@@ -34,20 +37,22 @@ def qwen2_token_counter() -> Callable[[str], int]:
 
 
 def fit_answer(
-    reason: str, label: str, count_tokens: Callable[[str], int], max_tokens: int, label_position: str = "last"
+    reason: str, label: str, count_tokens: Callable[[str], int], max_tokens: int,
+    variant: PromptVariant | None = None,
 ) -> tuple[str, str]:
-    """(answer, how): the whole reason ("full"), its longest prefix of whole sentences that fits ("shortened"),
-    or an empty reason ("label_only")."""
+    """(answer, how) in the variant's answer format (default cot): the whole reason ("full"), its longest prefix of
+    whole sentences that fits ("shortened"), or an empty reason ("label_only")."""
+    variant = variant or get_prompt_variant("cot")
     reason = reason.strip()
-    answer = format_cot_answer(reason, label, label_position)
+    answer = variant.answer(label, reason)
     if count_tokens(answer) <= max_tokens:
         return answer, "full"
     parts = sentences(reason)
     for k in range(len(parts) - 1, 0, -1):
-        answer = format_cot_answer("".join(parts[:k]).strip(), label, label_position)
+        answer = variant.answer(label, "".join(parts[:k]).strip())
         if count_tokens(answer) <= max_tokens:
             return answer, "shortened"
-    answer = format_cot_answer("", label, label_position)
+    answer = variant.answer(label)
     if count_tokens(answer) > max_tokens:
         raise MireInputError(f"--max_output_tokens {max_tokens} is below the label-only answer {answer} "
                              f"({count_tokens(answer)} tokens)")
@@ -71,7 +76,7 @@ def load_sharegpt_rows(path: str | os.PathLike) -> list[dict]:
         if roles != ["user", "assistant"] or not all(isinstance(m.get("content"), str) for m in messages):
             problems.append(problem(path, ref, "messages", "expected a user turn then an assistant turn (text)"))
             continue
-        if not normalize_label(messages[1]["content"]):
+        if not normalize_label(extract_answer(messages[1]["content"])):
             problems.append(problem(path, ref, "messages[1].content", "no gold label (a test file?)"))
         images = row.get("images", [])
         if not isinstance(images, list) or not all(isinstance(p, str) and "\x00" not in p for p in images):
@@ -79,6 +84,21 @@ def load_sharegpt_rows(path: str | os.PathLike) -> list[dict]:
     if problems:
         raise MireInputError(problems)
     return rows
+
+
+def source_variant(dataset_file: str | os.PathLike) -> PromptVariant:
+    """The CoT prompt variant the train file was converted with, from its registration beside it."""
+    found = file_registration(dataset_file)
+    hint = (f"convert the train file with tools.convert --prompt_variant {' or '.join(COT_VARIANTS)} (and the test file "
+            "with the same variant, so that inference prompts equal training ones)")
+    if found is None:
+        raise MireInputError(problem(dataset_file, None, None, f"not registered in the dataset_info.json beside it; {hint}"))
+    name, entry = found
+    variant = entry_variant(entry, Path(dataset_file).parent / "dataset_info.json", name)
+    if variant.answer_format != "cot":
+        raise MireInputError(problem(dataset_file, None, None,
+                                     f"registered as {name!r} with prompt variant {variant.name!r}, not a CoT one; {hint}"))
+    return variant
 
 
 @dataclass
@@ -128,17 +148,16 @@ def merge_cot(
     reason_files: list[str | os.PathLike],
     output_file: str | os.PathLike,
     max_output_tokens: int = 100,
-    label_position: str = "last",
     keep_mismatched: bool = False,
     keep_unexplained: bool = False,
     dataset_name: str | None = None,
     count_tokens: Callable[[str], int] | None = None,
 ) -> MergeReport:
     """For each record the first usable reason (files in the order given, then line order) whose teacher label
-    is the gold label; everything is checked before the output is written."""
-    if label_position not in LABEL_POSITIONS:
-        raise ValueError(f"label_position must be one of {LABEL_POSITIONS}, got {label_position!r}")
+    is the gold label, in the answer format of the dataset file's prompt variant; everything is checked before the
+    output is written."""
     rows = load_sharegpt_rows(dataset_file)
+    variant = source_variant(dataset_file)
     output_file = Path(output_file)
     read_dataset_info(output_file.parent)  # a broken dataset_info.json stops us before anything is written
     by_id = _reasons_by_id(reason_files)
@@ -149,7 +168,7 @@ def merge_cot(
     out_rows = []
     for row in rows:
         user, assistant = row["messages"]
-        gold = normalize_label(assistant["content"])
+        gold = normalize_label(extract_answer(assistant["content"]))
         try:
             task = detect_task(user["content"])
         except ValueError as exc:
@@ -168,8 +187,7 @@ def merge_cot(
             report.unexplained.append(row["id"])
             if not keep_unexplained:
                 continue
-        answer, how = fit_answer(chosen.reason if chosen else "", gold, count_tokens, max_output_tokens,
-                                 label_position)
+        answer, how = fit_answer(chosen.reason if chosen else "", gold, count_tokens, max_output_tokens, variant)
         how = how if chosen else "label_only"
         setattr(report, how, getattr(report, how) + 1)
         report.max_tokens_seen = max(report.max_tokens_seen, count_tokens(answer))
@@ -179,7 +197,7 @@ def merge_cot(
         out_rows.append({
             "id": row["id"],
             "messages": [
-                {"role": "user", "content": user["content"] + cot_user_suffix(task, label_position)},
+                {"role": "user", "content": user["content"]},  # as the variant wrote it for every split
                 {"role": "assistant", "content": answer},
             ],
             "images": images,
@@ -193,5 +211,5 @@ def merge_cot(
     report.written = len(out_rows)
     with OutputSet() as outs:
         outs.write_json(output_file, out_rows)
-        commit_registrations(outs, out_dir, {report.dataset_name: sharegpt_entry(output_file.name)})
+        commit_registrations(outs, out_dir, {report.dataset_name: sharegpt_entry(output_file.name, variant.name)})
     return report

@@ -1,5 +1,6 @@
-"""LLaMA-Factory's dataset_info.json: the registration entry of a MIRE ShareGPT file, and an atomic merge under a
-lock (read-modify-write: two tools registering into one folder at once both keep their entries)."""
+"""LLaMA-Factory's dataset_info.json: the registration entry of a MIRE ShareGPT file (with the prompt variant it was
+written with), reading it back, and an atomic merge under a lock (read-modify-write: two tools registering into one
+folder at once both keep their entries)."""
 
 from __future__ import annotations
 
@@ -9,19 +10,42 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from .io import MireInputError, OutputSet, output_lock, problem, read_json
+from .prompt_variants import DEFAULT_PROMPT_VARIANT, PromptVariant, get_prompt_variant
 
 DATASET_INFO = "dataset_info.json"
 SPLITS = ("train", "val", "test")
+# Our key in a registration entry; LLaMA-Factory's DatasetAttr.join reads only the keys it knows and ignores it.
+PROMPT_VARIANT_KEY = "mire_prompt_variant"
 
 
-def sharegpt_entry(file_name: str) -> dict:
-    """How LLaMA-Factory reads a file written by tools.convert: messages + images, role/content tags."""
+def sharegpt_entry(file_name: str, prompt_variant: str = DEFAULT_PROMPT_VARIANT) -> dict:
+    """How LLaMA-Factory reads a file written by tools.convert: messages + images, role/content tags; plus the
+    prompt variant the file's turns were written with."""
     return {
         "file_name": file_name,
         "formatting": "sharegpt",
         "columns": {"messages": "messages", "images": "images"},
         "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"},
+        PROMPT_VARIANT_KEY: prompt_variant,
     }
+
+
+def entry_variant(entry: dict, where: str | os.PathLike, name: str) -> PromptVariant:
+    """The prompt variant a registration records; entries written before variants existed are plain."""
+    try:
+        return get_prompt_variant(entry.get(PROMPT_VARIANT_KEY))
+    except ValueError as exc:
+        raise MireInputError(problem(where, None, f"{name}.{PROMPT_VARIANT_KEY}", str(exc))) from None
+
+
+def file_registration(dataset_file: str | os.PathLike) -> tuple[str, dict] | None:
+    """(name, entry) of the registration of `dataset_file` in the dataset_info.json beside it; None when none."""
+    dataset_file = Path(dataset_file)
+    info = read_dataset_info(dataset_file.parent)
+    for name, entry in info.items():
+        if isinstance(entry, dict) and entry.get("file_name") == dataset_file.name:
+            return name, entry
+    return None
 
 
 def dataset_name(split: str, task: str = "all") -> str:

@@ -42,11 +42,28 @@ class DemoConfig:
     max_new_tokens: int = 16
 
 
-# Each step allocates and frees ~1 GB of logits (152k vocab); glibc maps such blocks afresh each time, and faulting
-# them in 4 KiB pages cost as much as the bf16 matmuls. Transparent huge pages for malloc (glibc >= 2.35; ignored
-# elsewhere), measured over 40 demo steps on 2 cores: fp32 81 s, bf16 76 s, fp32 + huge pages 76 s, bf16 + huge
-# pages 47 s.
+# Each step allocates and frees gigabytes of logits (152k vocab, every position, bf16 then fp32 for the loss and its
+# gradient). Blocks that large are mapped afresh by the allocator every step and the kernel zero-fills them at first
+# touch, page by page: with 4 KiB pages that costs as much as the step's arithmetic. glibc's transparent huge pages
+# for malloc (glibc >= 2.35; ignored elsewhere) cut the page faults ~160x (benchmarks/bench_demo_train.py; 40 demo
+# steps: bf16 76 s -> 47 s). They need the kernel to offer THP (`madvise` or `always`); with `never` the demo trains
+# ~1.6x slower (README: 5:27 against 3:38), and says so. PyTorch's own switch (THP_MEM_ALLOC_ENABLE=1, any glibc)
+# cuts the faults as much (benchmarks/bench_demo_train.py), but it also aligns every large tensor to 2 MiB, which
+# may change how CPU kernels block their sums; not checked, so the demo keeps the glibc switch alone.
 CPU_TRAIN_ENV = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+def huge_pages_note() -> str | None:
+    """A line for the demo's output when the kernel offers no transparent huge pages (training then runs slower)."""
+    try:
+        setting = THP_SETTING.read_text().strip()
+    except OSError:
+        return None
+    if "[never]" in setting:
+        return (f"  note: the kernel offers no transparent huge pages ({THP_SETTING}: {setting}); training runs about "
+                "1.6x slower than with them (echo madvise > that file, as root, enables them)")
+    return None
 
 _START = time.perf_counter()
 
@@ -85,6 +102,58 @@ def train_overrides(cfg: DemoConfig, model_dir: Path, data_dir: Path, out_dir: P
     ]
 
 
+def train_command(cfg: DemoConfig, model_dir: Path, data_dir: Path, out_dir: Path) -> list[str]:
+    return [str(Path(sys.executable).with_name("llamafactory-cli")), "train", str(RECIPE),
+            *train_overrides(cfg, model_dir, data_dir, out_dir)]
+
+
+def cpu_train_env() -> dict[str, str]:
+    return {"DISABLE_VERSION_CHECK": "1", "TOKENIZERS_PARALLELISM": "false", **CPU_TRAIN_ENV}
+
+
+class ExampleDumpFilter:
+    """Drops the data example LLaMA-Factory prints before training (its data/loader.py, on the main process, with
+    no switch to turn it off): "training example:" or "eval example:", then input_ids, inputs, label_ids and
+    labels, each a header line followed by its value; hundreds of token ids nobody reads in a demo."""
+
+    HEADERS = ("training example:", "eval example:")
+
+    def __init__(self):
+        self.state = "pass"
+
+    def keep(self, line: str) -> bool:
+        text = line.rstrip("\n")
+        if self.state == "pass":
+            if text.strip() in self.HEADERS:
+                self.state = "example"
+                return False
+            return True
+        if self.state == "example":  # input_ids, inputs (multi-line text), label_ids: up to the labels header
+            if text == "labels:":
+                self.state = "labels"
+            return False
+        if self.state == "labels":  # the decoded answer, "<label><|im_end|>", then the blank line print adds
+            self.state = "blank" if text.endswith("<|im_end|>") else "pass"
+            return False
+        self.state = "pass"
+        return bool(text) and self.keep(line)
+
+
+def run_filtered(cmd: list[str], env: dict, log: Path) -> int:
+    """Runs cmd with its stdout copied whole to `log` and shown without the data examples; stderr (progress bars,
+    warnings) as it comes."""
+    keep = ExampleDumpFilter()
+    with open(log, "w", encoding="utf-8") as raw, subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, text=True, encoding="utf-8", errors="replace", bufsize=1
+    ) as proc:
+        for line in proc.stdout:
+            raw.write(line)
+            if keep.keep(line):
+                sys.stdout.write(line)
+                sys.stdout.flush()
+    return proc.returncode
+
+
 def build_data(cfg: DemoConfig) -> dict[str, Path]:
     data = cfg.workdir / "data"
     images = data / "images"
@@ -104,11 +173,9 @@ def infer_and_score(model_dir: Path, data_dir: Path, gold: Path, test: Path, out
                     plots: bool) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     preds = out / "predictions.jsonl"
-    if preds.exists():
-        preds.unlink()  # a fresh run, not a resume of an older model's predictions
     _run_tool("vllm_infer", ["--model_name_or_path", model_dir, "--dataset", "mire_test", "--dataset_dir", data_dir,
                              "--backend", "hf", "--save_name", preds, "--max_new_tokens", cfg.max_new_tokens,
-                             "--batch_size", 16])
+                             "--batch_size", 16, "--overwrite"])  # a fresh run, not a resume of an older one
     _run_tool("convert2submit", ["--test_file", test, "--prediction_file", preds, "--save_path", out / "submit.csv"])
     args = ["--test_file", gold, "--prediction_file", preds, "--json_file", out / "metrics.json"]
     if plots:
@@ -157,13 +224,16 @@ def _run_demo(cfg: DemoConfig) -> dict:
 
     _step(5, total, f"training: llamafactory-cli train {RECIPE.relative_to(REPO)} (full SFT; CPU overrides)")
     saves = work / "saves"
-    cmd = [str(Path(sys.executable).with_name("llamafactory-cli")), "train", str(RECIPE),
-           *train_overrides(cfg, model_dir, mire, saves)]
+    cmd = train_command(cfg, model_dir, mire, saves)
+    log = work / "train_stdout.log"
     print("  $ " + " ".join(cmd), flush=True)
-    env = {**os.environ, "DISABLE_VERSION_CHECK": "1", "TOKENIZERS_PARALLELISM": "false", **CPU_TRAIN_ENV}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, check=False)
-    if proc.returncode != 0:
-        raise SystemExit(f"llamafactory-cli train failed with exit code {proc.returncode}")
+    print(f"  (LLaMA-Factory's whole standard output, example token ids included: {log})", flush=True)
+    note = huge_pages_note()
+    if note:
+        print(note, flush=True)
+    code = run_filtered(cmd, {**os.environ, **cpu_train_env()}, log)
+    if code != 0:
+        raise SystemExit(f"llamafactory-cli train failed with exit code {code}; see {log}")
 
     _step(6, total, "inference with the trained model, submission CSV, official metric")
     after = infer_and_score(saves, mire, paths["gold"], paths["test"], work / "trained", cfg, plots=True)

@@ -24,10 +24,10 @@ import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
 
+from .answers import extract_answer, read_answer
 from .io import write_jsonl_atomic
-from .predictions import extract_answer
 from .scoring import score
-from .taxonomy import fix_label, task_of_label
+from .taxonomy import task_of_label
 
 logger = logging.getLogger(__name__)
 
@@ -63,17 +63,19 @@ def metric_prefix(metrics: dict | None) -> str:
 
 
 def f1_metrics(gold_texts: Sequence[str], pred_texts: Sequence[str], prefix: str = "eval") -> tuple[dict, list[dict]]:
-    """Scores as tools.cal_acc computes them: answers extracted, predictions fixed to the nearest label of the
-    gold's task. Returns (flat metrics for the log, one row per record)."""
+    """Scores as tools.cal_acc computes them by default: answers read by answers.read_answer for the gold's task
+    (CoT JSON parsed, near misses fixed, the rest invalid). Returns (flat metrics for the log, one row per record)."""
     golds, preds, tasks, rows = [], [], [], []
     for gold_text, pred_text in zip(gold_texts, pred_texts, strict=True):
         gold = extract_answer(gold_text)
         task = task_of_label(gold)
-        pred, _ = fix_label(extract_answer(pred_text), task) if task else (extract_answer(pred_text), 0.0)
-        rows.append({"gold": gold, "task": task, "raw": pred_text, "predict": pred})
+        answer = read_answer(pred_text, task) if task else None
+        rows.append({"gold": gold, "task": task, "raw": pred_text,
+                     "predict": answer.label if answer else extract_answer(pred_text),
+                     "how": answer.how if answer else None})
         if task:
             golds.append(gold)
-            preds.append(pred)
+            preds.append(answer.scored)
             tasks.append(task)
     if not golds:
         return {}, rows

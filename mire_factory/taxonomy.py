@@ -221,32 +221,55 @@ def is_valid_label(text: str, task: Task) -> bool:
     return normalize_label(text) in LABELS[task]
 
 
-def fix_label(text: str, task: Task) -> tuple[str, float]:
-    """The nearest valid label of `task` and a score in [0, 1] (1.0: exact after normalization).
+Evidence = Literal["exact", "contained", "truncated", "similar", "empty"]
 
-    Order of evidence: exact match; the longest label contained in the text (padded answers); the label the text
-    is a prefix of (truncated answers); then character similarity (garbled answers). Ties go to the label listed
-    first, so the result is deterministic.
+
+def match_label(text: str, task: Task) -> tuple[str, Evidence, float]:
+    """The nearest valid label of `task`, the evidence for it, and a score in [0, 1].
+
+    Order of evidence: exact match after normalization (score 1); the longest label contained in the text (padded
+    answers); the shortest label the text is a prefix of, from 2 characters (truncated answers); then character
+    similarity (difflib's ratio, the score; garbled answers). Empty text gets the task's default at score 0. Ties go
+    to the label listed first, so the result is deterministic.
     """
     labels = LABELS[task]
     canonical = normalize_label(text)
     if canonical in labels:
-        return canonical, 1.0
+        return canonical, "exact", 1.0
     key = _key(canonical)
     candidates = [label for label in labels if label not in RETIRED_IMAGE_LABELS]
     if not key:
-        return candidates[-1] if task == "image" else candidates[0], 0.0
+        return (candidates[-1] if task == "image" else candidates[0]), "empty", 0.0
     contained = [label for label in labels if _key(label) in key]
     if contained:
         best = max(contained, key=lambda label: len(_key(label)))
-        return best, 0.9 * len(_key(best)) / max(len(key), len(_key(best)))  + 0.1
+        return best, "contained", len(_key(best)) / max(len(key), len(_key(best)))
     prefixed = [label for label in candidates if _key(label).startswith(key)]
     if prefixed and len(key) >= 2:
         best = min(prefixed, key=lambda label: len(_key(label)))
-        return best, 0.5 + 0.4 * len(key) / len(_key(best))
-    best_label, best_score = candidates[0], -1.0
-    for label in candidates:
-        score = difflib.SequenceMatcher(None, key, _key(label), autojunk=False).ratio()
-        if score > best_score:
-            best_label, best_score = label, score
-    return best_label, round(0.8 * best_score, 6)
+        return best, "truncated", len(key) / len(_key(best))
+    best_label, best_score = label_similarities(text, task)[0]
+    return best_label, "similar", best_score
+
+
+def label_similarities(text: str, task: Task) -> list[tuple[str, float]]:
+    """(label, difflib's ratio with the normalized text) for every label of the task a fix may choose (retired
+    labels never), best first; equal ratios keep the official order."""
+    key = _key(normalize_label(text))
+    candidates = [label for label in LABELS[task] if label not in RETIRED_IMAGE_LABELS]
+    scores = [(label, round(difflib.SequenceMatcher(None, key, _key(label), autojunk=False).ratio(), 6))
+              for label in candidates]
+    return sorted(scores, key=lambda pair: -pair[1])
+
+
+def fix_label(text: str, task: Task) -> tuple[str, float]:
+    """The nearest valid label of `task` (match_label's) and a score in [0, 1] ordered by evidence: 1.0 exact, then
+    contained (0.1-1.0), truncated (0.5-0.9), similar (0-0.8, difflib's ratio scaled)."""
+    label, evidence, score = match_label(text, task)
+    if evidence == "contained":
+        return label, 0.9 * score + 0.1
+    if evidence == "truncated":
+        return label, 0.5 + 0.4 * score
+    if evidence == "similar":
+        return label, round(0.8 * score, 6)
+    return label, score

@@ -5,6 +5,8 @@ Arguments are read as `llamafactory-cli train` reads them (the YAML merged with 
 OmegaConf), plus our own keys, removed before LLaMA-Factory sees them:
   mire_f1_max_new_tokens (default 100, at most 100), mire_f1_max_samples (default: the whole validation set).
 Set `metric_for_best_model=eval_f1` to keep the best checkpoint by the official metric.
+The arguments trained with are saved as OUTPUT_DIR/training_args.yaml (LLaMA-Board's name), where tools.vllm_infer
+reads the settings inference must share (cutoff_len, image pixels, template, the data's prompt variant).
 
 Distributed launch follows llamafactory-cli: with FORCE_TORCHRUN=1 or several visible GPUs the launcher re-runs
 itself under torchrun with NNODES, NODE_RANK, NPROC_PER_NODE, MASTER_ADDR, MASTER_PORT; or run
@@ -19,7 +21,7 @@ import sys
 from pathlib import Path
 
 from .f1_callback import MAX_NEW_TOKENS_LIMIT, F1Callback
-from .io import MireInputError, problem, run_cli
+from .io import MireInputError, problem, run_cli, write_text_atomic
 
 OWN_KEYS = ("mire_f1_max_new_tokens", "mire_f1_max_samples")
 F1_PLOT_KEYS = ("eval_f1", "eval_f1_image", "eval_f1_dialogue")
@@ -94,9 +96,21 @@ def main(argv: list[str] | None = None) -> int:
     from llamafactory.train.tuner import run_exp
 
     run_exp(args=args, callbacks=[callback])
-    if args.get("plot_loss") and int(os.getenv("RANK", "0")) == 0 and args.get("output_dir"):
-        plot_f1(args["output_dir"])
+    if int(os.getenv("RANK", "0")) == 0 and args.get("output_dir"):
+        save_training_args(args["output_dir"], args)
+        if args.get("plot_loss"):
+            plot_f1(args["output_dir"])
     return 0
+
+
+def save_training_args(output_dir: str, args: dict) -> Path:
+    """The merged YAML and overrides, as LLaMA-Board saves them (extras/constants.py: TRAINING_ARGS)."""
+    import yaml
+    from llamafactory.extras.constants import TRAINING_ARGS
+
+    path = Path(output_dir) / TRAINING_ARGS
+    write_text_atomic(path, yaml.safe_dump(args, allow_unicode=True, sort_keys=False))
+    return path
 
 
 if __name__ == "__main__":

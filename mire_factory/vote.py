@@ -1,4 +1,4 @@
-"""Per-record (weighted) majority vote across several models' fixed labels."""
+"""Per-record (weighted) majority vote across several models' labels; an invalid answer (None) is an abstention."""
 
 from __future__ import annotations
 
@@ -43,14 +43,14 @@ def parse_weights(text: str | None, n_files: int) -> list[float]:
 
 @dataclass
 class VoteResult:
-    labels: list[str]
+    labels: list[str | None]
     votes: list[dict[str, float]]  # per record: label -> summed weight
     unanimous: list[bool]
     tied: list[bool]
     agreement: list[list[float]]  # pairwise fraction of records on which two files agree
 
 
-def _winner(candidates: Sequence[str], per_file: Sequence[str], weights: Sequence[float], tie: TieBreak) -> str:
+def _winner(candidates: Sequence[str], per_file: Sequence[str | None], weights: Sequence[float], tie: TieBreak) -> str:
     if len(candidates) == 1:
         return candidates[0]
     if tie.rule == "model" and per_file[tie.model] in candidates:
@@ -61,8 +61,9 @@ def _winner(candidates: Sequence[str], per_file: Sequence[str], weights: Sequenc
     return next(per_file[i] for i in order if per_file[i] in candidates)
 
 
-def vote(label_lists: Sequence[Sequence[str]], weights: Sequence[float], tie: TieBreak) -> VoteResult:
-    """label_lists[f][r]: file f's label for record r (all already fixed and aligned)."""
+def vote(label_lists: Sequence[Sequence[str | None]], weights: Sequence[float], tie: TieBreak) -> VoteResult:
+    """label_lists[f][r]: file f's label for record r (aligned; None: an invalid answer, which casts no vote).
+    A record no file answers validly gets None."""
     n_files = len(label_lists)
     n = len(label_lists[0])
     if any(len(labels) != n for labels in label_lists):
@@ -72,12 +73,13 @@ def vote(label_lists: Sequence[Sequence[str]], weights: Sequence[float], tie: Ti
         per_file = [labels[r] for labels in label_lists]
         tally: dict[str, float] = {}
         for label, w in zip(per_file, weights, strict=True):
-            tally[label] = tally.get(label, 0.0) + w
-        best = max(tally.values())
+            if label is not None:
+                tally[label] = tally.get(label, 0.0) + w
+        best = max(tally.values(), default=0.0)
         candidates = [label for label, w in tally.items() if math.isclose(w, best, rel_tol=1e-9)]
-        result.labels.append(_winner(candidates, per_file, weights, tie))
+        result.labels.append(_winner(candidates, per_file, weights, tie) if candidates else None)
         result.votes.append(tally)
-        result.unanimous.append(len(tally) == 1)
+        result.unanimous.append(len(tally) == 1 and None not in per_file)
         result.tied.append(len(candidates) > 1)
     for i in range(n_files):
         for j in range(i + 1, n_files):

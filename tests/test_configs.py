@@ -14,6 +14,8 @@ from conftest import REPO
 CONFIGS = REPO / "configs"
 TRAIN_RECIPES = ("qwen2_vl_full_sft", "qwen2_vl_2b_full_sft", "qwen2_vl_lora_sft", "qwen2_vl_freeze_sft")
 ALL_YAML = (*TRAIN_RECIPES, "predict")
+# (image_max_pixels, cutoff_len): the freeze recipe keeps the community solution's 900000 pixels it cites
+SIZING = {name: (589824, 10240) for name in ALL_YAML} | {"qwen2_vl_freeze_sft": (900000, 16384)}
 
 
 def load_yaml(name: str) -> dict:
@@ -37,8 +39,7 @@ def test_config_parses_with_llamafactory(name, tmp_path):
     assert data_args.template == "qwen2_vl"
     assert data_args.dataset_dir == "data/mire"
     assert training_args.bf16 and not training_args.fp16
-    assert model_args.image_max_pixels == 589824
-    assert data_args.cutoff_len == 10240
+    assert (model_args.image_max_pixels, data_args.cutoff_len) == SIZING[name]
     assert generating_args.max_new_tokens <= 100
 
 
@@ -57,6 +58,32 @@ def test_train_recipes_train_and_evaluate(name, tmp_path):
         assert finetuning_args.freeze_trainable_layers > 0  # the LAST n layers train
     model_name = load_yaml(name)["model_name_or_path"]
     assert model_name == ("Qwen/Qwen2-VL-2B-Instruct" if "2b" in name else "Qwen/Qwen2-VL-7B-Instruct")
+
+
+def test_the_freeze_recipe_has_the_settings_of_the_result_it_cites(tmp_path):
+    """The community solution behind "F1 84.9": the last 25 layers, lr 5e-6, 12 samples per step, 900000 pixels."""
+    model_args, _, training_args, finetuning_args, _ = parse("qwen2_vl_freeze_sft", tmp_path)
+    text = (CONFIGS / "qwen2_vl_freeze_sft.yaml").read_text(encoding="utf-8")
+    assert "84.9" in text
+    assert finetuning_args.finetuning_type == "freeze" and finetuning_args.freeze_trainable_layers == 25
+    assert training_args.learning_rate == 5e-6
+    assert training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps == 12
+    assert model_args.image_max_pixels == 900000
+
+
+def test_recipe_comments_state_the_measured_lengths(mire_sample):
+    """The sizing comments say what the data shows: training records have at most 4 images (3470 tokens at 589824
+    pixels); the 11-image dialogues are the test set's."""
+    from mire_factory.recipe_sizing import measure
+    from mire_factory.records import load_records
+
+    lengths = measure(load_records(mire_sample / "train_sample.json", mire_sample / "images", kind="train"),
+                      mire_sample / "images", 589824)
+    longest = max(lengths, key=lambda x: x.total_tokens)
+    text = (CONFIGS / "qwen2_vl_full_sft.yaml").read_text(encoding="utf-8")
+    assert f"the longest training record is {longest.total_tokens} tokens ({longest.n_images} images" in text
+    assert "at most 4 images per" in text and "The 11-image dialogues are in the test" in text
+    assert "full train set has dialogues with up to 11" not in text
 
 
 def test_2b_recipe_is_the_7b_recipe_sized_for_one_gpu():

@@ -161,3 +161,70 @@ def test_bad_input_exits_2_and_writes_nothing(case, tmp_path):
     if rid is not None:
         assert any(rid in line and f"field '{field}'" in line for line in errors), errors
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing written, no temp files left
+
+
+def test_a_test_file_with_empty_outputs_converts_as_a_test_set(tmp_path):
+    """The natural shape of a MIRE test file (alpaca-style registration needs the key): `"output": ""`."""
+    records = make_records(3, 4, tmp_path / "images", seed=6)
+    for r in records:
+        r["output"] = ""
+    write_dataset(tmp_path / "test.json", records)
+    proc = _convert("--input_file", tmp_path / "test.json", "--image_dir", tmp_path / "images", "--output_dir",
+                    tmp_path / "out")
+    assert set(_load(tmp_path / "out" / "dataset_info.json")) == {"mire_test"}
+    rows = _load(tmp_path / "out" / "mire_test.json")
+    assert [r["id"] for r in rows] == [r["id"] for r in records]
+    assert all(r["messages"][1]["content"] == "" for r in rows)
+    assert "mire_test: 7 records" in proc.stdout
+
+
+def test_a_mixed_file_is_refused_and_kind_test_keeps_every_record_in_the_test_set(tmp_path):
+    records = make_records(3, 4, tmp_path / "images", seed=6)
+    del records[2]["output"]  # one train record without its label: the old rule converted this file as a test set
+    write_dataset(tmp_path / "train.json", records)
+    out = tmp_path / "out"
+    proc = run_tool("convert", "--input_file", tmp_path / "train.json", "--image_dir", tmp_path / "images",
+                    "--output_dir", out)
+    assert proc.returncode == 2 and f"record {records[2]['id']!r}: field 'output'" in proc.stderr
+    assert not out.exists()
+    _convert("--input_file", tmp_path / "train.json", "--image_dir", tmp_path / "images", "--output_dir", out,
+             "--kind", "test")
+    assert set(_load(out / "dataset_info.json")) == {"mire_test"}  # --kind test: one test split, labels kept
+    rows = {r["id"]: r for r in _load(out / "mire_test.json")}
+    assert len(rows) == 7 and rows[records[2]["id"]]["messages"][1]["content"] == ""
+    assert rows[records[0]["id"]]["messages"][1]["content"] == records[0]["output"]
+
+
+def test_prompt_variant_writes_every_split_and_is_recorded(tmp_path):
+    from mire_factory.prompt_variants import get_prompt_variant
+    from mire_factory.prompts import LABEL_KEY, REASON_KEY, cot_user_suffix
+
+    train = make_records(6, 6, tmp_path / "images", seed=2, image_classes=("商品头图", "退款页面"),
+                         dialogue_classes=("是否好用", "气泡"))
+    test = [{**r, "output": ""} for r in make_records(2, 2, tmp_path / "images", seed=3, id_prefix="t")]
+    write_dataset(tmp_path / "train.json", train)
+    write_dataset(tmp_path / "test.json", test)
+    out = tmp_path / "out"
+    for name in ("train", "test"):
+        _convert("--input_file", tmp_path / f"{name}.json", "--image_dir", tmp_path / "images", "--output_dir", out,
+                 "--prompt_variant", "cot", "--val_size", "0.25")
+    info = _load(out / "dataset_info.json")
+    assert {name: entry["mire_prompt_variant"] for name, entry in info.items()} == {
+        "mire_train": "cot", "mire_val": "cot", "mire_test": "cot"}
+    assert info["mire_test"] == sharegpt_entry("mire_test.json", "cot")
+    source = {r["id"]: r for r in train + test}
+    for split in ("train", "val", "test"):
+        for row in _load(out / f"mire_{split}.json"):
+            src = source[row["id"]]
+            task = "dialogue" if "多轮对话" in src["instruction"] else "image"
+            assert row["messages"][0]["content"] == src["instruction"] + cot_user_suffix(task, "last")
+            answer = row["messages"][1]["content"]
+            if split == "test":
+                assert answer == ""
+            else:  # label-only CoT JSON, the format tools.merge_cot fills with reasons
+                assert json.loads(answer) == {REASON_KEY: "", LABEL_KEY: src["output"]}
+                assert answer == get_prompt_variant("cot").answer(src["output"])
+    # a later split in another variant: converted, with a warning naming the other splits
+    proc = _convert("--input_file", tmp_path / "test.json", "--image_dir", tmp_path / "images", "--output_dir", out)
+    assert "mire_train in" in proc.stderr and "registered with prompt variant 'cot'" in proc.stderr
+    assert _load(out / "dataset_info.json")["mire_test"]["mire_prompt_variant"] == "plain"

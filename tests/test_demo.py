@@ -26,3 +26,53 @@ def test_demo_learns(tmp_path):
     for png in ("trained/confusion_image.png", "trained/confusion_dialogue.png", "saves/training_loss.png"):
         with Image.open(work / png) as img:
             img.verify()
+
+
+def test_the_demo_hides_llamafactorys_example_dump_and_nothing_else(capsys):
+    """What LLaMA-Factory prints before training (its SupervisedDatasetProcessor.print_data_example on a real
+    encoded record, multi-line dialogue prompt included) is dropped from the demo's output; the rest passes."""
+    from llamafactory.data import get_template_and_fix_tokenizer
+    from llamafactory.data.processor.supervised import SupervisedDatasetProcessor
+    from llamafactory.hparams import DataArguments
+
+    from mire_factory.demo import ExampleDumpFilter
+    from mire_factory.taxonomy import build_dialogue_instruction
+    from mire_factory.tiny_model import build_processor, load_qwen2_tokenizer
+
+    tokenizer = load_qwen2_tokenizer()
+    data_args = DataArguments(template="qwen2_vl")
+    template = get_template_and_fix_tokenizer(tokenizer, data_args)
+    dumper = SupervisedDatasetProcessor(template=template, tokenizer=tokenizer, processor=build_processor(tokenizer),
+                                        data_args=data_args)
+    messages = [{"role": "user", "content": build_dialogue_instruction([("用户", "贴膜有气泡怎么办"), ("客服", "")])},
+                {"role": "assistant", "content": "气泡"}]
+    prompt, answer = template.encode_oneturn(tokenizer, messages)
+    example = {"input_ids": prompt + answer, "labels": [-100] * len(prompt) + answer}
+    print("[5/7] training")
+    print("training example:")
+    dumper.print_data_example(example)
+    print("{'loss': 11.9, 'epoch': 0.2}")
+    print("eval example:")
+    dumper.print_data_example(example)
+    print("")
+    print("done")
+    out = capsys.readouterr().out
+    assert "input_ids:" in out and str(prompt[:8])[1:-1] in out  # the dump is there to be dropped
+    keep = ExampleDumpFilter()
+    shown = "".join(line for line in out.splitlines(keepends=True) if keep.keep(line))
+    assert shown == "[5/7] training\n{'loss': 11.9, 'epoch': 0.2}\n\ndone\n"
+
+
+def test_the_demo_asks_for_huge_pages_and_says_when_there_are_none(tmp_path, monkeypatch):
+    from mire_factory import demo
+
+    env = demo.cpu_train_env()
+    assert env["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+    setting = tmp_path / "enabled"
+    monkeypatch.setattr(demo, "THP_SETTING", setting)
+    for text, noted in (("always [madvise] never", False), ("[always] madvise never", False),
+                        ("always madvise [never]", True)):
+        setting.write_text(text + "\n")
+        assert (demo.huge_pages_note() is not None) is noted
+    setting.unlink()
+    assert demo.huge_pages_note() is None

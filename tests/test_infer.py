@@ -112,17 +112,37 @@ def test_sharded_runs_merged_equal_the_unsharded_run_and_resume(tiny_model_dir, 
     partial = tmp_path / "resumed.jsonl"
     text = full.read_text(encoding="utf-8").splitlines(keepends=True)
     partial.write_text("".join(text[:5]) + text[5][:20], encoding="utf-8")
+    meta = json.loads((tmp_path / "full.jsonl.meta.json").read_text(encoding="utf-8"))
+    assert meta["origin"]["cutoff_len"] == 1024 and meta["origin"]["prompt_variant"] == "plain"
+    assert meta["origin"]["weights"] and meta["origin"]["model_name_or_path"] == str(tiny_model_dir.resolve())
+    (tmp_path / "resumed.jsonl.meta.json").write_text(json.dumps(meta), encoding="utf-8")
     run(infer_args(tiny_model_dir, ds, partial))
     assert read_rows(partial) == rows
+    merged_meta = json.loads((tmp_path / "sharded.jsonl.meta.json").read_text(encoding="utf-8"))
+    assert merged_meta["origin"] == meta["origin"]
 
 
-def test_cot_constrained_answers_are_json_with_a_valid_label(tiny_model_dir, synthetic_dataset, tmp_path):
+@pytest.fixture(scope="module")
+def cot_dataset(tmp_path_factory):
+    """A test file converted with the cot prompt variant (definitions and answer format in every user turn)."""
+    from mire_factory.convert import convert
+    from mire_factory.synthetic import make_records, write_dataset
+
+    root = tmp_path_factory.mktemp("infer_cot")
+    records = make_records(5, 9, root / "src", seed=7, image_size=(96, 64), max_dialogue_images=3, with_labels=False)
+    write_dataset(root / "test.json", records)
+    convert(root / "test.json", root / "src", root / "ds", prompt_variant="cot")
+    return root / "ds", [r["id"] for r in records]
+
+
+def test_cot_constrained_answers_are_json_with_a_valid_label(tiny_model_dir, cot_dataset, tmp_path):
+    """The answer format comes from the dataset's prompt variant: no flag to forget."""
     from mire_factory.infer.pipeline import run
     from mire_factory.prompts import LABEL_KEY, REASON_KEY
 
-    ds, ids = synthetic_dataset
-    save = run(infer_args(tiny_model_dir, ds, tmp_path / "cot.jsonl", constrained=True, answer_format="cot",
-                          max_new_tokens=48, batch_size=7))
+    ds, ids = cot_dataset
+    save = run(infer_args(tiny_model_dir, ds, tmp_path / "cot.jsonl", constrained=True, max_new_tokens=48,
+                          batch_size=7))
     rows = read_rows(save)
     assert [r["id"] for r in rows] == ids
     for row in rows:
@@ -164,3 +184,77 @@ def test_varlen_vision_attention_equals_per_image_sdpa(tiny_model_dir, mire_samp
     assert model.model.visual.config._attn_implementation == VARLEN_ATTENTION
     assert model.model.language_model.config._attn_implementation == "sdpa"
     torch.testing.assert_close(features, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_a_resume_must_come_from_the_same_model_and_settings(tiny_model_dir, synthetic_dataset, tmp_path):
+    """Rerunning into a file with another model used to keep the old predictions ("0 to predict"): now the
+    origin in PRED.meta.json is compared and a different one is refused in one line, unless --overwrite."""
+    import shutil
+
+    from mire_factory.tiny_model import make_tiny_model
+
+    ds, ids = synthetic_dataset
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    save = tmp_path / "p.jsonl"
+    base = ["--dataset", "mire_test", "--dataset_dir", ds, "--backend", "hf", "--save_name", save, "--cutoff_len",
+            "1024", "--max_new_tokens", "8", "--image_max_pixels", "65536"]
+    proc = run_tool("vllm_infer", "--model_name_or_path", model, *base)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    first = read_rows(save)
+    again = run_tool("vllm_infer", "--model_name_or_path", model, *base)  # same origin: a resume with nothing to do
+    assert again.returncode == 0 and f"{len(ids)} already in" in again.stdout
+
+    proc = run_tool("vllm_infer", "--model_name_or_path", model, *base[:-6], "--cutoff_len", "2048",
+                    *base[-4:])
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and "cutoff_len: 1024 there, 2048 now" in errors[0], proc.stderr
+    make_tiny_model(model, preset="tiny", seed=5)  # retrained in place: same path, other weights
+    proc = run_tool("vllm_infer", "--model_name_or_path", model, *base)
+    assert proc.returncode == 2 and "holds predictions of another model or settings (weights:" in proc.stderr
+    assert "--overwrite" in proc.stderr and read_rows(save) == first
+    old_weights = json.loads((tmp_path / "p.jsonl.meta.json").read_text(encoding="utf-8"))["origin"]["weights"]
+    proc = run_tool("vllm_infer", "--model_name_or_path", model, *base, "--overwrite")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"0 already in {save}" in proc.stdout and [r["id"] for r in read_rows(save)] == ids
+    new_weights = json.loads((tmp_path / "p.jsonl.meta.json").read_text(encoding="utf-8"))["origin"]["weights"]
+    assert new_weights != old_weights
+    (tmp_path / "p.jsonl.meta.json").unlink()  # a file with no record of its origin is not resumed either
+    proc = run_tool("vllm_infer", "--model_name_or_path", model, *base)
+    assert proc.returncode == 2 and "no record of what made them" in proc.stderr
+
+
+def test_an_undecodable_image_is_a_failed_row_not_a_failed_batch(tiny_model_dir, tmp_path, capsys):
+    """A truncated JPEG fails only its record (field `error`), the batch is generated, a rerun has nothing left to
+    do, and downstream tools count the row as an invalid answer."""
+    from PIL import Image
+
+    from mire_factory.convert import convert
+    from mire_factory.infer.pipeline import run
+    from mire_factory.io import run_cli
+    from mire_factory.synthetic import make_records, write_dataset
+    from tools import convert2submit
+
+    records = make_records(4, 4, tmp_path / "src", seed=3, max_dialogue_images=1, image_format="JPEG")
+    write_dataset(tmp_path / "gold.json", records)
+    write_dataset(tmp_path / "test.json", [{**r, "output": ""} for r in records])
+    convert(tmp_path / "test.json", tmp_path / "src", tmp_path / "ds")
+    bad = next(r for r in records if r["image"])
+    path = tmp_path / "src" / bad["image"][0]
+    Image.new("RGB", (300, 300), (10, 200, 30)).save(path, format="JPEG")
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # the header reads, the pixels do not
+    save = run(infer_args(tiny_model_dir, tmp_path / "ds", tmp_path / "p.jsonl", batch_size=8))
+    assert "planned 8 prompts" in capsys.readouterr().out  # it fails while its batch is prepared, not before
+    rows = {r["id"]: r for r in read_rows(save)}
+    assert len(rows) == 8 and "truncated" in rows[bad["id"]]["error"] and rows[bad["id"]]["predict"] == ""
+    assert all("error" not in r and r["prompt"] for rid, r in rows.items() if rid != bad["id"])
+    capsys.readouterr()
+    run(infer_args(tiny_model_dir, tmp_path / "ds", tmp_path / "p.jsonl", batch_size=8))
+    out = capsys.readouterr().out
+    assert "8 already in" in out and "1 of them failed; --retry_failed" in out and "0 to predict" in out
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(convert2submit.main, ["--test_file", str(tmp_path / "test.json"), "--prediction_file", str(save),
+                                      "--save_path", str(tmp_path / "s.csv")])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "failed 1" in out and f"1 predictions failed at inference, e.g. {bad['id']}" in out

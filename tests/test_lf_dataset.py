@@ -41,11 +41,14 @@ def sample_data(mire_sample, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def sample_cot(sample_data):
+def sample_cot(mire_sample, tmp_path_factory):
+    """The real sample converted with the cot prompt variant, then merged with reasons (mire_train_cot)."""
+    sample_data = tmp_path_factory.mktemp("lf_sample_cot")
+    convert(mire_sample / "train_sample.json", mire_sample / "images", sample_data, val_size=0, prompt_variant="cot")
     rows = json.loads((sample_data / "mire_train.json").read_text(encoding="utf-8"))
     lines = []
     for k, row in enumerate(rows):
-        gold = row["messages"][1]["content"]
+        gold = json.loads(row["messages"][1]["content"])["所属类别"]
         reason = f"用户的问题和「{gold}」的定义一致。" * (1 + k % 9)  # some must be shortened
         lines.append(ReasonRecord(id=row["id"], mode=2, model="t", status="ok", reason=reason, label=gold).to_json())
     (sample_data / "reasons.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -4,9 +4,11 @@ from pathlib import Path
 import pytest
 
 from conftest import run_tool
+from mire_factory.answers import extract_answer
 from mire_factory.convert import convert
 from mire_factory.cot import fit_answer, merge_cot, qwen2_token_counter, sentences
 from mire_factory.io import MireInputError
+from mire_factory.prompt_variants import get_prompt_variant
 from mire_factory.prompts import LABEL_KEY, REASON_KEY, cot_user_suffix
 from mire_factory.reasons import ReasonRecord
 from mire_factory.tiny_model import load_qwen2_tokenizer
@@ -27,12 +29,12 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def converted(synthetic_train, tmp_path_factory):
     out = tmp_path_factory.mktemp("cot_data")
-    convert(*synthetic_train, out, val_size=0)
+    convert(*synthetic_train, out, val_size=0, prompt_variant="cot")
     return out / "mire_train.json"
 
 
 def _gold(row):
-    return row["messages"][1]["content"]
+    return extract_answer(row["messages"][1]["content"])
 
 
 def write_reasons(path, rows):
@@ -81,7 +83,7 @@ def test_fit_answer_modes(count_tokens):
     assert count_tokens(fit_answer(SENTENCE * (len(reason) // len(SENTENCE) + 1), "气泡", count_tokens, 10**6)[0]) > 100
     answer, how = fit_answer("理由" * 200, "气泡", count_tokens, 100)
     assert how == "label_only" and json.loads(answer) == {REASON_KEY: "", LABEL_KEY: "气泡"}
-    first = json.loads(fit_answer("短。", "气泡", count_tokens, 100, "first")[0])
+    first = json.loads(fit_answer("短。", "气泡", count_tokens, 100, get_prompt_variant("cot_label_first"))[0])
     assert list(first) == [LABEL_KEY, REASON_KEY]
 
 
@@ -109,7 +111,8 @@ def test_merge_rules_and_budget(converted, reasons, tmp_path, tokenizer):
         if kind == "endless":
             assert parsed[REASON_KEY] == ""
         task = "dialogue" if "多轮对话" in src["messages"][0]["content"] else "image"
-        assert row["messages"][0]["content"] == src["messages"][0]["content"] + cot_user_suffix(task)
+        assert row["messages"][0]["content"] == src["messages"][0]["content"]  # as convert wrote it for every split
+        assert row["messages"][0]["content"].endswith(cot_user_suffix(task))
         assert len(row["images"]) == len(src["images"])
         for path, orig in zip(row["images"], src["images"], strict=True):
             assert (out.parent / path).resolve() == (converted.parent / orig).resolve()
@@ -120,11 +123,13 @@ def test_merge_rules_and_budget(converted, reasons, tmp_path, tokenizer):
     assert all(rid in proc.stdout for rid in mismatched)
     info = json.loads((out.parent / "dataset_info.json").read_text(encoding="utf-8"))
     assert info["mire_train_cot"]["file_name"] == "mire_train_cot.json"
+    assert info["mire_train_cot"]["mire_prompt_variant"] == "cot"
 
 
-def test_keep_flags_and_label_first(converted, reasons, tmp_path, count_tokens):
+def test_keep_flags_and_label_first(synthetic_train, reasons, tmp_path, count_tokens):
     first, _, plan = reasons
-    report = merge_cot(converted, [first], tmp_path / "cot.json", label_position="first", keep_mismatched=True,
+    convert(*synthetic_train, tmp_path / "first", val_size=0, prompt_variant="cot_label_first")
+    report = merge_cot(tmp_path / "first" / "mire_train.json", [first], tmp_path / "cot.json", keep_mismatched=True,
                        keep_unexplained=True, count_tokens=count_tokens, max_output_tokens=60)
     merged = json.loads((tmp_path / "cot.json").read_text(encoding="utf-8"))
     assert len(merged) == len(plan) == report.written
@@ -143,8 +148,8 @@ def test_budget_below_label_only_is_an_input_error(converted, reasons, tmp_path,
     assert not any(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("case", ["bad_status", "broken_json", "test_file"])
-def test_bad_input_exits_2_and_writes_nothing(case, converted, reasons, tmp_path):
+@pytest.mark.parametrize("case", ["bad_status", "broken_json", "test_file", "plain_variant", "unregistered"])
+def test_bad_input_exits_2_and_writes_nothing(case, converted, reasons, tmp_path, synthetic_train):
     first, _, _ = reasons
     dataset = converted
     if case == "bad_status":
@@ -158,8 +163,16 @@ def test_bad_input_exits_2_and_writes_nothing(case, converted, reasons, tmp_path
         rows[3]["messages"][1]["content"] = ""
         dataset = tmp_path / "test.json"
         dataset.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    elif case == "plain_variant":  # user turns without the definitions: the test file would not match training
+        convert(*synthetic_train, tmp_path / "plain", val_size=0)
+        dataset = tmp_path / "plain" / "mire_train.json"
+    elif case == "unregistered":
+        dataset = tmp_path / "copy.json"
+        dataset.write_bytes(converted.read_bytes())
     out = tmp_path / "out" / "cot.json"
     proc = run_tool("merge_cot", "--dataset_file", dataset, "--reasons_file", first, "--output_file", out)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert proc.stderr.startswith("error:") and "Traceback" not in proc.stderr
+    if case in ("plain_variant", "unregistered"):
+        assert "--prompt_variant cot" in proc.stderr and str(dataset) in proc.stderr
     assert not out.parent.exists() or not any(Path(out.parent).iterdir())

@@ -288,7 +288,7 @@ def test_analyze_and_merge_cot_refuse_a_reasons_line_of_the_wrong_type(data, tmp
     code, _, err = call(analyze.main, "--input_file", data["train"], "--reasons_file", bad, "--output_dir", study)
     assert code == 2 and f"line {len(records)}: record {records[0].id!r}: field '{field}'" in err
     assert not study.exists()  # no PNG, no report
-    out = converted(data, tmp_path / "o", "--val_size", "0")
+    out = converted(data, tmp_path / "o", "--val_size", "0", "--prompt_variant", "cot")
     before = tree(out)
     code, _, err = call(merge_cot.main, "--dataset_file", out / "mire_train.json", "--reasons_file", bad,
                         "--output_file", out / "cot.json")
@@ -297,7 +297,7 @@ def test_analyze_and_merge_cot_refuse_a_reasons_line_of_the_wrong_type(data, tmp
 
 
 def test_merge_cot_blames_an_empty_reasons_file_and_a_row_without_a_task(data, tmp_path):
-    out = converted(data, tmp_path / "o", "--val_size", "0")
+    out = converted(data, tmp_path / "o", "--val_size", "0", "--prompt_variant", "cot")
     empty = tmp_path / "empty.jsonl"
     empty.write_text("", encoding="utf-8")
     code, _, err = call(merge_cot.main, "--dataset_file", out / "mire_train.json", "--reasons_file", empty,

@@ -8,10 +8,16 @@ from PIL import Image
 from sklearn.metrics import f1_score, precision_score, recall_score
 
 from conftest import run_tool
+from mire_factory.answers import INVALID, extract_answer, read_answer, read_answers
 from mire_factory.io import run_cli
-from mire_factory.predictions import extract_answer, fix_predictions
 from mire_factory.scoring import score
-from mire_factory.taxonomy import DIALOGUE_LABELS, IMAGE_LABELS, build_dialogue_instruction
+from mire_factory.taxonomy import (
+    DIALOGUE_LABELS,
+    IMAGE_LABELS,
+    RETIRED_IMAGE_LABELS,
+    build_dialogue_instruction,
+    label_similarities,
+)
 from tools import cal_acc
 
 A, B, C = IMAGE_LABELS[0], IMAGE_LABELS[1], IMAGE_LABELS[2]
@@ -100,23 +106,68 @@ def test_extract_answer(text, expected):
     assert extract_answer(text) == expected
 
 
-def test_invalid_and_cot_outputs_are_fixed_per_task_and_counted():
+def test_near_misses_are_fixed_and_the_rest_stays_invalid_unless_filled():
     texts = [
         '{"理由": "r", "所属类别": "退款页面"}',  # CoT, valid
         "退款页",  # truncated
         '{"理由": "r", "所属类别": "物流页面-物流跟"}',  # CoT and truncated
         "「套装推荐」",  # quoted: normalized, not fixed
         "商品规格吧",  # padded dialogue answer
-        "商品规格",  # a dialogue label on an image record: fixed within the image task
+        "商品规各",  # one character wrong in a 4-character label: similar
+        "商品规格",  # a dialogue label on an image record: invalid, not guessed within the image task
+        "",  # empty
+        "我也不知道",  # garbage
+        None,  # no prediction (--fill only)
     ]
-    tasks = ["image", "image", "image", "dialogue", "dialogue", "image"]
-    labels, report = fix_predictions(texts, tasks)
-    assert labels[:5] == ["退款页面", "退款页面", "物流页面-物流跟踪页面", "套装推荐", "商品规格"]
-    assert labels[5] in IMAGE_LABELS
-    assert report.cot_parsed == 2 and report.normalized == 1
-    assert report.fixed[("image", "退款页面")] == 1 and report.fixed[("image", "物流页面-物流跟踪页面")] == 1
-    assert report.fixed[("dialogue", "商品规格")] == 1 and report.n_fixed == 4
+    tasks = ["image", "image", "image", "dialogue", "dialogue", "dialogue", "image", "image", "dialogue", "image"]
+    ids = [f"r{k}" for k in range(len(texts))]
+    answers, report = read_answers(texts, tasks, ids)
+    assert [a.label for a in answers] == ["退款页面", "退款页面", "物流页面-物流跟踪页面", "套装推荐", "商品规格",
+                                          "商品规格", None, None, None, None]
+    assert [a.how for a in answers] == ["exact", "truncated", "truncated", "normalized", "contained", "similar",
+                                        "other_task", "empty", "unmatched", "missing"]
+    assert [a.scored for a in answers][6:] == [INVALID] * 4
+    assert report.from_json == 2 and report.hows["normalized"] == 1 and report.n_fixed == 4
+    assert report.fixed[("image", "退款页面")] == 1 and report.fixed[("dialogue", "商品规格")] == 2
+    assert report.n_invalid == 4
     assert any("fixed -> [image] 退款页面: 1" in line for line in report.lines())
+    assert "4 near misses fixed, 4 left invalid (empty 1, unmatched 1, other task 1, missing 1)" in report.lines()[0]
+
+    filled, report = read_answers(texts, tasks, ids, fill=True)  # the old behaviour: every record gets a label
+    assert [a.label for a in filled[:6]] == [a.label for a in answers[:6]]
+    assert filled[6].label in IMAGE_LABELS and filled[7].label in IMAGE_LABELS and filled[9].label in IMAGE_LABELS
+    assert filled[8].label in DIALOGUE_LABELS and [a.how for a in filled[6:]] == ["filled"] * 4
+    assert "4 filled with the nearest label (--fill)" in report.lines()[0]
+
+
+@pytest.mark.parametrize("label", [x for x in (*IMAGE_LABELS, *DIALOGUE_LABELS) if x not in RETIRED_IMAGE_LABELS])
+def test_one_wrong_character_is_a_near_miss_in_labels_of_three_or_more(label):
+    """The similarity threshold (answers.SIMILAR_MIN): one character replaced anywhere in a label of >= 3
+    characters is read as that label, unless another label is just as near; half of a 2-character label is not."""
+    task = "image" if label in IMAGE_LABELS else "dialogue"
+    for k in range(len(label)):
+        typo = label[:k] + "叒" + label[k + 1:]
+        answer = read_answer(typo, task)
+        ranked = label_similarities(typo, task)
+        if len(label) >= 3 and ranked[1][1] < ranked[0][1]:
+            assert answer.label == label and answer.how == "similar", (typo, answer)
+        else:  # 2 characters, or as near another label (退叒页面: 退款页面 or 退货页面)
+            assert answer.label is None and answer.how == "unmatched", (typo, answer)
+
+
+def test_empty_answers_score_as_the_official_tool_scores_them():
+    """An invalid answer is scored as a string no gold has: the figures equal scoring the raw strings, and are
+    above those of guessing a default label (which also costs the default class's precision)."""
+    golds = [A, A, B, B, C, C, X, Y]
+    raw = [A, "", B, "", C, C, X, ""]
+    tasks = ["image"] * 6 + ["dialogue"] * 2
+    answers, _ = read_answers(raw, tasks, [str(k) for k in range(8)])
+    scored = score(golds, [a.scored for a in answers], tasks)
+    official = score(golds, raw, tasks)
+    for key in ("image", "dialogue", "overall", "pooled"):
+        assert scored[key] == pytest.approx(official[key])
+    filled, _ = read_answers(raw, tasks, [str(k) for k in range(8)], fill=True)
+    assert score(golds, [a.scored for a in filled], tasks)["overall"]["f1"] < scored["overall"]["f1"]
 
 
 # --- tools.cal_acc on the 24 real records -------------------------------------------------------------------------
@@ -187,7 +238,7 @@ def test_cal_acc_shuffled_predictions_with_ids_score_as_the_ordered_ones(mire_sa
     assert a["overall"]["f1"] == pytest.approx((a["image"]["f1"] + a["dialogue"]["f1"]) / 2)
     # Every record but the wrong quarter is right once CoT answers are parsed and truncated labels fixed.
     assert a["pooled"]["accuracy"] == pytest.approx(18 / 24)
-    assert "6 parsed from CoT JSON" in out and "6 invalid fixed" in out
+    assert "6 parsed from CoT JSON" in out and "6 near misses fixed" in out
 
     # The official behaviour (--raw) keeps the CoT and truncated strings, and they count as wrong.
     code, out, _ = _cal_acc(capsys, "--test_file", test_file, "--prediction_file", shuffled, "--raw",
@@ -210,8 +261,11 @@ def test_cal_acc_reads_llamafactory_predictions_by_position(mire_sample, tmp_pat
              "label": r["output"]} for r in records]
     preds = _write_jsonl(tmp_path / "generated_predictions.jsonl", rows)
     code, out, err = _cal_acc(capsys, "--test_file", mire_sample / "train_sample.json", "--prediction_file", preds)
+    assert code == 2 and "no ids" in err and "--by_position" in err  # never paired by position unasked
+    code, out, err = _cal_acc(capsys, "--test_file", mire_sample / "train_sample.json", "--prediction_file", preds,
+                              "--by_position")
     assert code == 0, err
-    assert "paired with the test records by position" in err
+    assert "paired 24 predictions with the test records by position" in out
     assert json.loads(out.splitlines()[0])["f1"] == 1.0
 
     # Lines out of order are caught by the prompt's task, its conversation or the label, not silently scored.
@@ -223,9 +277,23 @@ def test_cal_acc_reads_llamafactory_predictions_by_position(mire_sample, tmp_pat
         if i == 0 and j == 2:  # unlabelled, as LLaMA-Factory writes for a test set
             swapped = [{**row, "label": ""} for row in swapped]
         _write_jsonl(preds, swapped)
-        code, _, err = _cal_acc(capsys, "--test_file", mire_sample / "train_sample.json", "--prediction_file", preds)
+        code, _, err = _cal_acc(capsys, "--test_file", mire_sample / "train_sample.json", "--prediction_file", preds,
+                                "--by_position")
         assert code == 2
         assert f"line {i + 1}: " in err and why in err and "not in the same order" in err, err
+        assert "1 more rows disagree" in err  # the first problem is named, then the count
+
+    # No prompt and no label: an answer of the other task's labels is the evidence, not something to fix.
+    bare = [{"predict": r["output"]} for r in records]
+    bare[3], bare[20] = bare[20], bare[3]
+    _write_jsonl(preds, bare)
+    code, _, err = _cal_acc(capsys, "--test_file", mire_sample / "train_sample.json", "--prediction_file", preds,
+                            "--by_position")
+    assert code == 2 and "line 4: field 'predict'" in err and "not in the same order" in err, err
+    _write_jsonl(preds, bare[:-1])
+    code, _, err = _cal_acc(capsys, "--test_file", mire_sample / "train_sample.json", "--prediction_file", preds,
+                            "--by_position")
+    assert code == 2 and "no ids, and 23 predictions for 24 test records" in err
 
 
 def _tiny_test_file(tmp_path, labelled=True):
@@ -248,7 +316,7 @@ def _tiny_test_file(tmp_path, labelled=True):
         ("duplicate_id", "ids predicted more than once: 'img-1'"),
         ("unknown_id", "ids not in the test file: 'zzz'"),
         ("empty", "no predictions (empty file)"),
-        ("no_ids_wrong_count", "no ids, and 1 predictions for 2 test records"),
+        ("no_ids", "no ids: 2 predictions cannot be paired"),
         ("mixed_ids", "field 'id': missing on lines [2]"),
         ("bad_json", "line 2: not valid JSON"),
         ("no_predict", "line 1: field 'predict': missing field"),
@@ -268,8 +336,8 @@ def test_cal_acc_bad_input_exits_2_with_a_clear_message(tmp_path, capsys, case, 
         lines.append('{"id": "zzz", "predict": "x"}')
     elif case == "empty":
         lines = []
-    elif case == "no_ids_wrong_count":
-        lines = ['{"predict": "x"}']
+    elif case == "no_ids":
+        lines = ['{"predict": "x"}', '{"predict": "y"}']
     elif case == "mixed_ids":
         lines[1] = '{"predict": "x"}'
     elif case == "bad_json":
@@ -314,10 +382,10 @@ def test_position_pairing_checks_prompts_rendered_by_llamafactory(mire_sample, t
         rows.append({"prompt": tokenizer.decode(prompt_ids, skip_special_tokens=False), "predict": r["output"], "label": ""})
     assert sum("<|image_pad|>" in row["prompt"] for row in rows) >= 3
     preds = _write_jsonl(tmp_path / "generated_predictions.jsonl", rows)
-    code, out, err = _cal_acc(capsys, "--test_file", test_file, "--prediction_file", preds)
+    code, out, err = _cal_acc(capsys, "--test_file", test_file, "--prediction_file", preds, "--by_position")
     assert code == 0, err
     assert json.loads(out.splitlines()[0])["f1"] == 1.0
     rows[0], rows[2] = rows[2], rows[0]
     _write_jsonl(preds, rows)
-    code, _, err = _cal_acc(capsys, "--test_file", test_file, "--prediction_file", preds)
-    assert code == 2 and "line 1: field 'prompt': another conversation" in err and "line 3: " in err, err
+    code, _, err = _cal_acc(capsys, "--test_file", test_file, "--prediction_file", preds, "--by_position")
+    assert code == 2 and "line 1: field 'prompt': another conversation" in err and "1 more rows disagree" in err, err

@@ -73,7 +73,7 @@ def test_convert2submit_fixes_invalid_labels_and_reports_them(mire_sample, unlab
     code, stdout, _ = _run(convert2submit.main, capsys, "--test_file", unlabelled, "--prediction_file", preds,
                            "--save_path", out)
     assert code == 0
-    assert "1 invalid fixed" in stdout and "fixed -> [image] 退货页面: 1" in stdout
+    assert "1 near misses fixed" in stdout and "fixed -> [image] 退货页面: 1" in stdout
     assert "退货页面" in set(pd.read_csv(out, encoding="utf-8-sig")["predict"])
 
 
@@ -93,11 +93,53 @@ def test_convert2submit_missing_ids_exit_2_unless_filled(mire_sample, unlabelled
     code, stdout, err = _run(convert2submit.main, capsys, "--test_file", unlabelled, "--prediction_file", preds,
                              "--save_path", out, "--fill")
     assert code == 0, err
-    assert "2 missing filled" in stdout and f"filled 2 missing predictions: {dropped}" in stdout
+    assert "2 filled with the nearest label (--fill)" in stdout and "filled (missing) -> " in stdout
+    assert f"filled 2 missing predictions: {dropped}" in stdout
     df = pd.read_csv(out, encoding="utf-8-sig")
     assert len(df) == 24
     filled = dict(zip(df["id"], df["predict"], strict=True))
     assert filled[dropped[0]] in DIALOGUE_LABELS and filled[dropped[1]] in IMAGE_LABELS
+
+
+def test_a_test_file_with_empty_outputs_and_invalid_answers(mire_sample, tmp_path, capsys):
+    """The official test-file shape ("output": "") is a test file for convert2submit and vote alike. Empty and
+    unmatched answers and failed rows are written as they are (the metric scores them wrong) unless --fill; a
+    record no model answers validly keeps the first file's answer in the vote."""
+    records = _records(mire_sample)
+    test_file = tmp_path / "test.json"
+    test_file.write_text(json.dumps([{**r, "output": ""} for r in records], ensure_ascii=False), encoding="utf-8")
+    rows = [{"id": r["id"], "predict": r["output"]} for r in records]
+    rows[0]["predict"] = ""
+    rows[1]["predict"] = "我不确定"
+    rows[2] = {"id": records[2]["id"], "predict": "", "error": "cannot read an image of the record (OSError: x)"}
+    preds = _write_jsonl(tmp_path / "p.jsonl", rows)
+    out = tmp_path / "s.csv"
+    code, stdout, err = _run(convert2submit.main, capsys, "--test_file", test_file, "--prediction_file", preds,
+                             "--save_path", out)
+    assert code == 0, err
+    assert "3 left invalid (empty 1, unmatched 1, failed 1)" in stdout
+    assert f"1 predictions failed at inference, e.g. {records[2]['id']}: cannot read an image" in stdout
+    written = pd.read_csv(out, encoding="utf-8-sig", keep_default_na=False)["predict"].tolist()
+    assert written[:3] == ["", "我不确定", ""] and written[3:] == [r["output"] for r in records[3:]]
+    code, stdout, _ = _run(convert2submit.main, capsys, "--test_file", test_file, "--prediction_file", preds,
+                           "--save_path", out, "--fill")
+    assert code == 0 and "3 filled with the nearest label (--fill)" in stdout
+    tasks = ["image" if "识图专家" in r["instruction"] else "dialogue" for r in records]
+    filled = pd.read_csv(out, encoding="utf-8-sig")["predict"].tolist()
+    for label, task in zip(filled[:3], tasks, strict=False):
+        assert label in (IMAGE_LABELS if task == "image" else DIALOGUE_LABELS)
+
+    # vote: invalid answers cast no vote
+    other = _write_jsonl(tmp_path / "q.jsonl", [{"id": r["id"], "predict": r["output"]} for r in records[:1]]
+                         + [{"id": r["id"], "predict": ""} for r in records[1:]])
+    code, stdout, err = _run(vote_tool.main, capsys, "--prediction_file", preds, "--prediction_file", other,
+                             "--test_file", test_file, "--save_path", tmp_path / "v.jsonl")
+    assert code == 0, err
+    voted = [json.loads(line)["predict"] for line in (tmp_path / "v.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert voted[0] == records[0]["output"]  # only the second file answered it
+    assert voted[1:3] == ["我不确定", ""]  # nobody answered validly: the first file's answer, invalid
+    assert voted[3:] == [r["output"] for r in records[3:]]
+    assert "2 records have no valid answer in any file" in stdout
 
 
 @pytest.mark.parametrize(

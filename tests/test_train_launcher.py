@@ -40,6 +40,22 @@ def test_f1_metrics_are_the_official_scoring_after_fixing():
     assert new["eval_f1"] == round((expected["image"]["f1"] + expected["dialogue"]["f1"]) / 2, 4)
 
 
+def test_f1_metrics_read_answers_as_cal_acc_does():
+    """The callback and tools.cal_acc read answers with the same module: an empty or unmatched answer is invalid
+    (not a guessed default label), a CoT answer is parsed against a CoT gold."""
+    from mire_factory.answers import INVALID
+    from mire_factory.scoring import score
+
+    golds = ['{"理由": "", "所属类别": "商品头图"}', "退款页面", "是否好用", "气泡"]
+    preds = ['{"理由": "首页大图", "所属类别": "商品头图"}', "", "完全看不懂", "气泡"]
+    new, rows = f1_metrics(golds, preds)
+    assert [r["predict"] for r in rows] == ["商品头图", None, None, "气泡"]
+    assert [r["how"] for r in rows] == ["exact", "empty", "unmatched", "exact"]
+    expected = score(["商品头图", "退款页面", "是否好用", "气泡"], ["商品头图", INVALID, INVALID, "气泡"],
+                     ["image", "image", "dialogue", "dialogue"])
+    assert new["eval_f1"] == round(expected["overall"]["f1"], 4)
+
+
 def test_launcher_refuses_more_than_100_new_tokens():
     proc = subprocess.run([sys.executable, "-m", "mire_factory.train", "configs/qwen2_vl_lora_sft.yaml",
                            "mire_f1_max_new_tokens=128"], cwd=REPO, capture_output=True, text=True, timeout=300,
@@ -82,3 +98,12 @@ def test_launcher_logs_per_task_f1_into_trainer_state(tiny_model_dir, tmp_path):
     assert Counter(r["gold"] for r in rows) == val_golds  # every validation record, gold read back from the labels
     assert {r["task"] for r in rows} == {"image", "dialogue"}
     assert (out / "training_eval_f1.png").is_file()
+
+    # the arguments trained with are saved where tools.vllm_infer finds them (model dir, no --config needed)
+    from mire_factory.hparams import parse_args
+    from mire_factory.infer.args import InferArgs, config_values
+
+    args = parse_args(InferArgs, ["--model_name_or_path", str(out), "--dataset", "mire_val"],
+                      config_values=config_values)
+    assert (args.model_name_or_path, args.image_max_pixels, args.cutoff_len) == (str(out), 12544, 10240)
+    assert args.dataset_dir == str(tmp_path / "data") and args.prompt_variant == "plain"

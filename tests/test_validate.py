@@ -125,7 +125,7 @@ def test_test_files_need_no_output(good):
     assert proc.returncode == 2 and "field 'output': missing field" in proc.stderr
 
 
-def test_truncated_image_needs_verify(good):
+def test_truncated_image_fails_by_default_and_quick_reads_headers(good):
     records, tmp_path = good
     r = _first_with_image(records)
     img_path = tmp_path / "images" / r["image"][0]
@@ -134,6 +134,60 @@ def test_truncated_image_needs_verify(good):
     shutil.move(img_path.with_suffix(".jpg"), img_path)
     img_path.write_bytes(data[: len(data) // 2])
     path = _write(tmp_path, records)
-    assert run_tool("validate", "--input_file", path, "--image_dir", tmp_path / "images").returncode == 0
+    proc = run_tool("validate", "--input_file", path, "--image_dir", tmp_path / "images")
+    assert proc.returncode == 2 and "cannot decode" in proc.stderr and "truncated" in proc.stderr, proc.stderr
+    assert f"record {r['id']!r}: field 'image[0]'" in proc.stderr
     proc = run_tool("validate", "--input_file", path, "--image_dir", tmp_path / "images", "--verify_images")
-    assert proc.returncode == 2 and "cannot decode" in proc.stderr
+    assert proc.returncode == 2 and "cannot decode" in proc.stderr  # the old flag is accepted, a no-op
+    proc = run_tool("validate", "--input_file", path, "--image_dir", tmp_path / "images", "--quick")
+    assert proc.returncode == 0 and "--quick" in proc.stdout, proc.stderr
+
+
+# --- the kind of a file: decided for the whole file, one rule for every tool -----------------------------------------
+
+
+def _labelled(records, keep):
+    """records with `output` kept for the indices in `keep`, set to "" for the others."""
+    return [{**r, "output": r["output"] if k in keep else ""} for k, r in enumerate(records)]
+
+
+def test_empty_outputs_make_a_test_file(good):
+    records, tmp_path = good
+    path = _write(tmp_path, _labelled(records, keep=set()))
+    for kind in ("auto", "test"):
+        proc = run_tool("validate", "--input_file", path, "--image_dir", tmp_path / "images", "--kind", kind)
+        assert proc.returncode == 0, proc.stderr
+        assert "test file" in proc.stdout and "0 labelled" in proc.stdout
+    proc = run_tool("validate", "--input_file", path, "--image_dir", tmp_path / "images", "--kind", "train")
+    assert proc.returncode == 2 and "field 'output': empty: a train record needs its gold label" in proc.stderr
+
+
+@pytest.mark.parametrize("n_labelled", [1, 4])
+def test_a_mix_of_labelled_and_unlabelled_records_is_refused(good, n_labelled):
+    """auto: a mix names the first record of the smaller group (1 of 5 labelled: that one; 4 of 5: the one without);
+    --kind test accepts it, --kind train names every record without a label."""
+    records, tmp_path = good
+    keep = set(range(1, 1 + n_labelled))
+    mixed = _labelled(records, keep)
+    if n_labelled == 4:
+        del mixed[0]["output"]  # absent counts as unlabelled, like ""
+    path = _write(tmp_path, mixed)
+    minority = records[1]["id"] if n_labelled == 1 else records[0]["id"]
+    proc = run_tool("validate", "--input_file", path, "--image_dir", tmp_path / "images")
+    assert proc.returncode == 2, proc.stdout
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"record {minority!r}: field 'output'" in errors[0], errors
+    assert f"{n_labelled} records are labelled and {5 - n_labelled} are not" in errors[0]
+    proc = run_tool("validate", "--input_file", path, "--image_dir", tmp_path / "images", "--kind", "test")
+    assert proc.returncode == 0 and f"{n_labelled} labelled" in proc.stdout, proc.stderr
+    proc = run_tool("validate", "--input_file", path, "--image_dir", tmp_path / "images", "--kind", "train")
+    assert proc.returncode == 2 and proc.stderr.count("error:") == 5 - n_labelled
+
+
+def test_a_train_file_whose_first_record_lacks_output_is_not_a_test_file(good):
+    """The old rule looked at the first record only: this file converted silently as a test set."""
+    records, tmp_path = good
+    del records[0]["output"]
+    mire = records[0]["id"]
+    proc = run_tool("validate", "--input_file", _write(tmp_path, records), "--image_dir", tmp_path / "images")
+    assert proc.returncode == 2 and f"record {mire!r}: field 'output': has none" in proc.stderr

@@ -1,8 +1,12 @@
 """MIRE train/test json to LLaMA-Factory ShareGPT files registered in dataset_info.json (or ms-swift JSONL).
 
 python -m tools.convert --input_file train.json --image_dir images --output_dir data [--val_size 0.1] [--seed 42]
-    [--task all|image|dialogue] [--format sharegpt|swift]
+    [--task all|image|dialogue] [--format sharegpt|swift] [--prompt_variant plain|cot|cot_label_first]
+    [--kind auto|train|test] [--quick]
 
+A train file (every record labelled) gives mire_train (+ mire_val); a test file (no record labelled: `output` absent
+or "") gives mire_test. Convert the train and the test file with the same --prompt_variant: it writes every split's
+turns and is recorded in dataset_info.json, where tools.merge_cot and tools.vllm_infer read it back.
 Image paths are written relative to --output_dir: set LLaMA-Factory's `dataset_dir` (and so `media_dir`) to it.
 """
 
@@ -13,25 +17,32 @@ import sys
 
 from mire_factory.convert import FORMATS, TASK_CHOICES, convert
 from mire_factory.io import run_cli
+from mire_factory.prompt_variants import DEFAULT_PROMPT_VARIANT, PROMPT_VARIANTS
+from mire_factory.records import KINDS
+from tools.validate import add_image_check_flags
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input_file", required=True, help="MIRE json (train: with `output`; test: without)")
+    parser.add_argument("--input_file", required=True, help="MIRE json (train: every `output` set; test: none)")
     parser.add_argument("--image_dir", required=True)
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--val_size", type=float, default=0.1, help="validation share of a train file, in [0, 1)")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--task", choices=TASK_CHOICES, default="all", help="keep one task (names mire_TASK_*)")
     parser.add_argument("--format", choices=FORMATS, default="sharegpt")
-    parser.add_argument("--kind", choices=["auto", "train", "test"], default="auto")
-    parser.add_argument("--verify_images", action="store_true", help="decode every image fully, not only its header")
+    parser.add_argument("--kind", choices=KINDS, default="auto",
+                        help="train: every record needs `output`; test: labels optional; auto: decided by the file")
+    parser.add_argument("--prompt_variant", choices=list(PROMPT_VARIANTS), default=DEFAULT_PROMPT_VARIANT,
+                        help="how every split's turns are written: "
+                             + "; ".join(f"{v.name}: {v.description}" for v in PROMPT_VARIANTS.values()))
+    add_image_check_flags(parser)
     args = parser.parse_args(argv)
     if not 0 <= args.val_size < 1:
         parser.error(f"--val_size must be in [0, 1), got {args.val_size}")
     result = convert(
         args.input_file, args.image_dir, args.output_dir, val_size=args.val_size, seed=args.seed, task=args.task,
-        fmt=args.format, kind=args.kind, verify_images=args.verify_images,
+        fmt=args.format, kind=args.kind, decode_images=not args.quick, prompt_variant=args.prompt_variant,
     )
     print(result.summary)
     for name in result.removed:
@@ -40,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"warning: {line}", file=sys.stderr)
     if result.dataset_info is not None:
         names = ", ".join(result.splits)
-        print(f"registered {names} in {result.dataset_info} (LLaMA-Factory: dataset_dir: {args.output_dir})")
+        print(f"registered {names} (prompt variant {args.prompt_variant}) in {result.dataset_info} "
+              f"(LLaMA-Factory: dataset_dir: {args.output_dir})")
     return 0
 
 

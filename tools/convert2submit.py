@@ -1,5 +1,10 @@
 """Write the submission CSV from a test file and a prediction file, pairing them by id:
-python -m tools.convert2submit --test_file T --prediction_file P --save_path S.csv [--columns all|id,predict] [--fill]"""
+python -m tools.convert2submit --test_file T --prediction_file P --save_path S.csv [--columns all|id,predict] [--fill]
+    [--by_position] [--kind auto|train|test]
+
+Answers are read by mire_factory/answers.py: CoT JSON parsed, near misses fixed to their label; empty or unmatched
+answers are written as they are (the official metric scores them as wrong), unless --fill gives them the nearest
+label. Missing ids are an error unless --fill."""
 
 from __future__ import annotations
 
@@ -9,8 +14,8 @@ from collections import Counter
 import pandas as pd
 
 from mire_factory.io import atomic_path, read_json, run_cli
-from mire_factory.predictions import load_labels
-from mire_factory.records import load_records
+from mire_factory.predictions import load_answers
+from mire_factory.records import KINDS, load_records
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,12 +26,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--columns", choices=["all", "id,predict"], default="all",
                         help="all test fields + predict (the official layout), or only id,predict")
     parser.add_argument("--fill", action="store_true",
-                        help="give records without a prediction the task's default label (and report them)")
+                        help="give every record a label: invalid answers the nearest label, missing or failed "
+                             "predictions the task's default (and report them)")
+    parser.add_argument("--by_position", action="store_true",
+                        help="pair predictions without ids with the test records by position (same count and order)")
+    parser.add_argument("--kind", choices=KINDS, default="auto", help="the test file's kind (labels are not needed)")
     args = parser.parse_args(argv)
 
-    records = load_records(args.test_file, None, kind="auto")
+    records = load_records(args.test_file, None, kind=args.kind)
     raw = read_json(args.test_file)
-    labels, report, alignment = load_labels(records, args.prediction_file, fill=args.fill)
+    answers, report, alignment = load_answers(records, args.prediction_file, fill=args.fill,
+                                              by_position=args.by_position)
+    labels = [a.label if a.label is not None else a.text for a in answers]
+    if not alignment.by_id:
+        print(f"paired {len(records)} predictions with the test records by position (--by_position)")
     for line in report.lines():
         print(line)
     if alignment.missing:

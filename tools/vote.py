@@ -1,14 +1,17 @@
-"""Majority vote across models' prediction files, each file's labels fixed first:
+"""Majority vote across models' prediction files, each file's answers read first (mire_factory/answers.py):
 python -m tools.vote --prediction_file P1 --prediction_file P2 --prediction_file P3 --test_file T --save_path OUT.jsonl
-    [--weights 1,1,1] [--tie_break first|weights|model:K] [--unanimous_out U.json]"""
+    [--weights 1,1,1] [--tie_break first|weights|model:K] [--unanimous_out U.json] [--fill] [--by_position]
+
+An invalid answer casts no vote; a record no file answers validly keeps the first file's answer (invalid) unless
+--fill, which gives every answer the nearest label first (and missing ids the task's default)."""
 
 from __future__ import annotations
 
 import argparse
 
 from mire_factory.io import MireInputError, OutputSet, read_json, run_cli
-from mire_factory.predictions import load_labels
-from mire_factory.records import load_records
+from mire_factory.predictions import load_answers
+from mire_factory.records import KINDS, load_records
 from mire_factory.vote import TieBreak, format_agreement, parse_weights, vote
 
 
@@ -21,6 +24,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tie_break", default="first",
                         help="first (earliest file), weights (heaviest file) or model:K (trust file K, 1-based)")
     parser.add_argument("--unanimous_out", help="write the records all files agree on, `output` set to that label")
+    parser.add_argument("--fill", action="store_true",
+                        help="give every answer a label first (the nearest; missing ids the task's default)")
+    parser.add_argument("--by_position", action="store_true",
+                        help="pair prediction files without ids with the test records by position")
+    parser.add_argument("--kind", choices=KINDS, default="auto", help="the test file's kind (labels are not needed)")
     args = parser.parse_args(argv)
 
     files = args.prediction_file
@@ -31,18 +39,24 @@ def main(argv: list[str] | None = None) -> int:
         tie = TieBreak.parse(args.tie_break, len(files))
     except ValueError as exc:
         raise MireInputError(str(exc)) from None
-    records = load_records(args.test_file, None, kind="auto")
-    label_lists = []
+    records = load_records(args.test_file, None, kind=args.kind)
+    label_lists, first_texts = [], []
     for file in files:
-        labels, report, _ = load_labels(records, file)
+        answers, report, _ = load_answers(records, file, fill=args.fill, by_position=args.by_position)
         print(f"{file}: {report.lines()[0]}")
-        label_lists.append(labels)
+        label_lists.append([a.label for a in answers])
+        first_texts = first_texts or [a.text for a in answers]
     result = vote(label_lists, weights, tie)
 
     rows = [
-        {"id": r.id, "predict": label, "task": r.task, "votes": votes, "unanimous": unanimous}
-        for r, label, votes, unanimous in zip(records, result.labels, result.votes, result.unanimous, strict=True)
+        {"id": r.id, "predict": label if label is not None else text, "task": r.task, "votes": votes,
+         "unanimous": unanimous}
+        for r, label, text, votes, unanimous in zip(records, result.labels, first_texts, result.votes,
+                                                   result.unanimous, strict=True)
     ]
+    n_none = sum(label is None for label in result.labels)
+    if n_none:
+        print(f"{n_none} records have no valid answer in any file: kept the first file's answer (invalid)")
     with OutputSet() as outs:  # the vote and its pseudo-labels are replaced together, or neither
         outs.write_jsonl(args.save_path, rows)
         if args.unanimous_out:
@@ -50,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
             chosen = [
                 {**raw[r.id], "output": label}
                 for r, label, unanimous in zip(records, result.labels, result.unanimous, strict=True)
-                if unanimous
+                if unanimous and label is not None  # no valid answer anywhere is no pseudo-label
             ]
             outs.write_json(args.unanimous_out, chosen)
     print(format_agreement(result.agreement, files))

@@ -310,7 +310,7 @@ def eval_curve(trainer_state: Path) -> list[dict]:
 
 def callback_agreement(plan: Plan, ft: Path, predictions: Path) -> dict | None:
     """The F1 callback's last labels (training's prompts) against tools.vllm_infer's (inference's), record by record."""
-    from mire_factory.predictions import load_labels
+    from mire_factory.predictions import load_answers
     from mire_factory.records import load_records
 
     files = sorted((ft / "f1_eval").glob("*_step*.jsonl"), key=lambda p: int(p.stem.rsplit("step", 1)[1]))
@@ -318,7 +318,8 @@ def callback_agreement(plan: Plan, ft: Path, predictions: Path) -> dict | None:
         return None
     rows = [json.loads(line) for line in files[-1].read_text(encoding="utf-8").splitlines() if line.strip()]
     records = load_records(plan.test_file, None, kind="train")
-    tools_labels, _, _ = load_labels(records, predictions)
+    answers, _, _ = load_answers(records, predictions)
+    tools_labels = [a.label for a in answers]  # None when invalid, as the callback writes it
     callback = {row["index"]: row["predict"] for row in rows}
     same = sum(callback.get(i) == label for i, label in enumerate(tools_labels))
     return {"step": int(files[-1].stem.rsplit("step", 1)[1]), "records": len(records), "same_label": same,

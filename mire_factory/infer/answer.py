@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
+from ..prompt_variants import AnswerFormat
 from ..taxonomy import LABELS, Task
 from .constrained import Grammar, LabelTrie, Path, answer_regex, cot_paths, label_paths, label_sequences
-
-AnswerFormat = Literal["label", "cot"]
-ANSWER_FORMATS = ("label", "cot")
-LABEL_POSITIONS = ("last", "first")
 
 
 def answer_paths(task: Task, answer_format: AnswerFormat, label_position: str = "last") -> list[Path]:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from ..records import IMAGE_ERRORS
 from .render import Components, expand_image_tokens
 
 
@@ -152,6 +153,21 @@ def finish_on_device(comp: Components, batch: PreparedBatch, device) -> Prepared
     return batch
 
 
+def _without_bad_images(comp: Components, items: list[GenItem], batch: list[int], dtype, image_device,
+                        on_error: Callable[[int, BaseException], None]) -> tuple[list[int], PreparedBatch | None]:
+    good = []
+    for i in batch:
+        try:
+            regularized_images(comp, items[i].images) if items[i].images else None
+        except IMAGE_ERRORS as exc:
+            on_error(i, exc)
+        else:
+            good.append(i)
+    if not good:
+        return [], None
+    return good, prepare_batch(comp, [items[i] for i in good], dtype, False, None, 1, image_device)
+
+
 def use_compiled_kernels(model) -> None:
     """--compile: the vision tower's attention as one varlen call per batch, its blocks compiled on CUDA (once).
 
@@ -233,7 +249,9 @@ def generate_sorted(model, comp: Components, items: list[GenItem], lengths: Sequ
                     max_new_tokens: int, constraints=None, min_new_tokens: int = 0,
                     workers: int | None = None, stats: dict | None = None,
                     images_on_device: bool | None = None,
-                    compiled: bool = False) -> Iterator[tuple[list[int], list[str]]]:
+                    compiled: bool = False,
+                    on_error: Callable[[int, BaseException], None] | None = None,
+                    ) -> Iterator[tuple[list[int], list[str]]]:
     """(indices, answers) per length-sorted batch, while the next batch is prepared in the background.
 
     Image decoding is CPU work that would otherwise leave the GPU idle between batches; a prefetch thread builds
@@ -243,6 +261,8 @@ def generate_sorted(model, comp: Components, items: list[GenItem], lengths: Sequ
     stats, when given, receives the seconds spent waiting for prepared batches and generating (benchmarks).
     compiled (--compile): varlen attention and compiled blocks in the vision tower, a compiled decode step (CUDA;
     the first batches pay for compiling).
+    on_error(index, exception), when given, receives each item whose images cannot be read (a truncated or broken
+    file); the rest of its batch is generated. Without it such an error propagates.
     """
     workers = workers or min(8, os.cpu_count() or 1)
     pin = model.device.type == "cuda"
@@ -262,8 +282,17 @@ def generate_sorted(model, comp: Components, items: list[GenItem], lengths: Sequ
         stats.update(wait_s=0.0, generate_s=0.0)
         for k, batch in enumerate(batches):
             start = time.perf_counter()
-            prepared = pending.result()
+            try:
+                prepared = pending.result()
+            except IMAGE_ERRORS:
+                if on_error is None:
+                    raise
+                prepared = None
             pending = submit(batches[k + 1]) if k + 1 < len(batches) else None
+            if prepared is None:  # one bad image spoils the batch: find it item by item, keep the others
+                batch, prepared = _without_bad_images(comp, items, batch, model.dtype, image_device, on_error)
+                if not batch:
+                    continue
             ready = time.perf_counter()
             answers = generate_prepared(model, comp, prepared, max_new_tokens, constraints, min_new_tokens, compiled)
             stats["wait_s"] += ready - start

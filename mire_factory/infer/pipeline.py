@@ -1,43 +1,22 @@
-"""tools.vllm_infer's work: load, shard, resume, plan, render, generate, write."""
+"""tools.vllm_infer's work: load, shard, resume (same origin only), plan, render, generate, write."""
 
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
 from pathlib import Path
 
-from ..io import MireInputError
-from .dataset import load_dataset
+from ..dataset_info import DATASET_INFO, entry_variant
+from ..io import MireInputError, problem
+from ..prompt_variants import PROMPT_VARIANTS, PromptVariant
+from ..records import IMAGE_ERRORS, image_error, image_size
+from .args import InferArgs
+from .dataset import dataset_entry, load_dataset
+from .origin import make_origin, merge_shard_origins, start_output
 from .output import Appender, finalize, lock_predictions, read_done
 from .shards import merge_shards, shard_path, shard_range
 from .vllm_inputs import COMPETITION_MAX_NEW_TOKENS
 
-
-@dataclass
-class InferArgs:
-    model_name_or_path: str | None
-    dataset: str
-    dataset_dir: str
-    adapter_name_or_path: str | None = None
-    template: str = "qwen2_vl"
-    backend: str | None = None  # vllm when importable, else hf
-    save_name: str = "generated_predictions.jsonl"
-    cutoff_len: int = 4096
-    max_new_tokens: int = 100
-    image_max_pixels: int = 768 * 768
-    image_min_pixels: int = 32 * 32
-    max_images_per_prompt: int | None = None
-    batch_size: int = 32
-    compile: bool = False
-    constrained: bool = False
-    answer_format: str = "label"
-    label_position: str = "last"
-    num_shards: int = 1
-    shard_index: int = 0
-    merge_shards: bool = False
-    tensor_parallel_size: int = 1
-    vllm_chunk: int = 1024
-    no_competition_limits: bool = False
+__all__ = ["InferArgs", "run"]
 
 
 def default_backend() -> str:
@@ -45,6 +24,12 @@ def default_backend() -> str:
 
 
 def check_args(args: InferArgs) -> None:
+    for name in ("dataset", "dataset_dir"):
+        if not getattr(args, name):
+            raise MireInputError(f"--{name} is required (or a --config that gives it)")
+    if args.prompt_variant is not None and args.prompt_variant not in PROMPT_VARIANTS:
+        raise MireInputError(f"--prompt_variant: unknown prompt variant {args.prompt_variant!r} "
+                             f"(registered: {', '.join(PROMPT_VARIANTS)})")
     if args.max_new_tokens > COMPETITION_MAX_NEW_TOKENS and not args.no_competition_limits:
         raise MireInputError(f"--max_new_tokens {args.max_new_tokens} exceeds the competition limit of "
                              f"{COMPETITION_MAX_NEW_TOKENS}; pass --no_competition_limits to allow it")
@@ -56,103 +41,176 @@ def check_args(args: InferArgs) -> None:
         raise MireInputError("--max_images_per_prompt must be >= 1")
 
 
+def dataset_variant(args: InferArgs) -> PromptVariant:
+    """The dataset's registered prompt variant; refused when the model was trained with another one."""
+    info_path = Path(args.dataset_dir) / DATASET_INFO
+    variant = entry_variant(dataset_entry(args.dataset, args.dataset_dir), info_path, args.dataset)
+    if args.prompt_variant is not None and args.prompt_variant != variant.name:
+        raise MireInputError(problem(
+            info_path, None, args.dataset,
+            f"registered with prompt variant {variant.name!r}, but the model was trained with "
+            f"{args.prompt_variant!r}{f' ({args.config})' if args.config else ''}: convert the test file with "
+            f"tools.convert --prompt_variant {args.prompt_variant}, so that its prompts are those of training"))
+    return variant
+
+
 def run(args: InferArgs) -> Path:
     check_args(args)
+    variant = dataset_variant(args)
     records = load_dataset(args.dataset, args.dataset_dir)
     save_path = Path(args.save_name)
     if args.merge_shards:
         n = merge_shards(save_path, args.num_shards, [r.id for r in records])
+        merge_shard_origins(save_path, [shard_path(save_path, i, args.num_shards) for i in range(args.num_shards)])
         print(f"merged {args.num_shards} shards: {n} predictions -> {save_path}")
         return save_path
     if args.num_shards > 1:
         records = [records[i] for i in shard_range(len(records), args.num_shards, args.shard_index)]
         save_path = shard_path(save_path, args.shard_index, args.num_shards)
     with lock_predictions(save_path):
+        start_output(save_path, make_origin(args, variant), overwrite=args.overwrite)
         done = read_done(save_path)
-        todo = [r for r in records if r.id not in done]
-        print(f"{len(records)} records, {len(records) - len(todo)} already in {save_path}, {len(todo)} to predict")
+        todo = [r for r in records if r.id not in done or (args.retry_failed and done[r.id].get("error"))]
+        n_failed = sum(1 for r in records if r.id in done and done[r.id].get("error"))
+        print(f"{len(records)} records, {len(records) - len(todo)} already in {save_path}"
+              + (f" ({n_failed} of them failed; --retry_failed predicts them again)" if n_failed and not
+                 args.retry_failed else "") + f", {len(todo)} to predict (prompt variant {variant.name})")
         if todo:
-            _predict(args, todo, save_path)
+            _predict(args, variant, todo, save_path)
         finalize(save_path, [r.id for r in records])
+        failed = [row for rid, row in read_done(save_path).items() if row.get("error")]
+        if failed:
+            print(f"{len(failed)} records failed (field 'error'; scored as invalid answers), e.g. "
+                  f"{failed[0]['id']}: {failed[0]['error']}")
     return save_path
 
 
-def _predict(args: InferArgs, todo, save_path: Path) -> None:
-    from tqdm import tqdm
+def _read_sizes(todo) -> tuple[list, dict[int, str]]:
+    """Each record's image sizes from the headers; records whose images cannot be opened fail here (k -> reason)."""
+    sizes, failed = [], {}
+    for k, r in enumerate(todo):
+        try:
+            sizes.append([image_size(p) for p in r.images])
+        except IMAGE_ERRORS as exc:
+            sizes.append([])
+            failed[k] = image_failure(exc)
+    return sizes, failed
 
-    from .answer import AnswerConstraints
+
+def image_failure(exc: BaseException) -> str:
+    return f"cannot read an image of the record ({image_error(exc)})"
+
+
+def failed_row(record, reason: str) -> dict:
+    """A record that could not be predicted (its images): kept in the file, so that a rerun does not stall on it,
+    and read downstream as an invalid answer."""
+    return {"id": record.id, "prompt": "", "predict": "", "label": record.label, "task": record.task,
+            "truncation": None, "error": reason}
+
+
+def _predict(args: InferArgs, variant: PromptVariant, todo, save_path: Path) -> None:
     from .render import load_components, render_prompt_ids
     from .truncation import ImageTokenizer, Planner
 
     backend = args.backend or default_backend()
+    if backend not in ("hf", "vllm"):
+        raise MireInputError(f"--backend must be vllm or hf, got {backend!r}")
     comp = load_components(args.model_name_or_path, args.template, args.adapter_name_or_path,
                            args.image_max_pixels, args.image_min_pixels, args.cutoff_len)
+    if args.constrained:
+        _check_room_for_answers(comp, args, variant)
     planner = Planner(comp.tokenizer, ImageTokenizer.from_processor(comp.processor),
                       overhead=len(render_prompt_ids(comp, "", [])), cutoff_len=args.cutoff_len,
                       max_images=args.max_images_per_prompt)
-    plans = planner.plan_many(todo)
-    n_cut = sum(bool(p.dropped_turns or p.dropped_images) for p in plans)
-    n_over = sum(p.over_budget for p in plans)
-    print(f"planned {len(plans)} prompts: {n_cut} truncated, {n_over} still over cutoff_len {args.cutoff_len}")
-    if args.constrained:
-        _check_room_for_answers(comp, args)
-    prompt_ids = [render_prompt_ids(comp, p.content, p.images, r.system) for r, p in zip(todo, plans, strict=True)]
-
-    def row(r, p, ids, predict):
-        return {"id": r.id, "prompt": comp.tokenizer.decode(ids, skip_special_tokens=False), "predict": predict,
-                "label": r.label, "task": r.task, "truncation": p.info()}
-
+    sizes, failed = _read_sizes(todo)
     out = Appender(save_path)
     try:
-        if backend == "hf":
-            from .hf_backend import GenItem, generate_sorted, load_hf_model
-
-            model = load_hf_model(comp)
-            constraints = (AnswerConstraints(comp.tokenizer, comp.stop_id, args.answer_format, args.label_position)
-                           if args.constrained else None)
-            items = [GenItem(ids, p.images, r.task) for r, p, ids in zip(todo, plans, prompt_ids, strict=True)]
-            batches = generate_sorted(model, comp, items, [p.n_tokens for p in plans], args.batch_size,
-                                      args.max_new_tokens, constraints, compiled=args.compile)
-            with tqdm(total=len(items), desc="hf generate") as bar:
-                for batch, predicts in batches:
-                    out.write([row(todo[i], plans[i], prompt_ids[i], pred)
-                               for i, pred in zip(batch, predicts, strict=True)])
-                    bar.update(len(batch))
-        elif backend == "vllm":
-            from . import vllm_backend
-            from .vllm_inputs import engine_kwargs, prompt_input, sampling_kwargs
-
-            llm = vllm_backend.make_llm(engine_kwargs(
-                args.model_name_or_path, plans, args.cutoff_len, args.max_new_tokens, args.adapter_name_or_path,
-                args.tensor_parallel_size))
-            stop_ids = comp.template.get_stop_token_ids(comp.tokenizer)
-            params = {task: vllm_backend.sampling_params(sampling_kwargs(
-                task, args.max_new_tokens, stop_ids, args.constrained, args.answer_format, args.label_position))
-                for task in ("image", "dialogue")}
-            for start in tqdm(range(0, len(todo), args.vllm_chunk), desc="vllm generate"):
-                idx = range(start, min(start + args.vllm_chunk, len(todo)))
-                prompts = [prompt_input(prompt_ids[i], plans[i].images, comp.template.mm_plugin,
-                                        args.image_max_pixels, args.image_min_pixels) for i in idx]
-                predicts = vllm_backend.generate(llm, prompts, [params[todo[i].task] for i in idx],
-                                                 args.adapter_name_or_path)
-                out.write([row(todo[i], plans[i], prompt_ids[i], pred) for i, pred in zip(idx, predicts, strict=True)])
-        else:
-            raise MireInputError(f"--backend must be vllm or hf, got {backend!r}")
+        if failed:
+            out.write([failed_row(todo[k], reason) for k, reason in failed.items()])
+            todo = [r for k, r in enumerate(todo) if k not in failed]
+            sizes = [s for k, s in enumerate(sizes) if k not in failed]
+        if not todo:
+            return
+        plans = planner.plan_many(todo, sizes)
+        n_cut = sum(bool(p.dropped_turns or p.dropped_images) for p in plans)
+        n_over = sum(p.over_budget for p in plans)
+        print(f"planned {len(plans)} prompts: {n_cut} truncated, {n_over} still over cutoff_len {args.cutoff_len}")
+        prompt_ids = [render_prompt_ids(comp, p.content, p.images, r.system) for r, p in zip(todo, plans, strict=True)]
+        generate = _generate_hf if backend == "hf" else _generate_vllm
+        generate(args, variant, comp, todo, plans, prompt_ids, out)
     finally:
         out.close()
 
 
-def _check_room_for_answers(comp, args: InferArgs) -> None:
+def _row(comp, record, plan, ids, predict: str) -> dict:
+    return {"id": record.id, "prompt": comp.tokenizer.decode(ids, skip_special_tokens=False), "predict": predict,
+            "label": record.label, "task": record.task, "truncation": plan.info()}
+
+
+def _generate_hf(args: InferArgs, variant: PromptVariant, comp, todo, plans, prompt_ids, out: Appender) -> None:
+    from tqdm import tqdm
+
+    from .answer import AnswerConstraints
+    from .hf_backend import GenItem, generate_sorted, load_hf_model
+
+    model = load_hf_model(comp)
+    constraints = (AnswerConstraints(comp.tokenizer, comp.stop_id, variant.answer_format, variant.label_position)
+                   if args.constrained else None)
+    items = [GenItem(ids, p.images, r.task) for r, p, ids in zip(todo, plans, prompt_ids, strict=True)]
+    with tqdm(total=len(items), desc="hf generate") as bar:
+
+        def on_error(i: int, exc: BaseException) -> None:
+            out.write([failed_row(todo[i], image_failure(exc))])
+            bar.update(1)
+
+        for batch, predicts in generate_sorted(model, comp, items, [p.n_tokens for p in plans], args.batch_size,
+                                               args.max_new_tokens, constraints, compiled=args.compile,
+                                               on_error=on_error):
+            out.write([_row(comp, todo[i], plans[i], prompt_ids[i], pred) for i, pred in zip(batch, predicts,
+                                                                                         strict=True)])
+            bar.update(len(batch))
+
+
+def _generate_vllm(args: InferArgs, variant: PromptVariant, comp, todo, plans, prompt_ids, out: Appender) -> None:
+    from tqdm import tqdm
+
+    from . import vllm_backend
+    from .vllm_inputs import engine_kwargs, prompt_input, sampling_kwargs
+
+    llm = vllm_backend.make_llm(engine_kwargs(
+        args.model_name_or_path, plans, args.cutoff_len, args.max_new_tokens, args.adapter_name_or_path,
+        args.tensor_parallel_size))
+    stop_ids = comp.template.get_stop_token_ids(comp.tokenizer)
+    params = {task: vllm_backend.sampling_params(sampling_kwargs(
+        task, args.max_new_tokens, stop_ids, args.constrained, variant.answer_format, variant.label_position))
+        for task in ("image", "dialogue")}
+    for start in tqdm(range(0, len(todo), args.vllm_chunk), desc="vllm generate"):
+        idx, prompts = [], []
+        for i in range(start, min(start + args.vllm_chunk, len(todo))):
+            try:  # images are decoded here: one bad file fails its record, not the chunk
+                prompts.append(prompt_input(prompt_ids[i], plans[i].images, comp.template.mm_plugin,
+                                            args.image_max_pixels, args.image_min_pixels))
+                idx.append(i)
+            except IMAGE_ERRORS as exc:
+                out.write([failed_row(todo[i], image_failure(exc))])
+        if idx:
+            predicts = vllm_backend.generate(llm, prompts, [params[todo[i].task] for i in idx],
+                                             args.adapter_name_or_path)
+            out.write([_row(comp, todo[i], plans[i], prompt_ids[i], pred) for i, pred in zip(idx, predicts,
+                                                                                         strict=True)])
+
+
+def _check_room_for_answers(comp, args: InferArgs, variant: PromptVariant) -> None:
     """Constrained decoding cut off by max_new_tokens would leave half a label: refuse up front."""
     from .answer import answer_paths
 
     needed = 0
     for task in ("image", "dialogue"):
-        for path in answer_paths(task, args.answer_format, args.label_position):
+        for path in answer_paths(task, variant.answer_format, variant.label_position):
             # Fixed text costs at most one token per character (the grammar may use any tokenization of it).
-            fixed = len(comp.tokenizer.encode(path.a, add_special_tokens=False)) if args.answer_format == "label" \
-                else len(path.a) + len(path.b)
+            fixed = len(comp.tokenizer.encode(path.a, add_special_tokens=False)) \
+                if variant.answer_format == "label" else len(path.a) + len(path.b)
             needed = max(needed, fixed + 1)
     if args.max_new_tokens < needed:
-        raise MireInputError(f"--max_new_tokens {args.max_new_tokens} is too small for --constrained "
-                             f"--answer_format {args.answer_format}: the longest answer needs {needed} tokens")
+        raise MireInputError(f"--max_new_tokens {args.max_new_tokens} is too small for --constrained answers of "
+                             f"prompt variant {variant.name}: the longest answer needs {needed} tokens")

@@ -1,0 +1,115 @@
+"""One prompt variant, chosen at tools.convert, rendered identically everywhere: for each registered variant,
+LLaMA-Factory's own training encoding of a record (its get_dataset -> SupervisedDatasetProcessor path, for the train
+file and the validation file the F1 callback generates from) and tools.vllm_infer's inference prompt for the same
+record converted as a test file are token-identical; 0-, 1- and multi-image records, synthetic data."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from test_lf_dataset import lf_datasets
+
+from mire_factory.convert import convert
+from mire_factory.cot import merge_cot, qwen2_token_counter
+from mire_factory.f1_callback import split_prompt
+from mire_factory.prompt_variants import PROMPT_VARIANTS, get_prompt_variant
+from mire_factory.reasons import ReasonRecord
+from mire_factory.synthetic import make_records, write_dataset
+
+IMAGE_MAX_PIXELS = 65536
+CUTOFF_LEN = 32768
+
+
+@pytest.fixture(scope="module")
+def mire_files(tmp_path_factory):
+    """A train file and the same records as a test file (every `output` ""), two classes per task so that a
+    validation split exists; dialogues with 0 to 4 images."""
+    root = tmp_path_factory.mktemp("variants")
+    records = make_records(8, 12, root / "images", seed=21, image_size=(84, 56), max_dialogue_images=4,
+                           image_classes=("商品头图", "退款页面"), dialogue_classes=("是否好用", "气泡"))
+    counts = {len(r["image"]) for r in records}
+    assert {0, 1} <= counts and max(counts) >= 2
+    write_dataset(root / "train.json", records)
+    write_dataset(root / "test.json", [{**r, "output": ""} for r in records])
+    return root
+
+
+def _reasons(data, path):
+    rows = json.loads((data / "mire_train.json").read_text(encoding="utf-8"))
+    lines = []
+    for k, row in enumerate(rows):
+        gold = json.loads(row["messages"][1]["content"])["所属类别"]
+        lines.append(ReasonRecord(id=row["id"], mode=3, model="t", status="ok", label=gold,
+                                  reason=f"第{k}条：用户的问题符合「{gold}」的定义。").to_json())
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def inference_prompts(model_dir, data, save):
+    """tools.vllm_infer on the test split (hf backend, one new token): its rows, and the prompt ids its own
+    functions render for each record, image tokens expanded as the model receives them."""
+    from mire_factory.infer.dataset import load_dataset
+    from mire_factory.infer.pipeline import InferArgs, run
+    from mire_factory.infer.render import expand_image_tokens, load_components, render_prompt_ids
+    from mire_factory.infer.truncation import ImageTokenizer, Planner
+
+    run(InferArgs(model_name_or_path=str(model_dir), dataset="mire_test", dataset_dir=str(data), save_name=str(save),
+                  backend="hf", cutoff_len=CUTOFF_LEN, max_new_tokens=1, image_max_pixels=IMAGE_MAX_PIXELS))
+    rows = {row["id"]: row for row in map(json.loads, save.read_text(encoding="utf-8").splitlines())}
+    comp = load_components(str(model_dir), image_max_pixels=IMAGE_MAX_PIXELS, cutoff_len=CUTOFF_LEN)
+    records = load_dataset("mire_test", data)
+    planner = Planner(comp.tokenizer, ImageTokenizer.from_processor(comp.processor),
+                      len(render_prompt_ids(comp, "", [])), CUTOFF_LEN)
+    ids = {}
+    for record, plan in zip(records, planner.plan_many(records), strict=True):
+        assert plan.images == record.images and not plan.dropped_turns
+        ids[record.id] = expand_image_tokens(render_prompt_ids(comp, plan.content, plan.images), comp.image_pad_id,
+                                             plan.image_tokens)
+    return rows, ids, comp.tokenizer
+
+
+def collapse_images(ids, image_pad_id):
+    """One image-pad token per image: the form of the `prompt` field tools.vllm_infer writes."""
+    return [t for k, t in enumerate(ids) if t != image_pad_id or k == 0 or ids[k - 1] != image_pad_id]
+
+
+@pytest.mark.parametrize("name", list(PROMPT_VARIANTS))
+def test_training_and_inference_prompts_are_token_identical(name, mire_files, tiny_model_dir, tmp_path):
+    variant = get_prompt_variant(name)
+    data = tmp_path / "data"
+    convert(mire_files / "train.json", mire_files / "images", data, val_size=0.25, prompt_variant=name)
+    train_set = "mire_train"
+    if variant.answer_format == "cot":
+        report = merge_cot(data / "mire_train.json", [_reasons(data, tmp_path / "reasons.jsonl")],
+                           data / "mire_train_cot.json", count_tokens=qwen2_token_counter())
+        assert report.full == report.written > 0
+        train_set = "mire_train_cot"
+    convert(mire_files / "test.json", mire_files / "images", data, prompt_variant=name)
+    info = json.loads((data / "dataset_info.json").read_text(encoding="utf-8"))
+    assert {entry["mire_prompt_variant"] for entry in info.values()} == {name}
+
+    module, tokenizer = lf_datasets(tiny_model_dir, data, tmp_path / "run", do_train=True, dataset=train_set,
+                                    eval_dataset="mire_val", image_max_pixels=IMAGE_MAX_PIXELS)
+    rows, infer_ids, _ = inference_prompts(tiny_model_dir, data, tmp_path / "pred.jsonl")
+    image_pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    checked = {"train": 0, "val": 0}
+    images_seen = set()
+    for split, file, dataset in (("train", f"{train_set}.json", module["train_dataset"]),
+                                 ("val", "mire_val.json", module["eval_dataset"])):
+        source = json.loads((data / file).read_text(encoding="utf-8"))
+        assert len(dataset) == len(source)
+        for row, sample in zip(source, dataset, strict=True):
+            prompt, answer = split_prompt(sample["input_ids"], sample["labels"])  # what the F1 callback generates from
+            assert prompt == infer_ids[row["id"]], (name, split, row["id"])
+            # the prompt tools.vllm_infer wrote in its output, images as one pad token each
+            assert tokenizer.decode(collapse_images(prompt, image_pad), skip_special_tokens=False) == \
+                rows[row["id"]]["prompt"]
+            assert tokenizer.decode(answer) == row["messages"][1]["content"] + "<|im_end|>\n"
+            images_seen.add(len(row["images"]))
+            checked[split] += 1
+    assert checked["train"] > 0 and checked["val"] > 0 and {0, 1} <= images_seen and max(images_seen) >= 2
+    if variant.answer_format == "cot":  # definitions and answer format at inference too
+        assert all(variant.user_suffix(row["task"]).strip() in row["prompt"] for row in rows.values())
+    else:
+        assert not any("各分类标签的定义" in row["prompt"] for row in rows.values())
