@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .convert import chat_row, image_path_maker
-from .dataset_info import commit_registrations, sharegpt_entry
+from .dataset_info import PROMPT_VARIANT_KEY, commit_registrations, sharegpt_entry
 from .image_info import ImageItem, InfoLog, InfoRecord, copy_for, plan_images
 from .io import MireInputError, OutputSet, output_lock, problem
 from .prompts import INFO_EXTRACTION_PROMPT, INFO_TEXT_KEY
@@ -217,6 +217,7 @@ def export_dataset(rows: list[InfoRecord], image_dir: str | os.PathLike, prompt:
         if fmt == "sharegpt":
             outs.write_json(target, data)
             entry = sharegpt_entry(target.name)
+            entry.pop(PROMPT_VARIANT_KEY)  # not MIRE records: no prompt variant of ours wrote these turns
             # LLaMA-Factory reads a leading system turn only when the entry names its tag (no default once `tags`
             # is given)
             entry["tags"]["system_tag"] = "system"

@@ -39,8 +39,6 @@ MODEL_FILES = {  # RapidOCR 1.4's parameter -> the ONNX file shipped in its whee
 
 @dataclass
 class OcrConfig:
-    _argument_group_name = "ocr (RapidOCR, PP-OCRv4)"
-
     workers: int = field(default=0, metadata={"help": "OCR worker processes (0: available cores / threads)"})
     threads: int = field(default=1, metadata={"help": "onnxruntime threads per worker"})
     min_score: float = field(default=0.5, metadata={"help": "lines recognised with less confidence are dropped "

@@ -40,8 +40,6 @@ def _help(text: str, default):
 class TeacherConfig:
     """How requests are sent; the same flags in every teacher tool (help texts for HfArgumentParser)."""
 
-    _argument_group_name = "teacher (an OpenAI-compatible server)"
-
     base_url: str | None = _help("the server, e.g. http://127.0.0.1:8000/v1 (vLLM, llamafactory-cli api, a hosted "
                                  "API)", None)
     model: str | None = _help("model name sent to the server; part of the resume key", None)

@@ -99,6 +99,7 @@ def test_generate_exports_sharegpt_for_llamafactory_and_swift(images, prompts, t
     assert f"exported {len(files)} answered images of {len(files)}" in proc.stdout
     info = json.loads((export / "dataset_info.json").read_text(encoding="utf-8"))
     assert info["gen"]["file_name"] == "gen.json" and info["gen"]["formatting"] == "sharegpt"
+    assert info["gen"]["tags"]["system_tag"] == "system" and "mire_prompt_variant" not in info["gen"]
     data = json.loads((export / "gen.json").read_text(encoding="utf-8"))
     by_image = {r["image"]: r for r in replies}
     for row in data:

@@ -20,7 +20,6 @@ with failed images (rerun with --retry_failed).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import sys
@@ -28,14 +27,17 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from mire_factory.generate import build_image_request, make_prompt, run_teacher
+from mire_factory.hparams import parse_args, yaml_config
 from mire_factory.image_info import select_images
-from mire_factory.io import EXIT_FAILURES, run_cli
+from mire_factory.io import EXIT_FAILURES, MireInputError, run_cli
 from mire_factory.ocr import OcrConfig, OcrPoolError, run_ocr
 from mire_factory.teacher import TeacherConfig, api_key_from_env, elide_images, failure_summary, format_summary
 
 
-@dataclass
-class ExtractInfoArguments:
+@dataclass(kw_only=True)
+class ExtractInfoArguments(OcrConfig, TeacherConfig):
+    """The flags (or the keys of a --config YAML): the run's, then OCR's and the teacher's (OcrConfig, TeacherConfig)."""
+
     image_dir: str = field(metadata={"help": "folder of the images (a MIRE json's image names are relative to it)"})
     output_file: str | None = field(default=None, metadata={"help": "info file (JSONL), appended to and resumed"})
     backend: Literal["ocr", "teacher"] = field(default="ocr", metadata={"help": "local OCR, or a teacher model"})
@@ -51,18 +53,15 @@ class ExtractInfoArguments:
                                                                     "(default OPENAI_API_KEY)"})
     dry_run: bool = field(default=False, metadata={"help": "teacher: print the first request (image elided), stop"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+    config: str | None = field(default=None, metadata={"help": "a YAML file of these flags' values; flags given "
+                                                               "override it"})
 
 
-def parse_args(argv: list[str] | None) -> tuple[ExtractInfoArguments, OcrConfig, TeacherConfig]:
-    from transformers import HfArgumentParser
-
-    parser = HfArgumentParser([ExtractInfoArguments, OcrConfig, TeacherConfig], description=__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    args, ocr, teacher = parser.parse_args_into_dataclasses(argv)
-    problems = ocr.check() if args.backend == "ocr" else teacher.check()
-    if args.backend == "teacher" and not args.dry_run and not (teacher.base_url and teacher.model):
+def check_args(args: ExtractInfoArguments) -> None:
+    problems = OcrConfig.check(args) if args.backend == "ocr" else TeacherConfig.check(args)
+    if args.backend == "teacher" and not args.dry_run and not (args.base_url and args.model):
         problems.append("--backend teacher needs --base_url and --model")
-    if args.backend == "teacher" and args.dry_run and not teacher.model:
+    if args.backend == "teacher" and args.dry_run and not args.model:
         problems.append("--model is required")
     if not args.output_file and not args.dry_run:
         problems.append("--output_file is required")
@@ -71,16 +70,16 @@ def parse_args(argv: list[str] | None) -> tuple[ExtractInfoArguments, OcrConfig,
     if args.limit is not None and args.limit < 1:
         problems.append("--limit must be at least 1")
     if problems:
-        parser.error("; ".join(problems))
-    return args, ocr, teacher
+        raise MireInputError(problems)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, ocr, teacher = parse_args(argv)
+    args = parse_args(ExtractInfoArguments, argv, __doc__, config_values=yaml_config(ExtractInfoArguments))
+    check_args(args)
     items = select_images(args.image_dir, args.input_file, args.task, args.limit)
     if args.backend == "ocr":
         try:
-            summary = run_ocr(items, args.output_file, ocr, retry_failed=teacher.retry_failed,
+            summary = run_ocr(items, args.output_file, args, retry_failed=args.retry_failed,
                               progress=args.progress)
         except OcrPoolError as exc:
             print(f"extract_info stopped: {exc}; finished images are in {args.output_file}: rerun to resume",
@@ -89,12 +88,12 @@ def main(argv: list[str] | None = None) -> int:
     else:
         prompt = make_prompt(args.prompt_file, args.system_prompt_file, extract_info=True)
         if args.dry_run:
-            print(json.dumps(elide_images(build_image_request(items[0], prompt, teacher)), ensure_ascii=False,
+            print(json.dumps(elide_images(build_image_request(items[0], prompt, args)), ensure_ascii=False,
                              indent=2))
             print(f"dry run: {len(items)} images", file=sys.stderr)
             return 0
         api_key = api_key_from_env(args.api_key_env)
-        summary = asyncio.run(run_teacher(items, args.output_file, teacher, prompt, api_key, args.progress,
+        summary = asyncio.run(run_teacher(items, args.output_file, args, prompt, api_key, args.progress,
                                           tool="tools.extract_info"))
     print(format_summary(summary, args.output_file, what="images"))
     failures = failure_summary(summary, tool="extract_info", what="images")

@@ -20,7 +20,6 @@ with failed images (the export holds the answered ones; rerun with --retry_faile
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import sys
@@ -28,13 +27,16 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from mire_factory.generate import build_image_request, check_dataset_name, export_dataset, make_prompt, run_teacher
+from mire_factory.hparams import parse_args, yaml_config
 from mire_factory.image_info import InfoLog, select_images
-from mire_factory.io import EXIT_FAILURES, run_cli
+from mire_factory.io import EXIT_FAILURES, MireInputError, run_cli
 from mire_factory.teacher import TeacherConfig, api_key_from_env, elide_images, failure_summary, format_summary
 
 
-@dataclass
-class GenerateArguments:
+@dataclass(kw_only=True)
+class GenerateArguments(TeacherConfig):
+    """The flags (or the keys of a --config YAML): the run's, then the teacher's (TeacherConfig)."""
+
     image_dir: str = field(metadata={"help": "folder of the images"})
     prompt_file: str = field(metadata={"help": "the question asked of every image (UTF-8 text)"})
     output_file: str | None = field(default=None, metadata={"help": "replies (info file, JSONL), appended to and "
@@ -52,28 +54,26 @@ class GenerateArguments:
                                                                     "OPENAI_API_KEY)"})
     dry_run: bool = field(default=False, metadata={"help": "print the first request (image elided) and stop"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+    config: str | None = field(default=None, metadata={"help": "a YAML file of these flags' values; flags given "
+                                                               "override it"})
 
 
-def parse_args(argv: list[str] | None) -> tuple[GenerateArguments, TeacherConfig]:
-    from transformers import HfArgumentParser
-
-    parser = HfArgumentParser([GenerateArguments, TeacherConfig], description=__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    args, teacher = parser.parse_args_into_dataclasses(argv)
-    problems = teacher.check()
-    if not teacher.model:
+def check_args(args: GenerateArguments) -> None:
+    problems = args.check()
+    if not args.model:
         problems.append("--model is required")
-    if not args.dry_run and not (teacher.base_url and args.output_file):
+    if not args.dry_run and not (args.base_url and args.output_file):
         problems.append("--base_url and --output_file are required (unless --dry_run)")
     if args.limit is not None and args.limit < 1:
         problems.append("--limit must be at least 1")
     if problems:
-        parser.error("; ".join(problems))
-    return args, teacher
+        raise MireInputError(problems)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, teacher = parse_args(argv)
+    args = parse_args(GenerateArguments, argv, __doc__, config_values=yaml_config(GenerateArguments))
+    check_args(args)
+    teacher = args
     if args.export_dir:
         check_dataset_name(args.dataset_name)
     prompt = make_prompt(args.prompt_file, args.system_prompt_file, extract_info=False)
