@@ -26,11 +26,10 @@ from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 
-from .image_info import InfoIndex, read_info_file
+from .image_info import InfoIndex, describe_origin, read_info_file
 from .io import MireInputError, problem
 from .records import MireRecord
 
-CONTEXT_NAME = "screenshot_text"  # what the prompt variants' `context` names
 DEFAULT_INFO_MAX_TOKENS = 256
 HEADER = "图片中的文字："
 EMPTY = "无"
@@ -107,8 +106,8 @@ class ScreenshotText:
         self.dropped_lines = 0
 
     def contexts(self, records: list[MireRecord], image_dir: str | os.PathLike, source: str | os.PathLike
-                 ) -> list[str | None]:
-        """Each record's block (None without images); MireInputError naming every image the file has no text for."""
+                 ) -> list[str]:
+        """Each record's block ("" without images); MireInputError naming every image the file has no text for."""
         problems, out = [], []
         for record in records:
             texts = []
@@ -121,7 +120,7 @@ class ScreenshotText:
                                             f"({why})"))
                 texts.append(text or "")
             if not texts:
-                out.append(None)
+                out.append("")
                 continue
             block, dropped = fit_block(texts, self.max_tokens, self.count_tokens)
             self.truncated_records += dropped > 0
@@ -130,3 +129,10 @@ class ScreenshotText:
         if problems:
             raise MireInputError(problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else []))
         return out
+
+    def registration(self) -> dict:
+        """What convert records beside the prompt variant in dataset_info.json (LLaMA-Factory ignores the key)."""
+        origin = self.index.origin
+        return {"info_file": str(self.info_file.resolve()), "info_max_tokens": self.max_tokens,
+                "origin": describe_origin(origin) if origin else "several origins",
+                "records_truncated": self.truncated_records, "lines_dropped": self.dropped_lines}

@@ -64,7 +64,7 @@ def test_contexts_by_image_bytes_and_missing_images_named(records_and_info):
     contexts = ScreenshotText(root / "info.jsonl", 64).contexts(records, root / "images", root / "train.json")
     for record, context in zip(records, contexts, strict=True):
         if not record.images:
-            assert context is None
+            assert context == ""
         else:
             assert context.startswith("图片中的文字：") and context.count("张") == len(record.images)
     # an image changed after extraction: its text is not used, and the message says why
@@ -73,3 +73,95 @@ def test_contexts_by_image_bytes_and_missing_images_named(records_and_info):
     with pytest.raises(MireInputError) as err:
         ScreenshotText(root / "info.jsonl", 64).contexts(records, root / "images", root / "train.json")
     assert f"record {record.id!r}" in str(err.value) and "made from other bytes" in str(err.value)
+
+
+def _rows(path):
+    import json
+
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def test_convert_puts_the_text_after_the_instruction_in_every_split_and_format(records_and_info, tmp_path):
+    import json
+
+    from conftest import run_tool
+
+    _, root = records_and_info
+    out = tmp_path / "data"
+    proc = run_tool("convert", "--input_file", root / "train.json", "--image_dir", root / "images", "--output_dir", out,
+                    "--prompt_variant", "screenshot_text", "--info_file", root / "info.jsonl", "--val_size", "0.3")
+    assert proc.returncode == 0, proc.stderr
+    assert "screenshot text from" in proc.stdout
+    source = {r["id"]: r for r in json.loads((root / "train.json").read_text(encoding="utf-8"))}
+    (root / "test.json").write_text(json.dumps([{**r, "output": ""} for r in source.values()], ensure_ascii=False),
+                                    encoding="utf-8")
+    proc = run_tool("convert", "--input_file", root / "test.json", "--image_dir", root / "images", "--output_dir", out,
+                    "--prompt_variant", "screenshot_text", "--info_file", root / "info.jsonl")
+    assert proc.returncode == 0, proc.stderr
+    splits = sorted(p.stem for p in out.glob("mire_*.json"))
+    assert "mire_train" in splits and "mire_test" in splits
+    seen = 0
+    for split in splits:
+        for row in _rows(out / f"{split}.json"):
+            user = row["messages"][0]["content"]
+            instruction = source[row["id"]]["instruction"]
+            if row["images"]:
+                assert user.startswith(instruction + "\n图片中的文字：\n") and user.count("张") == len(row["images"])
+                seen += 1
+            else:
+                assert user == instruction
+    assert seen > 0
+    info = json.loads((out / "dataset_info.json").read_text(encoding="utf-8"))
+    for split in splits:
+        entry = info[split]
+        assert entry["mire_prompt_variant"] == "screenshot_text"
+        assert entry["mire_screenshot_text"]["info_max_tokens"] == 256
+        assert entry["mire_screenshot_text"]["info_file"] == str((root / "info.jsonl").resolve())
+    swift = tmp_path / "swift"
+    proc = run_tool("convert", "--input_file", root / "train.json", "--image_dir", root / "images", "--output_dir", swift,
+                    "--prompt_variant", "screenshot_text", "--info_file", root / "info.jsonl", "--format", "swift",
+                    "--val_size", "0.3")
+    assert proc.returncode == 0, proc.stderr
+    swift_rows = [json.loads(x) for x in (swift / "mire_train.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [r["messages"] for r in swift_rows] == [r["messages"] for r in _rows(out / "mire_train.json")]
+
+
+def test_convert_refuses_what_the_variant_cannot_use(records_and_info, tmp_path):
+    from conftest import run_tool
+
+    records, root = records_and_info
+    partial = tmp_path / "partial.jsonl"
+    lines = (root / "info.jsonl").read_text(encoding="utf-8").splitlines()
+    partial.write_text("\n".join(lines[1:]) + "\n", encoding="utf-8")
+    missing = sorted(p.name for p in (root / "images").iterdir())[0]
+    owner = next(r for r in records if missing in r.images)
+    base = ["--input_file", root / "train.json", "--image_dir", root / "images", "--output_dir", tmp_path / "out"]
+    cases = [
+        (["--prompt_variant", "screenshot_text"], "needs --info_file"),
+        (["--info_file", root / "info.jsonl"], "prompt variant plain puts no image text"),
+        (["--prompt_variant", "screenshot_text", "--info_file", partial], f"record {owner.id!r}: field 'image': "
+                                                                          f"{missing}: no text in {partial}"),
+        (["--prompt_variant", "screenshot_text", "--info_file", root / "info.jsonl", "--info_max_tokens", "0"],
+         "--info_max_tokens must be at least 1"),
+        (["--prompt_variant", "screenshot_text", "--info_file", root / "train.json"], "line 1"),
+    ]
+    for args, why in cases:
+        proc = run_tool("convert", *base, *args)
+        assert proc.returncode == 2 and why in proc.stderr and "Traceback" not in proc.stderr, (args, proc.stderr)
+        assert not (tmp_path / "out").exists()
+
+
+def test_sizing_counts_the_screenshot_text(records_and_info):
+    from mire_factory.recipe_sizing import measure
+
+    records, root = records_and_info
+    plain = measure(records, root / "images", 65536, "plain")
+    with_text = measure(records, root / "images", 65536, "screenshot_text", root / "info.jsonl", 64)
+    contexts = ScreenshotText(root / "info.jsonl", 64).contexts(records, root / "images", "x")
+    count = qwen2_counter()
+    for record, a, b, context in zip(records, plain, with_text, contexts, strict=True):
+        assert b.image_tokens == a.image_tokens
+        # the text's own tokens, give or take one merged at the seam with the instruction
+        delta = b.total_tokens - a.total_tokens
+        assert (count("\n" + context) - 1 <= delta <= count("\n" + context)) if context else delta == 0, record.id
+    assert any(context for context in contexts)
