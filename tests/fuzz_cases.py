@@ -280,6 +280,11 @@ def make_material(root: Path) -> Material:
                    for r in train_rows]
     reasons = root / "reasons.jsonl"
     reasons.write_bytes(_jsonl(reason_rows))
+    from mire_factory.image_info import InfoRecord, file_sha256
+
+    info_rows = [json.loads(InfoRecord(p.name, file_sha256(p), "ocr", "m", "ok", text=f"第{k}行\n订单").to_json())
+                 for k, p in enumerate(sorted(images.iterdir()))]
+    (root / "info.jsonl").write_bytes(_jsonl(info_rows))
     reply = _dumps({"id": "c", "object": "chat.completion", "choices": [
         {"index": 0, "message": {"role": "assistant", "content": '{"理由": "页面显示退货进度", "所属类别": "退货页面"}'},
          "finish_reason": "stop"}], "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}})
@@ -367,7 +372,8 @@ def case_validate_convert(m: Material, server, data) -> list[Result]:
     first = run_tool(validate.main, ["--input_file", src, "--image_dir", m.images, "--verify_images"], out)
     out = m.fresh_output("convert", m.converted)
     extra = data.draw(st.sampled_from([[], ["--val_size", "0"], ["--task", "image"], ["--format", "swift"],
-                                       ["--kind", "test"], ["--val_size", "0.5", "--task", "dialogue"]]))
+                                       ["--kind", "test"], ["--val_size", "0.5", "--task", "dialogue"],
+                                       ["--prompt_variant", "screenshot_text", "--info_file", m.root / "info.jsonl"]]))
     return [first, run_tool(convert.main, ["--input_file", src, "--image_dir", m.images, "--output_dir", out,
                                            *extra], out)]
 
@@ -376,6 +382,20 @@ def _predictions(m: Material, data, name: str, valid: bool = False) -> Path:
     path = m.root / name
     path.write_bytes(_jsonl(m.prediction_rows) if valid else data.draw(jsonl_file(m.prediction_rows, PREDICTION_KEYS)))
     return path
+
+
+def case_convert_info_file(m: Material, server, data) -> list[Result]:
+    """A screenshot-text convert whose info file is broken in any way."""
+    convert = _tools()[2]
+    valid = [json.loads(x) for x in (m.root / "info.jsonl").read_text(encoding="utf-8").splitlines()]
+    info = m.root / "info_fuzz.jsonl"
+    info.write_bytes(data.draw(jsonl_file(valid, INFO_KEYS)))
+    out = m.fresh_output("convert_info", m.converted)
+    budget = data.draw(st.sampled_from(["256", "12", "1", "0", "-3"]))
+    return [run_tool(convert.main, ["--input_file", m.train, "--image_dir", m.images, "--output_dir", out,
+                                    "--prompt_variant", data.draw(st.sampled_from(["screenshot_text",
+                                                                                   "screenshot_text_cot"])),
+                                    "--info_file", info, "--info_max_tokens", budget], out)]
 
 
 def case_submit_cal_acc(m: Material, server, data) -> list[Result]:
@@ -465,6 +485,7 @@ def case_infer_input(m: Material, server, data) -> list[Result]:
 
 CASES = {
     "validate+convert": case_validate_convert,
+    "convert (screenshot text info file)": case_convert_info_file,
     "convert2submit+cal_acc": case_submit_cal_acc,
     "vote": case_vote,
     "analyze+merge_cot": case_analyze_merge_cot,
