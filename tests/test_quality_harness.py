@@ -108,7 +108,7 @@ def test_harness_smoke_every_stage_then_resumes(split, tiny_model_dir, tmp_path)
     work, results = tmp_path / "work", tmp_path / "results"
     args = [HARNESS, "--train_file", split / "train.json", "--test_file", split / "test.json", "--image_dir",
             split / "images", "--seeds", 0, 1, "--out", "t", "--smoke", "--model_dir", tiny_model_dir,
-            "--workdir", work, "--results_dir", results, "--device", "cpu"]
+            "--workdir", work, "--results_dir", results, "--device", "cpu", "--parallel", 2]
     proc = script(*args)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((results / "t.json").read_text(encoding="utf-8"))

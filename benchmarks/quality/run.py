@@ -35,6 +35,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -94,14 +95,19 @@ class Plan:
     device: str
     smoke: bool
     recipe: Recipe = field(default_factory=Recipe)
+    parallel: int = 1  # fine-tuning runs at a time
     timings: dict = field(default_factory=dict)
 
 
 def log(text: str) -> None:
-    print(text, flush=True)
+    # sys.__stdout__: an in-process tool's redirect_stdout (run_in_process) must not swallow other threads' lines
+    print(text, flush=True, file=sys.__stdout__)
 
 
 # ---------------------------------------------------------------------------------------------------------- stages
+
+
+_IN_PROCESS = threading.Lock()
 
 
 class StageFailed(Exception):
@@ -132,7 +138,9 @@ def run_in_process(plan: Plan, name: str, module: str, *args) -> None:
     path = plan.work / "logs" / f"{name}.log"
     path.parent.mkdir(parents=True, exist_ok=True)
     log(f"  $ python -m {module} {' '.join(map(str, args))}\n    (log: {path})")
-    with open(path, "w", encoding="utf-8") as fh, contextlib.redirect_stdout(fh), contextlib.redirect_stderr(fh):
+    # redirect_stdout swaps the process-wide sys.stdout: one in-process tool at a time (runs may be parallel)
+    with _IN_PROCESS, open(path, "w", encoding="utf-8") as fh, contextlib.redirect_stdout(fh), \
+            contextlib.redirect_stderr(fh):
         code = importlib.import_module(module).main([str(a) for a in args])
     if code:
         raise StageFailed(f"{name}: exit code {code}; see {path}")
@@ -497,12 +505,25 @@ def run(plan: Plan, results_dir: Path) -> dict:
         lock.release()
 
 
-def fine_tune(plan: Plan, variant: str, data: Path) -> None:
-    for seed in plan.seeds:
-        run = run_dir(plan, variant, seed)
-        stage(plan, f"train_{variant}_s{seed}", trained(run / "ft"), train, plan, data, variant, seed)
-        stage(plan, f"infer_{variant}_s{seed}", (run / "infer" / "metrics.json").is_file(),
-              infer_and_score, plan, run / "ft", data, run / "infer", f"{variant}_s{seed}")
+def fine_tune_one(plan: Plan, variant: str, data: Path, seed: int) -> None:
+    run = run_dir(plan, variant, seed)
+    stage(plan, f"train_{variant}_s{seed}", trained(run / "ft"), train, plan, data, variant, seed)
+    stage(plan, f"infer_{variant}_s{seed}", (run / "infer" / "metrics.json").is_file(),
+          infer_and_score, plan, run / "ft", data, run / "infer", f"{variant}_s{seed}")
+
+
+def fine_tune_all(plan: Plan, runs: list[tuple[str, Path, int]]) -> None:
+    """Every (variant, data, seed) run, `plan.parallel` at a time: a 0.5B run leaves most of an H200 idle (its steps
+    are launch-bound), so runs side by side finish in about the time of one. Each run is its own subprocesses."""
+    if plan.parallel <= 1:
+        for variant, data, seed in runs:
+            fine_tune_one(plan, variant, data, seed)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(plan.parallel) as pool:
+        for future in [pool.submit(fine_tune_one, plan, variant, data, seed) for variant, data, seed in runs]:
+            future.result()  # the first failure is raised (after the others finish)
 
 
 def _run(plan: Plan, results_dir: Path) -> dict:
@@ -518,7 +539,7 @@ def _run(plan: Plan, results_dir: Path) -> dict:
         stage(plan, f"anchor_s{seed}", (plan.work / "anchor" / f"seed{seed}.json").is_file(), run_anchor, plan, seed)
     stage(plan, "untrained", (plan.work / "untrained" / "metrics.json").is_file(),
           infer_and_score, plan, plan.model_dir, data, plan.work / "untrained", "untrained")
-    fine_tune(plan, "label", data)
+    runs = [("label", data, seed) for seed in plan.seeds]
     ocr_reason = ocr_available(plan)
     if ocr_reason:
         log(f"[ocr] not run: {ocr_reason}")
@@ -527,7 +548,8 @@ def _run(plan: Plan, results_dir: Path) -> dict:
         data_ocr = plan.work / "data_ocr"
         stage(plan, "data_ocr", data_ready(data_ocr), convert_data, plan, data_ocr, plan.work / "eval_ocr", extra,
               "_ocr")
-        fine_tune(plan, "ocr", data_ocr)
+        runs += [("ocr", data_ocr, seed) for seed in plan.seeds]
+    fine_tune_all(plan, runs)
     result = report(plan, ocr_reason, results_dir)
     print_table(result)
     log(f"\nharness: {time.perf_counter() - start:.0f} s this run; stage times (s): {json.dumps(plan.timings)}")
@@ -552,6 +574,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="tools.convert's arguments for the screenshot-text variant ({info_file} is replaced)")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     p.add_argument("--results_dir", type=Path, default=RESULTS)
+    p.add_argument("--parallel", type=int, default=1,
+                   help="fine-tuning runs (seeds x variants) side by side on the one GPU (a 0.5B run leaves it idle)")
     p.add_argument("--smoke", action="store_true",
                    help="tiny scale, to prove the stages: 16 train and 8 test records, 2 optimizer steps, images at "
                         "224x224 pixels, 16 new tokens")
@@ -577,7 +601,8 @@ def main(argv: list[str] | None = None) -> int:
                 model_dir=(args.model_dir or work.parent / "model").absolute(),
                 gguf=args.gguf.absolute() if args.gguf else None,
                 info_file=args.info_file.absolute() if args.info_file else None,
-                ocr_convert_args=args.ocr_convert_args, device=args.device, smoke=args.smoke, recipe=recipe)
+                ocr_convert_args=args.ocr_convert_args, device=args.device, smoke=args.smoke, recipe=recipe,
+                parallel=max(1, args.parallel))
     try:
         run(plan, args.results_dir)
     except StageFailed as exc:
