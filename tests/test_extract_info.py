@@ -221,3 +221,29 @@ def test_ocr_on_real_screenshots(mire_sample, tmp_path):
         assert len(lines) >= 10
         with Image.open(mire_sample / "images" / name) as img:
             assert (rows[name]["width"], rows[name]["height"]) == img.size
+
+
+def test_an_undecodable_image_fails_its_row_and_is_retried_on_request(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    render(images / "good.png", ["INVOICE 42"], size=(480, 120))
+    render(images / "cut.jpg", ["CUT OFF"], size=(480, 120))
+    data = (images / "cut.jpg").read_bytes()
+    (images / "cut.jpg").write_bytes(data[: len(data) // 2])  # a truncated JPEG: its header reads, its pixels do not
+    out = tmp_path / "info.jsonl"
+    args = ["--image_dir", images, "--output_file", out, "--no_progress", "--workers", "1"]
+    proc = run_tool("extract_info", *args)
+    assert proc.returncode == 3 and "1 of 2 images of this run failed" in proc.stderr, proc.stderr
+    rows = {r["image"]: r for r in rows_of(out)}
+    assert rows["good.png"]["status"] == "ok" and squash(rows["good.png"]["text"]) == "INVOICE42"
+    assert rows["cut.jpg"]["status"] == "failed" and "truncated" in rows["cut.jpg"]["error"]
+    again = run_tool("extract_info", *args)
+    assert again.returncode == 3 and "skipped 1 already done, 1 failed before" in again.stdout
+    (images / "cut.jpg").write_bytes(data)  # repaired: new bytes, a new image to read
+    fixed = run_tool("extract_info", *args)
+    assert fixed.returncode == 0, fixed.stderr
+    rows = rows_of(out)
+    assert [r["status"] for r in rows if r["image"] == "cut.jpg"] == ["failed", "ok"]
+    # the failed line of the old bytes stays as a record; no image of this run has them, so nothing is asked again
+    retried = run_tool("extract_info", *args, "--retry_failed")
+    assert retried.returncode == 0 and retried.stdout.startswith("0 images"), retried.stdout
