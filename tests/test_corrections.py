@@ -1,15 +1,17 @@
 """Corrections files: tools.analyze writes suspects and a review page; tools.convert --corrections_file applies the
-accepted lines; tools.merge_cot takes a reviewed reason. The page itself is driven in tests/test_review_browser.py."""
+accepted lines; tools.merge_cot takes a reviewed reason; the review page is driven in a real headless Chromium."""
 
 from __future__ import annotations
 
 import json
 import re
+import time
 from html.parser import HTMLParser
 
 import pytest
 
 from conftest import run_tool
+from devtools import DevTools
 from mire_factory.corrections import CORRECTIONS_KEY, read_corrections
 from mire_factory.reasons import ReasonRecord
 from mire_factory.records import load_records
@@ -180,3 +182,76 @@ def test_merge_cot_takes_the_reviewed_reason(analyzed, tmp_path):
     rows = {r["id"]: r for r in json.loads((out / "mire_train_cot.json").read_text("utf-8"))}
     answer = json.loads(rows[first]["messages"][1]["content"])
     assert answer == {"理由": reason, "所属类别": analyzed["suspects"][first]}
+
+
+@pytest.fixture
+def browser(tmp_path):
+    profile = tmp_path / "profile"
+    profile.mkdir()
+    session = DevTools(profile)
+    yield session
+    session.close()
+
+
+@pytest.mark.browser
+def test_a_reviewer_accepts_rejects_and_saves_in_chromium(analyzed, browser, tmp_path):
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    browser.send("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)}, browser=True)
+    browser.open((analyzed["out"] / "review.html").as_uri())
+    suspects = analyzed["suspects"]
+    records = analyzed["records"]
+    first, second, third = list(suspects)  # two image records, then a dialogue with images
+    in_file = [c.id for c in read_corrections(analyzed["out"] / "suspects.jsonl")]
+    assert browser.js("[...document.querySelectorAll('section.suspect')].map(s => s.dataset.id)") == in_file
+    # every thumbnail decoded by the browser
+    assert browser.js("[...document.querySelectorAll('.thumbs img')].every(i => i.complete && i.naturalWidth > 0)")
+    assert browser.js("document.querySelectorAll('.thumbs img').length") == sum(len(records[i].images) for i in suspects)
+    # the teacher's reasons per mode are on the card
+    assert f"模式3的理由 {third}" in browser.js(f"document.querySelector('[data-id=\"{third}\"] table').textContent")
+
+    # filter by gold class: only that class's cards stay visible
+    browser.choose("#filter-class", records[first].output)
+    visible = browser.js("[...document.querySelectorAll('section.suspect')].filter(s => s.style.display !== 'none')"
+                         ".map(s => s.dataset.id)")
+    assert visible == [i for i in in_file if records[i].output == records[first].output]
+    browser.choose("#filter-class", "")
+    browser.choose("#filter-task", "dialogue")
+    assert browser.js("[...document.querySelectorAll('section.suspect')].filter(s => s.style.display !== 'none')"
+                      ".map(s => s.dataset.id)") == [third]
+    browser.choose("#filter-task", "")
+
+    browser.type_into("#reviewer", "审核员甲")
+    # accept the first with another label than proposed, a reason fix and a note; reject the second
+    other = next(label for label in browser.js(f"[...document.querySelectorAll('[data-id=\"{first}\"] select.label "
+                                               "option')].map(o => o.value)")
+                 if label not in (suspects[first], records[first].output))
+    browser.choose(f'[data-id="{first}"] select.label', other)
+    browser.type_into(f'[data-id="{first}"] textarea.reason', "复核：这是另一个页面。")
+    browser.type_into(f'[data-id="{first}"] input.why', "看截图")
+    browser.click(f'[data-id="{first}"] button.accept')
+    browser.click(f'[data-id="{second}"] button.reject')
+    assert browser.js(f"document.querySelector('[data-id=\"{first}\"]').dataset.status") == "accepted"
+    assert "accepted 1, rejected 1" in browser.js("document.getElementById('counts').textContent")
+    browser.click("#save")
+
+    saved = downloads / "corrections.jsonl"
+    deadline = time.monotonic() + 30
+    while not saved.is_file() or any(downloads.glob("*.crdownload")):
+        assert time.monotonic() < deadline, f"no download in {downloads}: {list(downloads.iterdir())}"
+        time.sleep(0.1)
+    rows = {c.id: c for c in read_corrections(saved)}
+    assert list(rows) == in_file
+    assert (rows[first].status, rows[first].label, rows[first].reason, rows[first].by, rows[first].why) == (
+        "accepted", other, "复核：这是另一个页面。", "审核员甲", "看截图")
+    assert (rows[second].status, rows[second].by) == ("rejected", "审核员甲")
+    assert (rows[third].status, rows[third].by) == ("suspected", "tools.analyze")
+    assert all(rows[i].gold == records[i].output for i in suspects)
+
+    out = tmp_path / "data"
+    proc = run_tool("convert", "--input_file", analyzed["train"], "--image_dir", analyzed["images"], "--output_dir",
+                    out, "--corrections_file", saved, "--quick", "--val_size", "0", check=True)
+    assert "1 accepted applied (1 label changes, 1 reason fixes)" in proc.stdout
+    labels = {r["id"]: r["messages"][-1]["content"] for r in json.loads((out / "mire_train.json").read_text("utf-8"))}
+    assert labels[first] == other
+    assert labels[second] == records[second].output and labels[third] == records[third].output
