@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .answers import extract_answer
+from .corrections import registered_reason_fixes
 from .dataset_info import commit_registrations, entry_variant, file_registration, read_dataset_info, sharegpt_entry
 from .io import MireInputError, OutputSet, problem, read_json
 from .prompt_variants import PROMPT_VARIANTS, PromptVariant, get_prompt_variant
@@ -161,6 +162,9 @@ def merge_cot(
     output_file = Path(output_file)
     read_dataset_info(output_file.parent)  # a broken dataset_info.json stops us before anything is written
     by_id = _reasons_by_id(reason_files)
+    # a reviewed reason (tools.convert --corrections_file, recorded in the registration) comes before the teacher's
+    for rid, (label, reason) in registered_reason_fixes(file_registration(dataset_file)[1]).items():
+        by_id[rid] = [ReasonRecord(rid, 0, "correction", "ok", reason=reason, label=label), *by_id.get(rid, [])]
     count_tokens = count_tokens or qwen2_token_counter()
     dataset_dir, out_dir = Path(dataset_file).parent.resolve(), output_file.parent.resolve()
     report = MergeReport(output_file, dataset_name or output_file.stem, kept_mismatched=keep_mismatched,

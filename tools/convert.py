@@ -3,12 +3,15 @@
 python -m tools.convert --input_file train.json --image_dir images --output_dir data [--val_size 0.1] [--seed 42]
     [--task all|image|dialogue] [--format sharegpt|swift] [--prompt_variant plain|cot|cot_label_first]
     [--kind auto|train|test] [--quick] [--prompt_variant screenshot_text --info_file info.jsonl [--info_max_tokens 256]]
+    [--corrections_file corrections.jsonl]
 
 A train file (every record labelled) gives mire_train (+ mire_val); a test file (no record labelled: `output` absent
 or "") gives mire_test. Convert the train and the test file with the same --prompt_variant: it writes every split's
 turns and is recorded in dataset_info.json, where tools.merge_cot and tools.vllm_infer read it back.
 A screenshot_text variant puts the text of each record's images (--info_file, from tools.extract_info) on a new line
 after the instruction, at most --info_max_tokens tokens per record; records without images get none.
+--corrections_file applies the accepted lines of a corrections file (reviewed relabels, by id; see
+mire_factory/corrections.py) before the split; dataset_info.json lists, per split, the corrections applied to it.
 Image paths are written relative to --output_dir: set LLaMA-Factory's `dataset_dir` (and so `media_dir`) to it.
 """
 
@@ -44,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--info_max_tokens", type=int, default=DEFAULT_INFO_MAX_TOKENS,
                         help="a record's image text is cut (whole lines, the longest image's first) to this many "
                              "Qwen2 tokens")
+    parser.add_argument("--corrections_file", help="a corrections file (tools.analyze, tools.kfold, the review "
+                        "page): its accepted label changes are applied by id before the split and recorded in "
+                        "dataset_info.json")
     add_image_check_flags(parser)
     args = parser.parse_args(argv)
     if not 0 <= args.val_size < 1:
@@ -51,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     result = convert(
         args.input_file, args.image_dir, args.output_dir, val_size=args.val_size, seed=args.seed, task=args.task,
         fmt=args.format, kind=args.kind, decode_images=not args.quick, prompt_variant=args.prompt_variant,
-        info_file=args.info_file, info_max_tokens=args.info_max_tokens,
+        info_file=args.info_file, info_max_tokens=args.info_max_tokens, corrections_file=args.corrections_file,
     )
     print(result.summary)
     for name in result.removed:
