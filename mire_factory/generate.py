@@ -17,12 +17,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .convert import chat_row, image_path_maker
-from .dataset_info import PROMPT_VARIANT_KEY, commit_registrations, sharegpt_entry
+from .convert import image_path_maker
+from .dataset_info import commit_registrations
 from .image_info import ImageItem, InfoLog, InfoRecord, copy_for, plan_images
 from .io import MireInputError, OutputSet, output_lock, problem
 from .prompts import INFO_EXTRACTION_PROMPT, INFO_TEXT_KEY
 from .records import IMAGE_PLACEHOLDER
+from .sharegpt import chat_row, sharegpt_entry
 from .teacher import (
     PLACEHOLDER_KEY,
     RunSummary,
@@ -199,7 +200,7 @@ def export_rows(rows: list[InfoRecord], image_dir: str | os.PathLike, prompt: Im
     are relative to export_dir for LLaMA-Factory (its dataset_dir), absolute for ms-swift."""
     path_of = image_path_maker(image_dir, export_dir if fmt == "sharegpt" else None)
     user = IMAGE_PLACEHOLDER + prompt.user
-    return [chat_row(user, (r.raw or "").strip(), [r.image], path_of, system=prompt.system, row_id=r.image)
+    return [chat_row(user, (r.raw or "").strip(), [path_of(r.image)], system=prompt.system, row_id=r.image)
             for r in rows if r.status == "ok"]
 
 
@@ -216,12 +217,8 @@ def export_dataset(rows: list[InfoRecord], image_dir: str | os.PathLike, prompt:
     with output_lock(target, what="another export is writing it"), OutputSet() as outs:
         if fmt == "sharegpt":
             outs.write_json(target, data)
-            entry = sharegpt_entry(target.name)
-            entry.pop(PROMPT_VARIANT_KEY)  # not MIRE records: no prompt variant of ours wrote these turns
-            # LLaMA-Factory reads a leading system turn only when the entry names its tag (no default once `tags`
-            # is given)
-            entry["tags"]["system_tag"] = "system"
-            commit_registrations(outs, export_dir, {name: entry})
+            # not MIRE records: no prompt variant of ours wrote these turns
+            commit_registrations(outs, export_dir, {name: sharegpt_entry(target.name, prompt_variant=None)})
         else:
             outs.write_jsonl(target, data)
     return target, len(data)

@@ -16,11 +16,12 @@ import pytest
 from fault_server import RunningServer
 
 from conftest import REPO
-from mire_factory.dataset_info import read_dataset_info, register, sharegpt_entry
+from mire_factory.dataset_info import read_dataset_info, register
 from mire_factory.distill import reason_from_response
 from mire_factory.infer.output import read_done
 from mire_factory.io import TMP_SUFFIX, MireInputError, output_lock, run_cli
 from mire_factory.records import load_records
+from mire_factory.sharegpt import sharegpt_entry
 from mire_factory.synthetic import make_records, write_dataset
 from tools import analyze, cal_acc, convert, convert2submit, distill, merge_cot, validate, vllm_infer, vote
 

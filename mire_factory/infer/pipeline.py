@@ -7,12 +7,12 @@ import json
 import time
 from pathlib import Path
 
-from ..dataset_info import DATASET_INFO, entry_variant
+from ..dataset_info import DATASET_INFO, dataset_entry, entry_variant
 from ..io import MireInputError, problem
 from ..prompt_variants import PROMPT_VARIANTS, PromptVariant
 from ..records import IMAGE_ERRORS, image_error, image_size
+from ..sharegpt import read_sharegpt
 from .args import InferArgs
-from .dataset import dataset_entry, load_dataset
 from .origin import make_origin, merge_shard_origins, start_output
 from .output import Appender, finalize, lock_predictions, read_done
 from .shards import merge_shards, shard_path, shard_range
@@ -76,7 +76,7 @@ def dataset_variant(args: InferArgs) -> PromptVariant:
 def run(args: InferArgs) -> Path:
     check_args(args)
     variant = dataset_variant(args)
-    records = load_dataset(args.dataset, args.dataset_dir)
+    records = read_sharegpt(args.dataset, args.dataset_dir)
     save_path = Path(args.save_name)
     if args.merge_shards:
         n = merge_shards(save_path, args.num_shards, [r.id for r in records])
@@ -123,7 +123,7 @@ def image_failure(exc: BaseException) -> str:
 def failed_row(record, reason: str) -> dict:
     """A record that could not be predicted (its images): kept in the file, so that a rerun does not stall on it,
     and read downstream as an invalid answer."""
-    return {"id": record.id, "prompt": "", "predict": "", "label": record.label, "task": record.task,
+    return {"id": record.id, "prompt": "", "predict": "", "label": record.response, "task": record.task,
             "truncation": None, "error": reason}
 
 
@@ -171,7 +171,7 @@ def _predict(args: InferArgs, variant: PromptVariant, todo, save_path: Path) -> 
 
 def _row(comp, record, plan, ids, predict: str) -> dict:
     return {"id": record.id, "prompt": comp.tokenizer.decode(ids, skip_special_tokens=False), "predict": predict,
-            "label": record.label, "task": record.task, "truncation": plan.info()}
+            "label": record.response, "task": record.task, "truncation": plan.info()}
 
 
 def _generate_hf(args: InferArgs, variant: PromptVariant, comp, todo, plans, prompt_ids, out: Appender) -> None:
