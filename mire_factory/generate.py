@@ -134,15 +134,11 @@ async def run_teacher(items: list[ImageItem], output_file: str | os.PathLike, cf
                       tool: str = "tools.generate") -> RunSummary:
     """Asks the teacher about every image not done yet; one info line per image name, appended as each returns."""
     origin = ("teacher", cfg.model, prompt.sha256)
-    log = InfoLog(output_file)
-    log.check_origin(log.load(repair=False), origin)  # before a lock file appears beside it
-    with output_lock(output_file, what=f"another {tool} is writing it"):
-        existing = log.load()
+    log = InfoLog(output_file, writer=tool)
+    with log.resume(check=lambda rows: log.check_origin(rows, origin)) as existing:
         plan = plan_images(items, existing, cfg.retry_failed)
         summary = RunSummary(plan=plan, repaired_bytes=log.repaired_bytes)
-        if plan.retrying:
-            summary.removed_failed = log.rewrite_without(lambda row: row["sha256"] in plan.retrying
-                                                         and row["status"] == "failed")
+        summary.removed_failed = log.drop_failed(plan.retrying)
         with log:
             for item, done in plan.copies:
                 log.append(copy_for(item, done))

@@ -287,17 +287,17 @@ def test_shards_cover_everything_once_and_merge_checks(tmp_path):
 
 
 def test_output_resume_drops_a_cut_off_last_line(tmp_path):
-    from mire_factory.infer.output import Appender, finalize, read_done
+    from mire_factory.infer.output import PredictionsLog
 
     path = tmp_path / "out.jsonl"
-    out = Appender(path)
-    out.write([{"id": "a", "predict": "x"}, {"id": "b", "predict": "y"}])
-    out.close()
+    with PredictionsLog(path) as out:
+        out.write([{"id": "a", "predict": "x"}, {"id": "b", "predict": "y"}])
     with open(path, "a", encoding="utf-8") as f:
         f.write('{"id": "c", "pre')  # killed mid-write
-    assert set(read_done(path)) == {"a", "b"} and path.read_text().endswith("}\n")
-    assert not finalize(path, ["b", "a", "c"])
-    assert finalize(path, ["b", "a"]) and [json.loads(x)["id"] for x in path.read_text().splitlines()] == ["b", "a"]
+    assert set(PredictionsLog(path).done()) == {"a", "b"} and path.read_text().endswith("}\n")
+    assert not PredictionsLog(path).finalize(["b", "a", "c"])
+    assert PredictionsLog(path).finalize(["b", "a"])
+    assert [json.loads(x)["id"] for x in path.read_text().splitlines()] == ["b", "a"]
 
 
 def test_batch_inputs_equal_the_plugins_on_every_preparation_path(comp, sample_dataset):

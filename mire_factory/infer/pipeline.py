@@ -14,7 +14,7 @@ from ..records import IMAGE_ERRORS, image_error, image_size
 from ..sharegpt import read_sharegpt
 from .args import InferArgs
 from .origin import make_origin, merge_shard_origins, start_output
-from .output import Appender, finalize, lock_predictions, read_done
+from .output import PredictionsLog
 from .shards import merge_shards, shard_path, shard_range
 from .vllm_inputs import COMPETITION_MAX_NEW_TOKENS
 
@@ -86,9 +86,10 @@ def run(args: InferArgs) -> Path:
     if args.num_shards > 1:
         records = [records[i] for i in shard_range(len(records), args.num_shards, args.shard_index)]
         save_path = shard_path(save_path, args.shard_index, args.num_shards)
-    with lock_predictions(save_path):
+    log = PredictionsLog(save_path)
+    with log.lock():
         start_output(save_path, make_origin(args, variant), overwrite=args.overwrite)
-        done = read_done(save_path)
+        done = log.done()
         todo = [r for r in records if r.id not in done or (args.retry_failed and done[r.id].get("error"))]
         n_failed = sum(1 for r in records if r.id in done and done[r.id].get("error"))
         print(f"{len(records)} records, {len(records) - len(todo)} already in {save_path}"
@@ -96,8 +97,8 @@ def run(args: InferArgs) -> Path:
                  args.retry_failed else "") + f", {len(todo)} to predict (prompt variant {variant.name})")
         if todo:
             _predict(args, variant, todo, save_path)
-        finalize(save_path, [r.id for r in records])
-        failed = [row for rid, row in read_done(save_path).items() if row.get("error")]
+        log.finalize([r.id for r in records])
+        failed = [row for row in log.done().values() if row.get("error")]
         if failed:
             print(f"{len(failed)} records failed (field 'error'; scored as invalid answers), e.g. "
                   f"{failed[0]['id']}: {failed[0]['error']}")
@@ -152,7 +153,7 @@ def _predict(args: InferArgs, variant: PromptVariant, todo, save_path: Path) -> 
     if backend not in ("hf", "vllm"):
         raise MireInputError(f"--backend must be vllm or hf, got {backend!r}")
     sizes, failed = _read_sizes(todo)
-    out = Appender(save_path)
+    out = PredictionsLog(save_path).open()
     try:
         if failed:
             out.write([failed_row(todo[k], reason) for k, reason in failed.items()])
@@ -174,7 +175,8 @@ def _row(comp, record, plan, ids, predict: str) -> dict:
             "label": record.response, "task": record.task, "truncation": plan.info()}
 
 
-def _generate_hf(args: InferArgs, variant: PromptVariant, comp, todo, plans, prompt_ids, out: Appender) -> None:
+def _generate_hf(args: InferArgs, variant: PromptVariant, comp, todo, plans, prompt_ids,
+                 out: PredictionsLog) -> None:
     from tqdm import tqdm
 
     from .answer import AnswerConstraints
@@ -198,7 +200,8 @@ def _generate_hf(args: InferArgs, variant: PromptVariant, comp, todo, plans, pro
             bar.update(len(batch))
 
 
-def _generate_vllm(args: InferArgs, variant: PromptVariant, comp, todo, plans, prompt_ids, out: Appender) -> None:
+def _generate_vllm(args: InferArgs, variant: PromptVariant, comp, todo, plans, prompt_ids,
+                   out: PredictionsLog) -> None:
     """Every record through one vLLM engine; each answer is written (in batches of at most a second's worth) as soon
     as it is finished, so progress is per record and a kill loses only the requests in flight."""
     from tqdm import tqdm
