@@ -19,7 +19,7 @@ from collections.abc import Callable, Hashable, Iterator
 from pathlib import Path
 from typing import Generic, TypeVar
 
-from .io import MireInputError, output_lock, problem, write_text_atomic
+from .io import MireInputError, numbered_jsonl, output_lock, problem, write_text_atomic
 
 T = TypeVar("T")
 
@@ -84,25 +84,18 @@ class AppendLog(Generic[T]):
 
     def _lines(self, text: str) -> Iterator[tuple[int, str, T]]:
         """(line number, line, row) of each non-blank line."""
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
+        lines = text.splitlines()
+        for lineno, row in numbered_jsonl(text, self.path, refuse=self._refuse):
             try:
-                row = json.loads(line)
-            except (json.JSONDecodeError, RecursionError) as exc:
-                raise self._broken(lineno, line, exc) from None
-            if not isinstance(row, dict):
-                raise self.not_ours(f"line {lineno}: expected a JSON object, got {type(row).__name__}")
-            try:
-                yield lineno, line, self.parse(row, lineno)
+                yield lineno, lines[lineno - 1], self.parse(row, lineno)
             except MireInputError as exc:
                 raise self.not_ours(exc.lines[0].removeprefix(f"{self.path}: ")) from None
 
-    def _broken(self, lineno: int, line: str, exc: Exception) -> MireInputError:
-        why = exc.msg if isinstance(exc, json.JSONDecodeError) else "nested too deeply"
-        if not line.encode("utf-8").startswith(self.line_start):
-            return self.not_ours(f"line {lineno}: not valid JSON ({why})")
-        # one of our lines, damaged after it was written (a kill only ever cuts the last one): name its record
+    def _refuse(self, lineno: int, line: str, why: str) -> MireInputError:
+        """The error of a line that is not a JSON object: one of ours damaged after it was written (a kill only ever
+        cuts the last one) names its record; any other line means the file is not ours."""
+        if not line.encode("utf-8").startswith(self.line_start) or not why.startswith("not valid JSON"):
+            return self.not_ours(f"line {lineno}: {why}")
         first = _FIRST_KEY.match(line)
         name = ""
         if first:
@@ -110,8 +103,8 @@ class AppendLog(Generic[T]):
             with contextlib.suppress(json.JSONDecodeError):
                 value = json.loads('"' + first.group(2) + '"')
                 name = f"{what} {value!r}: "
-        return MireInputError(f"{self.path}: line {lineno}: {name}not valid JSON ({why}); fix or remove the line, "
-                              "then rerun to do its work again")
+        return MireInputError(f"{self.path}: line {lineno}: {name}{why}; fix or remove the line, then rerun to do "
+                              "its work again")
 
     def not_ours(self, why: str) -> MireInputError:
         return MireInputError(problem(self.path, None, None, f"not {self.kind} ({why}); {self.hint}"))
