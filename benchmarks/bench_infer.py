@@ -25,7 +25,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from mire_factory.infer.dataset import load_dataset
 from mire_factory.infer.hf_backend import (
     GenItem,
     finish_on_device,
@@ -38,20 +37,16 @@ from mire_factory.infer.hf_backend import (
 )
 from mire_factory.infer.render import load_components, render_prompt_ids
 from mire_factory.infer.truncation import ImageTokenizer, Planner
+from mire_factory.sharegpt import chat_row, read_sharegpt, sharegpt_entry
 from mire_factory.synthetic import make_records
 
 
 def write_dataset(root: Path, n: int, image_size: tuple[int, int]) -> Path:
     records = make_records(n // 2, n - n // 2, root / "images", seed=0, image_size=image_size, max_dialogue_images=4,
                            image_format="JPEG", with_labels=False)
-    rows = [{"id": r["id"], "messages": [{"role": "user", "content": r["instruction"]},
-                                         {"role": "assistant", "content": ""}],
-             "images": [f"images/{name}" for name in r["image"]]} for r in records]
+    rows = [chat_row(r["instruction"], "", [f"images/{name}" for name in r["image"]], row_id=r["id"]) for r in records]
     (root / "bench.json").write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
-    info = {"bench": {"file_name": "bench.json", "formatting": "sharegpt",
-                      "columns": {"messages": "messages", "images": "images"},
-                      "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
-                               "assistant_tag": "assistant"}}}
+    info = {"bench": sharegpt_entry("bench.json")}
     (root / "dataset_info.json").write_text(json.dumps(info), encoding="utf-8")
     return root
 
@@ -146,7 +141,7 @@ def main() -> None:
         ds, name = write_dataset(work / "data", args.n, (args.image_width, args.image_height)), "bench"
 
     comp = load_components(model_dir, image_max_pixels=args.image_max_pixels, cutoff_len=args.cutoff_len)
-    records = load_dataset(name, ds)
+    records = read_sharegpt(name, ds)
     planner = Planner(comp.tokenizer, ImageTokenizer.from_processor(comp.processor),
                       len(render_prompt_ids(comp, "", [])), args.cutoff_len)
 

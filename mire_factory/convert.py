@@ -16,7 +16,6 @@ from .dataset_info import (
     dataset_name,
     entry_variant,
     read_dataset_info,
-    sharegpt_entry,
 )
 from .io import MireInputError, OutputSet, output_lock, problem
 from .prompt_variants import (
@@ -28,6 +27,7 @@ from .prompt_variants import (
 )
 from .records import IMAGE_PLACEHOLDER, Kind, MireRecord, read_mire_file
 from .screenshot_text import DEFAULT_INFO_MAX_TOKENS, ScreenshotText
+from .sharegpt import chat_row, sharegpt_entry
 from .taxonomy import LABELS, TASKS
 
 FORMATS = ("sharegpt", "swift")
@@ -71,18 +71,8 @@ def records_to_swift(records: list[MireRecord], image_dir: str | os.PathLike,
 def _rows(records: list[MireRecord], path_of, variant: PromptVariant, contexts: list[str] | None) -> list[dict]:
     contexts = contexts if contexts is not None else [None] * len(records)
     return [chat_row(variant.user_turn(user_content(r), r.task, context), variant.answer(r.output) if r.output else "",
-                     r.images, path_of, row_id=r.id)
+                     [path_of(name) for name in r.images], row_id=r.id)
             for r, context in zip(records, contexts, strict=True)]
-
-
-def chat_row(user: str, assistant: str, images: list[str], path_of, system: str | None = None,
-             row_id: str | None = None) -> dict:
-    """One row of both formats: LLaMA-Factory's ShareGPT `messages` (registered with sharegpt_entry) and ms-swift's
-    `messages`/`images`; `<image>` placeholders stay in the user turn and `path_of` maps image names to paths."""
-    messages = [{"role": "system", "content": system}] if system else []
-    messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
-    row = {"id": row_id} if row_id is not None else {}
-    return {**row, "messages": messages, "images": [path_of(name) for name in images]}
 
 
 def stratified_split(

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from .append_log import AppendLog
 from .content import to_content_parts
-from .io import MireInputError, output_lock, problem
+from .io import MireInputError, problem
 from .prompts import teacher_prompt
 from .reasons import ReasonRecord, reason_from_dict
 from .records import MireRecord
@@ -96,19 +96,22 @@ class ReasonsLog(AppendLog[ReasonRecord]):
     line_start = LINE_START
     kind = "a reasons file of tools.distill"
     hint = "distill appends only to a reasons file or a new or empty one: choose another --output_file"
+    writer = "tools.distill"
 
     def parse(self, row: dict, lineno: int) -> ReasonRecord:
         return reason_from_dict(row, self.path, lineno)
 
-    def rewrite_without(self, drop: set[tuple[str, int, str]], kinds: tuple[str, ...] = ("failed",)) -> int:
+    def key(self, rec: ReasonRecord) -> tuple[str, int, str]:
+        return rec.key
+
+    def dump(self, rec: ReasonRecord) -> str:
+        return rec.to_json()
+
+    def drop_keys(self, drop: set[tuple[str, int, str]], kinds: tuple[str, ...] = ("failed",)) -> int:
         """Atomically removes the lines of `drop` keys whose status is in `kinds`; returns how many went."""
         if not drop:
             return 0
-        return super().rewrite_without(lambda row: (row["id"], row["mode"], row["model"]) in drop
-                                       and row["status"] in kinds)
-
-    def append(self, rec: ReasonRecord) -> None:
-        self.append_line(rec.to_json())
+        return self.rewrite_without(lambda rec: rec.key in drop and rec.status in kinds)
 
 
 def plan_work(records: list[MireRecord], modes: list[int], model: str, existing: list[ReasonRecord],
@@ -161,21 +164,20 @@ async def run_distill(records: list[MireRecord], image_dir: str | os.PathLike, c
                       output_file: str | os.PathLike, api_key: str = PLACEHOLDER_KEY, progress: bool = True,
                       client=None) -> RunSummary:
     log = ReasonsLog(output_file)
-    log.load(repair=False)  # refuses a file that is not ours before even a lock file is created beside it
-    with output_lock(output_file, what="another tools.distill is writing it"):
-        return await _run_locked(log, records, image_dir, cfg, api_key, progress, client)
+    with log.resume() as existing:
+        return await _run_locked(log, existing, records, image_dir, cfg, api_key, progress, client)
 
 
-async def _run_locked(log: ReasonsLog, records: list[MireRecord], image_dir: str | os.PathLike, cfg: DistillConfig,
-                      api_key: str, progress: bool, client) -> RunSummary:
-    existing = log.load()
+async def _run_locked(log: ReasonsLog, existing: list[ReasonRecord], records: list[MireRecord],
+                      image_dir: str | os.PathLike, cfg: DistillConfig, api_key: str, progress: bool,
+                      client) -> RunSummary:
     plan = plan_work(records, cfg.modes, cfg.model, existing, cfg.retry_failed)
     summary = RunSummary(plan=plan, repaired_bytes=log.repaired_bytes)
     if cfg.retry_failed:
         done = {r.key for r in existing if r.status != "failed"}
         superseded = {r.key for r in existing if r.status == "failed" and r.key in done}
         stale = plan.retrying | superseded  # retried now, or already answered by a later ok/refused line
-        summary.removed_failed = log.rewrite_without(stale)
+        summary.removed_failed = log.drop_keys(stale)
     if not plan.todo:
         return summary
     own_client = client is None

@@ -175,7 +175,8 @@ def convert_data(plan: Plan, data: Path, evald: Path, extra: list[str], tag: str
     """tools.convert into `data` (mire_train, mire_test) and `evald` (the labelled test split), which `data`'s
     dataset_info.json registers as EVAL_DATASET. The two folders are siblings, so the image paths that
     tools.convert writes relative to each resolve the same from `data` (LLaMA-Factory's media_dir)."""
-    from mire_factory.dataset_info import register, sharegpt_entry
+    from mire_factory.dataset_info import register
+    from mire_factory.sharegpt import sharegpt_entry
 
     for path in (data, evald):
         shutil.rmtree(path, ignore_errors=True)

@@ -6,14 +6,14 @@ import json
 import time
 from pathlib import Path
 
-from ..dataset_info import DATASET_INFO, entry_variant
+from ..dataset_info import DATASET_INFO, dataset_entry, entry_variant
 from ..io import MireInputError, problem
 from ..prompt_variants import PROMPT_VARIANTS, PromptVariant
 from ..records import IMAGE_ERRORS, image_error, image_size
+from ..sharegpt import read_sharegpt
 from .args import InferArgs
-from .dataset import dataset_entry, load_dataset
 from .origin import make_origin, merge_shard_origins, start_output
-from .output import Appender, finalize, lock_predictions, read_done
+from .output import PredictionsLog
 from .shards import merge_shards, shard_path, shard_range
 from .vllm_inputs import COMPETITION_MAX_NEW_TOKENS
 
@@ -78,7 +78,7 @@ def dataset_variant(args: InferArgs) -> PromptVariant:
 def run(args: InferArgs) -> Path:
     check_args(args)
     variant = dataset_variant(args)
-    records = load_dataset(args.dataset, args.dataset_dir)
+    records = read_sharegpt(args.dataset, args.dataset_dir)
     save_path = Path(args.save_name)
     if args.merge_shards:
         n = merge_shards(save_path, args.num_shards, [r.id for r in records])
@@ -88,9 +88,10 @@ def run(args: InferArgs) -> Path:
     if args.num_shards > 1:
         records = [records[i] for i in shard_range(len(records), args.num_shards, args.shard_index)]
         save_path = shard_path(save_path, args.shard_index, args.num_shards)
-    with lock_predictions(save_path):
+    log = PredictionsLog(save_path)
+    with log.lock():
         start_output(save_path, make_origin(args, variant), overwrite=args.overwrite)
-        done = read_done(save_path)
+        done = log.done()
         todo = [r for r in records if r.id not in done or (args.retry_failed and done[r.id].get("error"))]
         n_failed = sum(1 for r in records if r.id in done and done[r.id].get("error"))
         print(f"{len(records)} records, {len(records) - len(todo)} already in {save_path}"
@@ -98,8 +99,8 @@ def run(args: InferArgs) -> Path:
                  args.retry_failed else "") + f", {len(todo)} to predict (prompt variant {variant.name})")
         if todo:
             _predict(args, variant, todo, save_path)
-        finalize(save_path, [r.id for r in records])
-        failed = [row for rid, row in read_done(save_path).items() if row.get("error")]
+        log.finalize([r.id for r in records])
+        failed = [row for row in log.done().values() if row.get("error")]
         if failed:
             print(f"{len(failed)} records failed (field 'error'; scored as invalid answers), e.g. "
                   f"{failed[0]['id']}: {failed[0]['error']}")
@@ -125,7 +126,7 @@ def image_failure(exc: BaseException) -> str:
 def failed_row(record, reason: str) -> dict:
     """A record that could not be predicted (its images): kept in the file, so that a rerun does not stall on it,
     and read downstream as an invalid answer."""
-    return {"id": record.id, "prompt": "", "predict": "", "label": record.label, "task": record.task,
+    return {"id": record.id, "prompt": "", "predict": "", "label": record.response, "task": record.task,
             "truncation": None, "error": reason}
 
 
@@ -154,7 +155,7 @@ def _predict(args: InferArgs, variant: PromptVariant, todo, save_path: Path) -> 
     if backend not in ("hf", "vllm"):
         raise MireInputError(f"--backend must be vllm or hf, got {backend!r}")
     sizes, failed = _read_sizes(todo)
-    out = Appender(save_path)
+    out = PredictionsLog(save_path).open()
     try:
         if failed:
             out.write([failed_row(todo[k], reason) for k, reason in failed.items()])
@@ -173,10 +174,11 @@ def _predict(args: InferArgs, variant: PromptVariant, todo, save_path: Path) -> 
 
 def _row(comp, record, plan, ids, predict: str) -> dict:
     return {"id": record.id, "prompt": comp.tokenizer.decode(ids, skip_special_tokens=False), "predict": predict,
-            "label": record.label, "task": record.task, "truncation": plan.info()}
+            "label": record.response, "task": record.task, "truncation": plan.info()}
 
 
-def _generate_hf(args: InferArgs, variant: PromptVariant, comp, todo, plans, prompt_ids, out: Appender) -> None:
+def _generate_hf(args: InferArgs, variant: PromptVariant, comp, todo, plans, prompt_ids,
+                 out: PredictionsLog) -> None:
     from tqdm import tqdm
 
     from .answer import AnswerConstraints
@@ -200,7 +202,8 @@ def _generate_hf(args: InferArgs, variant: PromptVariant, comp, todo, plans, pro
             bar.update(len(batch))
 
 
-def _generate_vllm(args: InferArgs, variant: PromptVariant, comp, todo, plans, prompt_ids, out: Appender) -> None:
+def _generate_vllm(args: InferArgs, variant: PromptVariant, comp, todo, plans, prompt_ids,
+                   out: PredictionsLog) -> None:
     """Every record through one vLLM engine; each answer is written (in batches of at most a second's worth) as soon
     as it is finished, so progress is per record and a kill loses only the requests in flight."""
     from tqdm import tqdm
