@@ -16,6 +16,7 @@ from .dataset_info import commit_registrations, entry_variant, file_registration
 from .io import MireInputError, OutputSet, problem, read_json
 from .prompt_variants import PROMPT_VARIANTS, PromptVariant, get_prompt_variant
 from .reasons import ReasonRecord, load_reasons
+from .rules import MAX_NEW_TOKENS
 from .taxonomy import LABELS, detect_task, normalize_label
 
 COT_VARIANTS = tuple(name for name, v in PROMPT_VARIANTS.items() if v.answer_format == "cot")
@@ -147,7 +148,7 @@ def merge_cot(
     dataset_file: str | os.PathLike,
     reason_files: list[str | os.PathLike],
     output_file: str | os.PathLike,
-    max_output_tokens: int = 100,
+    max_output_tokens: int = MAX_NEW_TOKENS,
     keep_mismatched: bool = False,
     keep_unexplained: bool = False,
     dataset_name: str | None = None,

@@ -6,10 +6,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..dataset_info import DATASET_INFO
 from ..io import MireInputError, problem, read_json, read_jsonl
 from ..taxonomy import Task, detect_task
-
-DATASET_INFO = "dataset_info.json"
 
 
 @dataclass
