@@ -159,3 +159,9 @@ def config_values(config: str | None, given: dict[str, Any]) -> dict[str, Any]:
         print(f"settings from {saved}: " + ", ".join(f"{k}={v}" for k, v in sorted(values.items())))
         return values
     return settings_from_yaml(read_yaml(path), str(path))
+
+
+def resolve_infer_args(**given: Any) -> InferArgs:
+    """InferArgs as tools.vllm_infer makes them from these flags' values: over the settings of `config` (or of the
+    model directory's saved arguments), as the command line overrides them."""
+    return InferArgs(**{**config_values(given.get("config"), given), **given})
