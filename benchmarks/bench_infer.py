@@ -11,8 +11,8 @@ LLaMA-Factory's template), output length fixed (min_new_tokens == max_new_tokens
 converted real test set instead of the synthetic records (benchmarks.bench_vllm reads the same one); --loop_n times
 the per-sample loop on every k-th record only (N of them), its samples/s standing for the whole set. Also times the
 truncation planner on --plan_records records (header reads + one batched tokenizer call). Prints a JSON summary.
-The batched run is the product's own path (`hf_backend.generate_sorted`, as `tools.vllm_infer --backend hf` runs
-it: length-sorted batches, the next batch's images prepared in background threads); several --batch_size values
+The batched run is the product's own path (`hf_backend.generate_sorted`'s pieces, as `tools.vllm_infer --backend hf`
+runs them: length-sorted batches, the next batch's images prepared in background threads); several --batch_size values
 are timed one after the other, the first one gives the headline figures.
 """
 
@@ -27,12 +27,14 @@ from pathlib import Path
 
 from mire_factory.infer.hf_backend import (
     GenItem,
+    default_image_workers,
     finish_on_device,
+    first_batch_size,
     generate_batch,
     generate_prepared,
-    generate_sorted,
     length_sorted_batches,
     load_hf_model,
+    prefetched,
     prepare_batch,
 )
 from mire_factory.infer.render import load_components, render_prompt_ids
@@ -49,6 +51,31 @@ def write_dataset(root: Path, n: int, image_size: tuple[int, int]) -> Path:
     info = {"bench": sharegpt_entry("bench.json")}
     (root / "dataset_info.json").write_text(json.dumps(info), encoding="utf-8")
     return root
+
+
+def sorted_run(model, comp, items: list[GenItem], lengths: list[int], batch_size: int, new_tokens: int,
+               workers: int | None = None, images_on_device: bool | None = None, compiled: bool = False,
+               stats: dict | None = None):
+    """hf_backend.generate_sorted, piece by piece as it runs them (length-sorted batches, the next one prefetched),
+    with this benchmark's knobs: a fixed output length, the image threads, where the image processor runs, and
+    the seconds spent waiting for prepared batches and generating (into `stats`)."""
+    on_gpu = model.device.type == "cuda"
+    on_device = on_gpu if images_on_device is None else images_on_device
+    batches = length_sorted_batches(lengths, batch_size, first=first_batch_size(batch_size, on_gpu))
+    stats = {} if stats is None else stats
+    stats.update(wait_s=0.0, generate_s=0.0)
+    ready_batches = prefetched(comp, items, batches, model.dtype, on_gpu, workers or default_image_workers(),
+                               model.device if on_device else None)
+    while True:
+        start = time.perf_counter()
+        batch, prepared = next(ready_batches, (None, None))
+        if batch is None:
+            return
+        ready = time.perf_counter()
+        answers = generate_prepared(model, comp, prepared, new_tokens, min_new_tokens=new_tokens, compiled=compiled)
+        stats["wait_s"] += ready - start
+        stats["generate_s"] += time.perf_counter() - ready
+        yield batch, answers
 
 
 def sync():
@@ -157,18 +184,17 @@ def main() -> None:
     # warm-up: kernels, allocator pools and the per-sample path, so that no timed run pays for starting up
     generate_batch(model, comp, items[:2], args.new_tokens, min_new_tokens=args.new_tokens)
     warm = items[: args.batch_size[0] * 2]
-    for _ in generate_sorted(model, comp, warm, [len(it.prompt_ids) for it in warm], args.batch_size[0],
-                             args.new_tokens, min_new_tokens=args.new_tokens, workers=args.image_workers):
+    for _ in sorted_run(model, comp, warm, [len(it.prompt_ids) for it in warm], args.batch_size[0],
+                        args.new_tokens, workers=args.image_workers):
         pass
     sync()
 
     def batched_run(batch_size: int, where: str, kernels: str) -> dict:
         start = time.perf_counter()
         stats, answers = {}, [None] * len(items)
-        for batch, outs in generate_sorted(model, comp, items, [pl.n_tokens for pl in plans], batch_size,
-                                           args.new_tokens, min_new_tokens=args.new_tokens, workers=args.image_workers,
-                                           stats=stats, images_on_device=where == "device",
-                                           compiled=kernels == "compiled"):
+        for batch, outs in sorted_run(model, comp, items, [pl.n_tokens for pl in plans], batch_size, args.new_tokens,
+                                      workers=args.image_workers, images_on_device=where == "device",
+                                      compiled=kernels == "compiled", stats=stats):
             for i, out in zip(batch, outs, strict=True):
                 answers[i] = out
         sync()

@@ -16,6 +16,7 @@ from .dataset_info import commit_registrations, entry_variant, file_registration
 from .io import MireInputError, OutputSet, problem
 from .prompt_variants import PROMPT_VARIANTS, PromptVariant, get_prompt_variant
 from .reasons import ReasonRecord, load_reasons
+from .rules import MAX_NEW_TOKENS
 from .sharegpt import chat_row, read_sharegpt, sharegpt_entry
 from .taxonomy import normalize_label
 
@@ -121,7 +122,7 @@ def merge_cot(
     dataset_file: str | os.PathLike,
     reason_files: list[str | os.PathLike],
     output_file: str | os.PathLike,
-    max_output_tokens: int = 100,
+    max_output_tokens: int = MAX_NEW_TOKENS,
     keep_mismatched: bool = False,
     keep_unexplained: bool = False,
     dataset_name: str | None = None,

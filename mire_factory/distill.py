@@ -41,10 +41,18 @@ from .teacher_reply import parse_reply, read_completion, refusal_reason
 LINE_START = b'{"id": '  # how every line of a reasons file begins (ReasonRecord.to_json)
 
 
-@dataclass
+MODES = (1, 2, 3)  # prompts.teacher_prompt's
+
+
+@dataclass(kw_only=True)
 class DistillConfig(TeacherConfig):
-    modes: list[int] = field(default_factory=lambda: [1])
-    max_chars: int = 100
+    """What the teacher is asked (tools.distill's flags, with TeacherConfig's)."""
+
+    modes: list[int] = field(metadata={
+        "help": "one or more teacher prompt modes: 1 free reasoning over the label list (no gold label); 2 gold "
+                "label + all definitions, explain why; 3 as 2 in at most --max_chars characters",
+        "aliases": ["--mode"], "choices": list(MODES)})
+    max_chars: int = field(default=100, metadata={"help": "mode 3: longest reason asked for"})
 
 
 # ---------------------------------------------------------------- requests
@@ -79,7 +87,7 @@ def build_request(record: MireRecord, image_dir: str | os.PathLike, mode: int, c
 
 def check_modes(records: list[MireRecord], modes: Iterable[int], file: str | os.PathLike) -> None:
     """Modes 2 and 3 give the teacher the gold label: every record needs one."""
-    if any(m not in (1, 2, 3) for m in modes):
+    if any(m not in MODES for m in modes):
         raise MireInputError(f"--mode: expected 1, 2 or 3, got {list(modes)}")
     if any(m in (2, 3) for m in modes):
         missing = [problem(file, r.id, "output", "modes 2 and 3 need the gold label") for r in records if not r.has_label]

@@ -11,20 +11,26 @@ reviewer accepts or rejects each (thumbnails need --image_dir) and saves the cor
 
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass, field
 
 from mire_factory.analyze import write_report
+from mire_factory.hparams import config_field, parse_args
 from mire_factory.io import run_cli
 from mire_factory.records import load_records
 
 
+@dataclass(kw_only=True)
+class AnalyzeArguments:
+    input_file: str = field(metadata={"help": "the MIRE train json the reasons were made from"})
+    image_dir: str | None = field(default=None, metadata={"help": "optional: check that the images exist and show them on review.html"})
+    reasons_file: list[str] = field(metadata={"help": "reasons JSONL of tools.distill (repeatable)",
+                                              "action": "extend"})
+    output_dir: str = field(metadata={"help": "where report.md, trainset_error.md and the plots go"})
+    config: str | None = config_field()
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input_file", required=True, help="the MIRE train json the reasons were made from")
-    parser.add_argument("--image_dir", help="optional: check that the images exist and show them on review.html")
-    parser.add_argument("--reasons_file", action="append", required=True, help="reasons JSONL (repeatable)")
-    parser.add_argument("--output_dir", required=True)
-    args = parser.parse_args(argv)
+    args = parse_args(AnalyzeArguments, argv, __doc__)
     records = load_records(args.input_file, args.image_dir, kind="train")
     paths = write_report(records, args.reasons_file, args.output_dir, args.image_dir)
     for name, path in paths.items():

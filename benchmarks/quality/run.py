@@ -45,6 +45,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from mire_factory.io import MireInputError, problem, read_json, run_cli, write_json_atomic  # noqa: E402
+from mire_factory.rules import MAX_NEW_TOKENS  # noqa: E402
 
 RECIPE = REPO / "configs" / "qwen2_vl_2b_full_sft.yaml"
 RESULTS = REPO / "benchmarks" / "quality" / "results"
@@ -74,7 +75,7 @@ class Recipe:
     gradient_checkpointing: bool = False
     eval_batch_size: int = 16  # the F1 callback generates per_device_eval_batch_size prompts at a time
     evals: int = 5  # evaluations over the run (eval_steps = total steps / evals)
-    max_new_tokens: int = 100  # the competition's limit, for the F1 callback and tools.vllm_infer alike
+    max_new_tokens: int = MAX_NEW_TOKENS  # the competition's limit, for the F1 callback and tools.vllm_infer alike
     image_max_pixels: int = 589824  # the recipe's
     infer_batch_size: int = 32
 
