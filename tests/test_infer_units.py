@@ -7,6 +7,7 @@ import json
 import os
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -21,6 +22,9 @@ def write_sharegpt(records, image_dir: Path, out: Path, name: str = "mire_test",
     """MIRE records (their bare instructions: no prompt variant) through the ShareGPT writer, registered as `name`;
     images linked under out/images."""
     (out / "images").mkdir(parents=True, exist_ok=True)
+    # synthetic.make_records' dicts as well as MireRecords
+    records = [SimpleNamespace(id=r["id"], instruction=r["instruction"], images=r["image"], output=r.get("output"))
+               if isinstance(r, dict) else r for r in records]
     for img in {img for r in records for img in r.images}:
         os.symlink(Path(image_dir).resolve() / img, out / "images" / img)
     rows = [chat_row(r.instruction, (r.output or "") if with_labels else "", [f"images/{img}" for img in r.images],
