@@ -35,9 +35,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="one or more teacher prompt modes")
     parser.add_argument("--output_file", help="reasons JSONL (appended to; not needed with --dry_run)")
     parser.add_argument("--concurrency", type=int, default=16, help="requests in flight")
-    parser.add_argument("--max_retries", type=int, default=5, help="retries on 429/5xx/timeouts/connection errors")
-    parser.add_argument("--backoff_base", type=float, default=1.0, help="seconds before the first retry (doubles)")
-    parser.add_argument("--backoff_max", type=float, default=60.0, help="longest wait between retries")
+    parser.add_argument("--max_retries", type=int, default=5, help="retries (the openai client's: 408/409/429/5xx, "
+                        "timeouts, connection errors; and malformed replies)")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for a reply")
     parser.add_argument("--max_pixels", type=int, default=DEFAULT_MAX_PIXELS, help="images are resized to fit")
     parser.add_argument("--max_chars", type=int, default=100, help="mode 3: longest reason asked for")
@@ -54,8 +53,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name in ("concurrency", "max_chars", "max_tokens", "max_pixels"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1")
-    if args.max_retries < 0 or args.timeout <= 0 or args.backoff_base < 0:
-        parser.error("--max_retries must be >= 0, --timeout > 0 and --backoff_base >= 0")
+    if args.max_retries < 0 or args.timeout <= 0:
+        parser.error("--max_retries must be >= 0 and --timeout > 0")
     return args
 
 
@@ -68,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     check_modes(records, modes, args.input_file)
     cfg = DistillConfig(base_url=args.base_url or "", model=args.model, modes=modes, max_chars=args.max_chars,
                         max_pixels=args.max_pixels, max_tokens=args.max_tokens, temperature=args.temperature,
-                        timeout=args.timeout, max_retries=args.max_retries, backoff_base=args.backoff_base,
-                        backoff_max=args.backoff_max, concurrency=args.concurrency, retry_failed=args.retry_failed)
+                        timeout=args.timeout, max_retries=args.max_retries, concurrency=args.concurrency,
+                        retry_failed=args.retry_failed)
     if args.dry_run:
         request = build_request(records[0], args.image_dir, modes[0], cfg)
         print(json.dumps(elide_images(request), ensure_ascii=False, indent=2))
