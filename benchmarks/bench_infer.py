@@ -11,8 +11,8 @@ LLaMA-Factory's template), output length fixed (min_new_tokens == max_new_tokens
 converted real test set instead of the synthetic records (benchmarks.bench_vllm reads the same one); --loop_n times
 the per-sample loop on every k-th record only (N of them), its samples/s standing for the whole set. Also times the
 truncation planner on --plan_records records (header reads + one batched tokenizer call). Prints a JSON summary.
-The batched run is the product's own path (`hf_backend.generate_sorted`, as `tools.vllm_infer --backend hf` runs
-it: length-sorted batches, the next batch's images prepared in background threads); several --batch_size values
+The batched run is the product's own path (`hf_backend.generate_sorted`'s pieces, as `tools.vllm_infer --backend hf`
+runs them: length-sorted batches, the next batch's images prepared in background threads); several --batch_size values
 are timed one after the other, the first one gives the headline figures.
 """
 
@@ -25,35 +25,57 @@ import tempfile
 import time
 from pathlib import Path
 
-from mire_factory.infer.dataset import load_dataset
 from mire_factory.infer.hf_backend import (
     GenItem,
+    default_image_workers,
     finish_on_device,
+    first_batch_size,
     generate_batch,
     generate_prepared,
-    generate_sorted,
     length_sorted_batches,
     load_hf_model,
+    prefetched,
     prepare_batch,
 )
 from mire_factory.infer.render import load_components, render_prompt_ids
 from mire_factory.infer.truncation import ImageTokenizer, Planner
+from mire_factory.sharegpt import chat_row, read_sharegpt, sharegpt_entry
 from mire_factory.synthetic import make_records
 
 
 def write_dataset(root: Path, n: int, image_size: tuple[int, int]) -> Path:
     records = make_records(n // 2, n - n // 2, root / "images", seed=0, image_size=image_size, max_dialogue_images=4,
                            image_format="JPEG", with_labels=False)
-    rows = [{"id": r["id"], "messages": [{"role": "user", "content": r["instruction"]},
-                                         {"role": "assistant", "content": ""}],
-             "images": [f"images/{name}" for name in r["image"]]} for r in records]
+    rows = [chat_row(r["instruction"], "", [f"images/{name}" for name in r["image"]], row_id=r["id"]) for r in records]
     (root / "bench.json").write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
-    info = {"bench": {"file_name": "bench.json", "formatting": "sharegpt",
-                      "columns": {"messages": "messages", "images": "images"},
-                      "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
-                               "assistant_tag": "assistant"}}}
+    info = {"bench": sharegpt_entry("bench.json")}
     (root / "dataset_info.json").write_text(json.dumps(info), encoding="utf-8")
     return root
+
+
+def sorted_run(model, comp, items: list[GenItem], lengths: list[int], batch_size: int, new_tokens: int,
+               workers: int | None = None, images_on_device: bool | None = None, compiled: bool = False,
+               stats: dict | None = None):
+    """hf_backend.generate_sorted, piece by piece as it runs them (length-sorted batches, the next one prefetched),
+    with this benchmark's knobs: a fixed output length, the image threads, where the image processor runs, and
+    the seconds spent waiting for prepared batches and generating (into `stats`)."""
+    on_gpu = model.device.type == "cuda"
+    on_device = on_gpu if images_on_device is None else images_on_device
+    batches = length_sorted_batches(lengths, batch_size, first=first_batch_size(batch_size, on_gpu))
+    stats = {} if stats is None else stats
+    stats.update(wait_s=0.0, generate_s=0.0)
+    ready_batches = prefetched(comp, items, batches, model.dtype, on_gpu, workers or default_image_workers(),
+                               model.device if on_device else None)
+    while True:
+        start = time.perf_counter()
+        batch, prepared = next(ready_batches, (None, None))
+        if batch is None:
+            return
+        ready = time.perf_counter()
+        answers = generate_prepared(model, comp, prepared, new_tokens, min_new_tokens=new_tokens, compiled=compiled)
+        stats["wait_s"] += ready - start
+        stats["generate_s"] += time.perf_counter() - ready
+        yield batch, answers
 
 
 def sync():
@@ -146,7 +168,7 @@ def main() -> None:
         ds, name = write_dataset(work / "data", args.n, (args.image_width, args.image_height)), "bench"
 
     comp = load_components(model_dir, image_max_pixels=args.image_max_pixels, cutoff_len=args.cutoff_len)
-    records = load_dataset(name, ds)
+    records = read_sharegpt(name, ds)
     planner = Planner(comp.tokenizer, ImageTokenizer.from_processor(comp.processor),
                       len(render_prompt_ids(comp, "", [])), args.cutoff_len)
 
@@ -162,18 +184,17 @@ def main() -> None:
     # warm-up: kernels, allocator pools and the per-sample path, so that no timed run pays for starting up
     generate_batch(model, comp, items[:2], args.new_tokens, min_new_tokens=args.new_tokens)
     warm = items[: args.batch_size[0] * 2]
-    for _ in generate_sorted(model, comp, warm, [len(it.prompt_ids) for it in warm], args.batch_size[0],
-                             args.new_tokens, min_new_tokens=args.new_tokens, workers=args.image_workers):
+    for _ in sorted_run(model, comp, warm, [len(it.prompt_ids) for it in warm], args.batch_size[0],
+                        args.new_tokens, workers=args.image_workers):
         pass
     sync()
 
     def batched_run(batch_size: int, where: str, kernels: str) -> dict:
         start = time.perf_counter()
         stats, answers = {}, [None] * len(items)
-        for batch, outs in generate_sorted(model, comp, items, [pl.n_tokens for pl in plans], batch_size,
-                                           args.new_tokens, min_new_tokens=args.new_tokens, workers=args.image_workers,
-                                           stats=stats, images_on_device=where == "device",
-                                           compiled=kernels == "compiled"):
+        for batch, outs in sorted_run(model, comp, items, [pl.n_tokens for pl in plans], batch_size, args.new_tokens,
+                                      workers=args.image_workers, images_on_device=where == "device",
+                                      compiled=kernels == "compiled", stats=stats):
             for i, out in zip(batch, outs, strict=True):
                 answers[i] = out
         sync()

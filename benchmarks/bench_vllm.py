@@ -47,10 +47,10 @@ VARIANTS = {
 
 
 def load(args):
-    from mire_factory.infer.dataset import load_dataset
     from mire_factory.infer.pipeline import InferArgs, prepare
+    from mire_factory.sharegpt import read_sharegpt
 
-    records = load_dataset(args.dataset, args.dataset_dir)[:: args.every][: args.limit]
+    records = read_sharegpt(args.dataset, args.dataset_dir)[:: args.every][: args.limit]
     infer_args = InferArgs(model_name_or_path=args.model, dataset=args.dataset, dataset_dir=args.dataset_dir,
                            cutoff_len=args.cutoff_len, image_max_pixels=args.image_max_pixels,
                            max_new_tokens=args.new_tokens)

@@ -67,13 +67,13 @@ def training_prompts(model_dir: Path, data_dir: Path, dataset: str, recipe: dict
 
 def inference_ids(model_dir: Path, data_dir: Path, args) -> dict[str, list[int]]:
     """The ids tools.vllm_infer's functions render for each test record (its planner and renderer)."""
-    from mire_factory.infer.dataset import load_dataset
     from mire_factory.infer.render import expand_image_tokens, load_components, render_prompt_ids
     from mire_factory.infer.truncation import ImageTokenizer, Planner
+    from mire_factory.sharegpt import read_sharegpt
 
     comp = load_components(str(model_dir), args.template, None, args.image_max_pixels, args.image_min_pixels,
                            args.cutoff_len)
-    records = load_dataset(args.dataset, data_dir)
+    records = read_sharegpt(args.dataset, data_dir)
     planner = Planner(comp.tokenizer, ImageTokenizer.from_processor(comp.processor),
                       len(render_prompt_ids(comp, "", [])), args.cutoff_len)
     out = {}

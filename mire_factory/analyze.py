@@ -15,9 +15,11 @@ from pathlib import Path
 import numpy as np
 
 from . import plots
+from .corrections import Correction, write_corrections
 from .io import MireInputError, OutputSet
 from .reasons import ReasonRecord, load_numbered_reasons
 from .records import MireRecord
+from .review_page import review_html
 from .taxonomy import DIALOGUE_END, DIALOGUE_START, LABELS, TASKS
 
 Run = tuple[int, str]  # (mode, model)
@@ -292,9 +294,24 @@ def trainset_error_text(study: Study, names: dict[Run, str]) -> str:
     return "\n".join(out)
 
 
-def write_report(records: list[MireRecord], reasons_files: list[str | os.PathLike], out_dir: str | os.PathLike
-                 ) -> dict[str, Path]:
-    """report.md, trainset_error.md and the PNGs, staged and renamed into out_dir together (or none of them)."""
+def suspect_corrections(study: Study, names: dict[Run, str]) -> list[Correction]:
+    """The suspects as corrections-file lines (status suspected): the proposed label is the teacher's most common
+    valid one (the gold label when it gave none), the evidence each run's label and reason."""
+    out = []
+    for rec, answers in suspected_label_errors(study):
+        valid = Counter(line.label for _, line in answers if line.label in LABELS[rec.task])
+        label = valid.most_common(1)[0][0] if valid else rec.output
+        evidence = [{"run": names[run], "label": line.label, "reason": line.reason} for run, line in answers]
+        out.append(Correction(id=rec.id, status="suspected", gold=rec.output, label=label, by="tools.analyze",
+                              why=f"the teacher disagrees with gold in {len(answers)} of {len(answers)} runs that "
+                                  "answered", source="analyze", evidence=evidence))
+    return out
+
+
+def write_report(records: list[MireRecord], reasons_files: list[str | os.PathLike], out_dir: str | os.PathLike,
+                 image_dir: str | os.PathLike | None = None) -> dict[str, Path]:
+    """report.md, trainset_error.md, the PNGs, suspects.jsonl (a corrections file) and review.html (its review page,
+    thumbnails from image_dir), staged and renamed into out_dir together (or none of them)."""
     out_dir = Path(out_dir)
     study = load_study(records, reasons_files)
     many_models = len({model for _, model in study.runs}) > 1
@@ -306,10 +323,17 @@ def write_report(records: list[MireRecord], reasons_files: list[str | os.PathLik
         n_suspects = len(suspected_label_errors(study))
         lines += ["## Suspected label errors", "",
                   f"{n_suspects} samples where the teacher disagrees with the gold label in every run: see "
-                  "[trainset_error.md](trainset_error.md).", ""]
+                  "[trainset_error.md](trainset_error.md); review them in [review.html](review.html), which saves a "
+                  "corrections file for `tools.convert --corrections_file` (suspects.jsonl: the same lines, status "
+                  "suspected).", ""]
         outs.write_text(out_dir / "trainset_error.md", trainset_error_text(study, names))
         outs.write_text(out_dir / "report.md", "\n".join(lines))
+        suspects = suspect_corrections(study, names)
+        write_corrections(outs, out_dir / "suspects.jsonl", suspects)
+        outs.write_text(out_dir / "review.html", review_html(suspects, {r.id: r for r in study.records}, image_dir,
+                                                             "Suspected label errors (teacher reasons)"))
         written = outs.commit()
     pngs = sorted(p for p in written if p.suffix == ".png")
     return {"report": out_dir / "report.md", "trainset_error": out_dir / "trainset_error.md",
+            "suspects": out_dir / "suspects.jsonl", "review": out_dir / "review.html",
             **{p.stem: p for p in pngs}}

@@ -13,15 +13,12 @@ def split_instruction(instruction: str) -> list[str]:
     return instruction.split(IMAGE_PLACEHOLDER)
 
 
-def to_content_parts(record: MireRecord | dict, image_dir: str | os.PathLike | None = None) -> list[dict]:
+def to_content_parts(record: MireRecord, image_dir: str | os.PathLike | None = None) -> list[dict]:
     """OpenAI/qwen-vl-utils style content: [{"type": "text", "text": ...}, {"type": "image", "image": path}, ...].
 
     Empty text segments are left out; joining the texts with <image> at each image part restores the instruction.
     """
-    if isinstance(record, MireRecord):
-        instruction, images = record.instruction, record.images
-    else:
-        instruction, images = record["instruction"], record.get("image", record.get("images", []))
+    instruction, images = record.instruction, record.images
     segments = split_instruction(instruction)
     if len(segments) - 1 != len(images):
         raise ValueError(f"{len(segments) - 1} {IMAGE_PLACEHOLDER} placeholders but {len(images)} images")

@@ -9,13 +9,13 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .corrections import CORRECTIONS_KEY, apply_corrections, read_corrections
 from .dataset_info import (
     SCREENSHOT_TEXT_KEY,
     commit_registrations,
     dataset_name,
     entry_variant,
     read_dataset_info,
-    sharegpt_entry,
 )
 from .io import MireInputError, OutputSet, output_lock, problem
 from .prompt_variants import (
@@ -27,6 +27,7 @@ from .prompt_variants import (
 )
 from .records import IMAGE_PLACEHOLDER, Kind, MireRecord, read_mire_file
 from .screenshot_text import DEFAULT_INFO_MAX_TOKENS, ScreenshotText
+from .sharegpt import chat_row, sharegpt_entry
 from .taxonomy import LABELS, TASKS
 
 FORMATS = ("sharegpt", "swift")
@@ -70,18 +71,8 @@ def records_to_swift(records: list[MireRecord], image_dir: str | os.PathLike,
 def _rows(records: list[MireRecord], path_of, variant: PromptVariant, contexts: list[str] | None) -> list[dict]:
     contexts = contexts if contexts is not None else [None] * len(records)
     return [chat_row(variant.user_turn(user_content(r), r.task, context), variant.answer(r.output) if r.output else "",
-                     r.images, path_of, row_id=r.id)
+                     [path_of(name) for name in r.images], row_id=r.id)
             for r, context in zip(records, contexts, strict=True)]
-
-
-def chat_row(user: str, assistant: str, images: list[str], path_of, system: str | None = None,
-             row_id: str | None = None) -> dict:
-    """One row of both formats: LLaMA-Factory's ShareGPT `messages` (registered with sharegpt_entry) and ms-swift's
-    `messages`/`images`; `<image>` placeholders stay in the user turn and `path_of` maps image names to paths."""
-    messages = [{"role": "system", "content": system}] if system else []
-    messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
-    row = {"id": row_id} if row_id is not None else {}
-    return {**row, "messages": messages, "images": [path_of(name) for name in images]}
 
 
 def stratified_split(
@@ -170,12 +161,15 @@ def convert(
     prompt_variant: str = DEFAULT_PROMPT_VARIANT,
     info_file: str | os.PathLike | None = None,
     info_max_tokens: int = DEFAULT_INFO_MAX_TOKENS,
+    corrections_file: str | os.PathLike | None = None,
 ) -> ConvertResult:
     """Checks everything first; on bad input raises MireInputError before writing any file.
 
     A train file (every record labelled) becomes train + val splits, a test file one test split; every split is
     written with the same prompt variant, recorded in its registration. A screenshot-text variant takes each
-    record's image text from `info_file` (tools.extract_info), at most `info_max_tokens` tokens per record."""
+    record's image text from `info_file` (tools.extract_info), at most `info_max_tokens` tokens per record. The
+    accepted lines of `corrections_file` (corrections.py) relabel their records before the split; each split's
+    registration lists those applied to it."""
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
     if task not in TASK_CHOICES:
@@ -201,6 +195,9 @@ def convert(
     ]
     if bad_input:
         raise MireInputError(bad_input)
+    applied = None
+    if corrections_file is not None:
+        records, applied = apply_corrections(records, read_corrections(corrections_file), corrections_file)
     if task != "all":
         records = [r for r in records if r.task == task]
         if not records:
@@ -247,6 +244,9 @@ def convert(
             if screenshot_text is not None:
                 for entry in entries.values():
                     entry[SCREENSHOT_TEXT_KEY] = screenshot_text.registration()
+            if applied is not None:
+                for name, entry in entries.items():
+                    entry[CORRECTIONS_KEY] = applied.registration({r.id for r in splits[name]})
             info = commit_registrations(outs, output_dir, entries, unregister={name: f"{name}.{ext}" for name in stale})
     summary = summary_text(splits, files)
     if screenshot_text is not None:
@@ -254,6 +254,8 @@ def convert(
         summary += (f"\nscreenshot text from {info_file}: {with_images} records with images, "
                     f"{screenshot_text.truncated_records} cut to --info_max_tokens {info_max_tokens} "
                     f"({screenshot_text.dropped_lines} lines dropped)")
+    if applied is not None:
+        summary += "\n" + applied.summary()
     return ConvertResult(splits, files, info, summary, warnings, removed)
 
 

@@ -11,12 +11,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .answers import extract_answer
-from .dataset_info import commit_registrations, entry_variant, file_registration, read_dataset_info, sharegpt_entry
-from .io import MireInputError, OutputSet, problem, read_json
+from .corrections import registered_reason_fixes
+from .dataset_info import commit_registrations, entry_variant, file_registration, read_dataset_info
+from .io import MireInputError, OutputSet, problem
 from .prompt_variants import PROMPT_VARIANTS, PromptVariant, get_prompt_variant
 from .reasons import ReasonRecord, load_reasons
-from .taxonomy import LABELS, detect_task, normalize_label
+from .rules import MAX_NEW_TOKENS
+from .sharegpt import chat_row, read_sharegpt, sharegpt_entry
+from .taxonomy import normalize_label
 
 COT_VARIANTS = tuple(name for name, v in PROMPT_VARIANTS.items() if v.answer_format == "cot")
 # A sentence ends after one of these; the piece keeps its punctuation.
@@ -59,35 +61,8 @@ def fit_answer(
     return answer, "label_only"
 
 
-def load_sharegpt_rows(path: str | os.PathLike) -> list[dict]:
-    """A file written by tools.convert, checked: ids, a user turn then a labelled assistant turn, images."""
-    rows = read_json(path)
-    if not isinstance(rows, list):
-        raise MireInputError(problem(path, None, None, f"expected a JSON list of records, got {type(rows).__name__}"))
-    problems = []
-    for index, row in enumerate(rows):
-        rid = row.get("id") if isinstance(row, dict) else None
-        ref = rid if isinstance(rid, str) and rid else index
-        if not isinstance(row, dict) or not isinstance(rid, str) or not rid:
-            problems.append(problem(path, ref, "id", "expected a record with a non-empty string id"))
-            continue
-        messages = row.get("messages")
-        roles = [m.get("role") for m in messages if isinstance(m, dict)] if isinstance(messages, list) else None
-        if roles != ["user", "assistant"] or not all(isinstance(m.get("content"), str) for m in messages):
-            problems.append(problem(path, ref, "messages", "expected a user turn then an assistant turn (text)"))
-            continue
-        if not normalize_label(extract_answer(messages[1]["content"])):
-            problems.append(problem(path, ref, "messages[1].content", "no gold label (a test file?)"))
-        images = row.get("images", [])
-        if not isinstance(images, list) or not all(isinstance(p, str) and "\x00" not in p for p in images):
-            problems.append(problem(path, ref, "images", "expected a list of paths"))
-    if problems:
-        raise MireInputError(problems)
-    return rows
-
-
-def source_variant(dataset_file: str | os.PathLike) -> PromptVariant:
-    """The CoT prompt variant the train file was converted with, from its registration beside it."""
+def source_variant(dataset_file: str | os.PathLike) -> tuple[str, PromptVariant]:
+    """The name the train file is registered under beside it, and the CoT prompt variant it was converted with."""
     found = file_registration(dataset_file)
     hint = (f"convert the train file with tools.convert --prompt_variant {' or '.join(COT_VARIANTS)} (and the test file "
             "with the same variant, so that inference prompts equal training ones)")
@@ -98,7 +73,7 @@ def source_variant(dataset_file: str | os.PathLike) -> PromptVariant:
     if variant.answer_format != "cot":
         raise MireInputError(problem(dataset_file, None, None,
                                      f"registered as {name!r} with prompt variant {variant.name!r}, not a CoT one; {hint}"))
-    return variant
+    return name, variant
 
 
 @dataclass
@@ -147,7 +122,7 @@ def merge_cot(
     dataset_file: str | os.PathLike,
     reason_files: list[str | os.PathLike],
     output_file: str | os.PathLike,
-    max_output_tokens: int = 100,
+    max_output_tokens: int = MAX_NEW_TOKENS,
     keep_mismatched: bool = False,
     keep_unexplained: bool = False,
     dataset_name: str | None = None,
@@ -156,57 +131,46 @@ def merge_cot(
     """For each record the first usable reason (files in the order given, then line order) whose teacher label
     is the gold label, in the answer format of the dataset file's prompt variant; everything is checked before the
     output is written."""
-    rows = load_sharegpt_rows(dataset_file)
-    variant = source_variant(dataset_file)
+    name, variant = source_variant(dataset_file)
     output_file = Path(output_file)
     read_dataset_info(output_file.parent)  # a broken dataset_info.json stops us before anything is written
     by_id = _reasons_by_id(reason_files)
-    count_tokens = count_tokens or qwen2_token_counter()
+    # a reviewed reason (tools.convert --corrections_file, recorded in the registration) comes before the teacher's
+    for rid, (label, reason) in registered_reason_fixes(file_registration(dataset_file)[1]).items():
+        by_id[rid] = [ReasonRecord(rid, 0, "correction", "ok", reason=reason, label=label), *by_id.get(rid, [])]
     dataset_dir, out_dir = Path(dataset_file).parent.resolve(), output_file.parent.resolve()
+    # images need not be there yet: paths are only rebased; a missing one keeps its name, relative to dataset_dir
+    records = read_sharegpt(name, dataset_dir, check_images=False, train=True)
+    count_tokens = count_tokens or qwen2_token_counter()
     report = MergeReport(output_file, dataset_name or output_file.stem, kept_mismatched=keep_mismatched,
                          kept_unexplained=keep_unexplained)
     out_rows = []
-    for row in rows:
-        user, assistant = row["messages"]
-        gold = normalize_label(extract_answer(assistant["content"]))
-        try:
-            task = detect_task(user["content"])
-        except ValueError as exc:
-            raise MireInputError(problem(dataset_file, row["id"], "messages[0].content", str(exc))) from None
-        if gold not in LABELS[task]:
-            raise MireInputError(problem(dataset_file, row["id"], "messages[1].content",
-                                         f"unknown label {gold!r} for the {task} task"))
-        usable = [r for r in by_id.get(row["id"], []) if r.status == "ok" and (r.reason or "").strip()]
+    for record in records:
+        gold = record.output
+        usable = [r for r in by_id.get(record.id, []) if r.status == "ok" and (r.reason or "").strip()]
         chosen = next((r for r in usable if normalize_label(r.label or "") == gold), None)
         if chosen is None and usable:
-            report.mismatched.append((row["id"], usable[0].label or "", gold))
+            report.mismatched.append((record.id, usable[0].label or "", gold))
             chosen = usable[0] if keep_mismatched else None
             if chosen is None:
                 continue
         if chosen is None:
-            report.unexplained.append(row["id"])
+            report.unexplained.append(record.id)
             if not keep_unexplained:
                 continue
         answer, how = fit_answer(chosen.reason if chosen else "", gold, count_tokens, max_output_tokens, variant)
         how = how if chosen else "label_only"
         setattr(report, how, getattr(report, how) + 1)
         report.max_tokens_seen = max(report.max_tokens_seen, count_tokens(answer))
-        images = row.get("images", [])
-        if dataset_dir != out_dir:  # paths are relative to the file's folder (LLaMA-Factory's dataset_dir)
-            images = [os.path.relpath(os.path.join(dataset_dir, p), out_dir) for p in images]
-        out_rows.append({
-            "id": row["id"],
-            "messages": [
-                {"role": "user", "content": user["content"]},  # as the variant wrote it for every split
-                {"role": "assistant", "content": answer},
-            ],
-            "images": images,
-        })
+        # paths are relative to the file's folder (LLaMA-Factory's dataset_dir)
+        images = [os.path.relpath(os.path.join(dataset_dir, p), out_dir) for p in record.images]
+        # the user turn as the variant wrote it for every split
+        out_rows.append(chat_row(record.instruction, answer, images, system=record.system, row_id=record.id))
     if not out_rows:
         files = ", ".join(str(f) for f in reason_files)
         raise MireInputError(problem(dataset_file, None, None, f"no record has a usable reason with the gold label in "
                                      f"{files} (ok lines for ids of this file: "
-                                     f"{sum(r.status == 'ok' for row in rows for r in by_id.get(row['id'], []))}); "
+                                     f"{sum(r.status == 'ok' for rec in records for r in by_id.get(rec.id, []))}); "
                                      "nothing to write"))
     report.written = len(out_rows)
     with OutputSet() as outs:

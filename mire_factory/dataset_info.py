@@ -1,6 +1,6 @@
-"""LLaMA-Factory's dataset_info.json: the registration entry of a MIRE ShareGPT file (with the prompt variant it was
-written with), reading it back, and an atomic merge under a lock (read-modify-write: two tools registering into one
-folder at once both keep their entries)."""
+"""LLaMA-Factory's dataset_info.json: reading registrations back (a dataset's entry, the prompt variant a MIRE
+ShareGPT file was written with; the entry itself is written by sharegpt.sharegpt_entry) and an atomic merge under a
+lock (read-modify-write: two tools registering into one folder at once both keep their entries)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from .io import MireInputError, OutputSet, output_lock, problem, read_json
-from .prompt_variants import DEFAULT_PROMPT_VARIANT, PromptVariant, get_prompt_variant
+from .prompt_variants import PromptVariant, get_prompt_variant
 
 DATASET_INFO = "dataset_info.json"
 SPLITS = ("train", "val", "test")
@@ -18,18 +18,6 @@ SPLITS = ("train", "val", "test")
 PROMPT_VARIANT_KEY = "mire_prompt_variant"
 # A screenshot-text variant's source: the info file, its token budget and origin, and how many records it cut.
 SCREENSHOT_TEXT_KEY = "mire_screenshot_text"
-
-
-def sharegpt_entry(file_name: str, prompt_variant: str = DEFAULT_PROMPT_VARIANT) -> dict:
-    """How LLaMA-Factory reads a file written by tools.convert: messages + images, role/content tags; plus the
-    prompt variant the file's turns were written with."""
-    return {
-        "file_name": file_name,
-        "formatting": "sharegpt",
-        "columns": {"messages": "messages", "images": "images"},
-        "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"},
-        PROMPT_VARIANT_KEY: prompt_variant,
-    }
 
 
 def entry_variant(entry: dict, where: str | os.PathLike, name: str) -> PromptVariant:
@@ -66,6 +54,25 @@ def read_dataset_info(output_dir: str | os.PathLike) -> dict:
     if not isinstance(info, dict):
         raise MireInputError(problem(path, None, None, f"expected a JSON object, got {type(info).__name__}"))
     return info
+
+
+def dataset_entry(dataset: str, dataset_dir: str | os.PathLike) -> dict:
+    """The registration of `dataset` in dataset_dir/dataset_info.json, checked to be a local ShareGPT file whose
+    columns and tags are names (what LLaMA-Factory's DatasetAttr.join reads from it)."""
+    info_path = Path(dataset_dir) / DATASET_INFO
+    info = read_json(info_path)
+    if not isinstance(info, dict) or dataset not in info:
+        names = sorted(info) if isinstance(info, dict) else []
+        raise MireInputError(problem(info_path, None, dataset, f"dataset not registered (registered: {names})"))
+    entry = info[dataset]
+    if not isinstance(entry, dict) or entry.get("formatting", "alpaca") != "sharegpt" \
+            or not isinstance(entry.get("file_name"), str) or "\x00" in entry["file_name"]:
+        raise MireInputError(problem(info_path, None, dataset, "expected a sharegpt dataset with a file_name"))
+    for key in ("columns", "tags"):
+        names = entry.get(key, {})
+        if not isinstance(names, dict) or not all(isinstance(v, str | None) for v in names.values()):
+            raise MireInputError(problem(info_path, None, f"{dataset}.{key}", "expected an object of names"))
+    return entry
 
 
 LOCK_TIMEOUT_S = 120.0  # a read-modify-write takes milliseconds; waiting this long means a stuck writer

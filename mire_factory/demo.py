@@ -15,7 +15,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .convert import convert
+from .evaluate import evaluate, write_evaluation, write_submission
+from .infer.args import resolve_infer_args
+from .infer.pipeline import run as run_inference
 from .io import write_json_atomic
+from .records import read_mire_file, summarize
 from .synthetic import make_records
 from .tiny_model import make_tiny_model
 
@@ -70,15 +75,6 @@ _START = time.perf_counter()
 
 def _step(n: int, total: int, text: str) -> None:
     print(f"\n[{n}/{total}] (t={time.perf_counter() - _START:.0f}s) {text}", flush=True)
-
-
-def _run_tool(module: str, args: list[str]) -> None:
-    """A tool's main, in this process (no second interpreter start); bad input still exits 2."""
-    import importlib
-
-    code = importlib.import_module(f"tools.{module}").main([str(a) for a in args])
-    if code:
-        raise SystemExit(code)
 
 
 def train_overrides(cfg: DemoConfig, model_dir: Path, data_dir: Path, out_dir: Path) -> list[str]:
@@ -173,14 +169,14 @@ def infer_and_score(model_dir: Path, data_dir: Path, gold: Path, test: Path, out
                     plots: bool) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     preds = out / "predictions.jsonl"
-    _run_tool("vllm_infer", ["--model_name_or_path", model_dir, "--dataset", "mire_test", "--dataset_dir", data_dir,
-                             "--backend", "hf", "--save_name", preds, "--max_new_tokens", cfg.max_new_tokens,
-                             "--batch_size", 16, "--overwrite"])  # a fresh run, not a resume of an older one
-    _run_tool("convert2submit", ["--test_file", test, "--prediction_file", preds, "--save_path", out / "submit.csv"])
-    args = ["--test_file", gold, "--prediction_file", preds, "--json_file", out / "metrics.json"]
-    if plots:
-        args += ["--plot_dir", out]
-    _run_tool("cal_acc", args)
+    run_inference(resolve_infer_args(model_name_or_path=str(model_dir), dataset="mire_test",
+                                     dataset_dir=str(data_dir), backend="hf", save_name=str(preds),
+                                     max_new_tokens=cfg.max_new_tokens, batch_size=16,
+                                     overwrite=True))  # a fresh run, not a resume of an older one
+    print("\n".join(write_submission(test, preds, out / "submit.csv")))
+    evaluation = evaluate(gold, preds)
+    print(evaluation.text())
+    write_evaluation(evaluation, out / "metrics.json", out if plots else None)
     return json.loads((out / "metrics.json").read_text(encoding="utf-8"))
 
 
@@ -214,10 +210,10 @@ def _run_demo(cfg: DemoConfig) -> dict:
     _step(3, total, "validating and converting (tools.validate, tools.convert)")
     mire = work / "mire"
     for name in ("train", "test"):
-        _run_tool("validate", ["--input_file", paths[name], "--image_dir", paths["images"]])
-    _run_tool("convert", ["--input_file", paths["train"], "--image_dir", paths["images"], "--output_dir", mire,
-                          "--val_size", "0.1", "--seed", cfg.seed])
-    _run_tool("convert", ["--input_file", paths["test"], "--image_dir", paths["images"], "--output_dir", mire])
+        checked = read_mire_file(paths[name], paths["images"])
+        print(f"ok: {paths[name]}: {checked.kind} file, {summarize(checked.records)}")
+    print(convert(paths["train"], paths["images"], mire, val_size=0.1, seed=cfg.seed).summary)
+    print(convert(paths["test"], paths["images"], mire).summary)
 
     _step(4, total, "scoring the untrained model (tools.vllm_infer --backend hf, tools.cal_acc)")
     before = infer_and_score(model_dir, mire, paths["gold"], paths["test"], work / "untrained", cfg, plots=False)

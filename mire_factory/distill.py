@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from .append_log import AppendLog
 from .content import to_content_parts
-from .io import MireInputError, output_lock, problem
+from .io import MireInputError, problem
 from .prompts import teacher_prompt
 from .reasons import ReasonRecord, reason_from_dict
 from .records import MireRecord
@@ -41,10 +41,18 @@ from .teacher_reply import parse_reply, read_completion, refusal_reason
 LINE_START = b'{"id": '  # how every line of a reasons file begins (ReasonRecord.to_json)
 
 
-@dataclass
+MODES = (1, 2, 3)  # prompts.teacher_prompt's
+
+
+@dataclass(kw_only=True)
 class DistillConfig(TeacherConfig):
-    modes: list[int] = field(default_factory=lambda: [1])
-    max_chars: int = 100
+    """What the teacher is asked (tools.distill's flags, with TeacherConfig's)."""
+
+    modes: list[int] = field(metadata={
+        "help": "one or more teacher prompt modes: 1 free reasoning over the label list (no gold label); 2 gold "
+                "label + all definitions, explain why; 3 as 2 in at most --max_chars characters",
+        "aliases": ["--mode"], "choices": list(MODES)})
+    max_chars: int = field(default=100, metadata={"help": "mode 3: longest reason asked for"})
 
 
 # ---------------------------------------------------------------- requests
@@ -79,7 +87,7 @@ def build_request(record: MireRecord, image_dir: str | os.PathLike, mode: int, c
 
 def check_modes(records: list[MireRecord], modes: Iterable[int], file: str | os.PathLike) -> None:
     """Modes 2 and 3 give the teacher the gold label: every record needs one."""
-    if any(m not in (1, 2, 3) for m in modes):
+    if any(m not in MODES for m in modes):
         raise MireInputError(f"--mode: expected 1, 2 or 3, got {list(modes)}")
     if any(m in (2, 3) for m in modes):
         missing = [problem(file, r.id, "output", "modes 2 and 3 need the gold label") for r in records if not r.has_label]
@@ -96,19 +104,22 @@ class ReasonsLog(AppendLog[ReasonRecord]):
     line_start = LINE_START
     kind = "a reasons file of tools.distill"
     hint = "distill appends only to a reasons file or a new or empty one: choose another --output_file"
+    writer = "tools.distill"
 
     def parse(self, row: dict, lineno: int) -> ReasonRecord:
         return reason_from_dict(row, self.path, lineno)
 
-    def rewrite_without(self, drop: set[tuple[str, int, str]], kinds: tuple[str, ...] = ("failed",)) -> int:
+    def key(self, rec: ReasonRecord) -> tuple[str, int, str]:
+        return rec.key
+
+    def dump(self, rec: ReasonRecord) -> str:
+        return rec.to_json()
+
+    def drop_keys(self, drop: set[tuple[str, int, str]], kinds: tuple[str, ...] = ("failed",)) -> int:
         """Atomically removes the lines of `drop` keys whose status is in `kinds`; returns how many went."""
         if not drop:
             return 0
-        return super().rewrite_without(lambda row: (row["id"], row["mode"], row["model"]) in drop
-                                       and row["status"] in kinds)
-
-    def append(self, rec: ReasonRecord) -> None:
-        self.append_line(rec.to_json())
+        return self.rewrite_without(lambda rec: rec.key in drop and rec.status in kinds)
 
 
 def plan_work(records: list[MireRecord], modes: list[int], model: str, existing: list[ReasonRecord],
@@ -161,21 +172,20 @@ async def run_distill(records: list[MireRecord], image_dir: str | os.PathLike, c
                       output_file: str | os.PathLike, api_key: str = PLACEHOLDER_KEY, progress: bool = True,
                       client=None) -> RunSummary:
     log = ReasonsLog(output_file)
-    log.load(repair=False)  # refuses a file that is not ours before even a lock file is created beside it
-    with output_lock(output_file, what="another tools.distill is writing it"):
-        return await _run_locked(log, records, image_dir, cfg, api_key, progress, client)
+    with log.resume() as existing:
+        return await _run_locked(log, existing, records, image_dir, cfg, api_key, progress, client)
 
 
-async def _run_locked(log: ReasonsLog, records: list[MireRecord], image_dir: str | os.PathLike, cfg: DistillConfig,
-                      api_key: str, progress: bool, client) -> RunSummary:
-    existing = log.load()
+async def _run_locked(log: ReasonsLog, existing: list[ReasonRecord], records: list[MireRecord],
+                      image_dir: str | os.PathLike, cfg: DistillConfig, api_key: str, progress: bool,
+                      client) -> RunSummary:
     plan = plan_work(records, cfg.modes, cfg.model, existing, cfg.retry_failed)
     summary = RunSummary(plan=plan, repaired_bytes=log.repaired_bytes)
     if cfg.retry_failed:
         done = {r.key for r in existing if r.status != "failed"}
         superseded = {r.key for r in existing if r.status == "failed" and r.key in done}
         stale = plan.retrying | superseded  # retried now, or already answered by a later ok/refused line
-        summary.removed_failed = log.rewrite_without(stale)
+        summary.removed_failed = log.drop_keys(stale)
     if not plan.todo:
         return summary
     own_client = client is None

@@ -26,13 +26,13 @@ from transformers import TrainerCallback
 
 from .answers import extract_answer, read_answer
 from .io import write_jsonl_atomic
+from .rules import MAX_NEW_TOKENS
 from .scoring import score
 from .taxonomy import task_of_label
 
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-MAX_NEW_TOKENS_LIMIT = 100  # the competition rules allow at most 100 new tokens
 # collator outputs that generate must not get: it derives mrope positions itself from image_grid_thw + attention
 DROP_KEYS = ("labels", "position_ids", "rope_deltas", "has_dummy_image")
 
@@ -90,10 +90,10 @@ def f1_metrics(gold_texts: Sequence[str], pred_texts: Sequence[str], prefix: str
 
 
 class F1Callback(TrainerCallback):
-    def __init__(self, max_new_tokens: int = MAX_NEW_TOKENS_LIMIT, max_samples: int | None = None,
+    def __init__(self, max_new_tokens: int = MAX_NEW_TOKENS, max_samples: int | None = None,
                  save_predictions: bool = True):
-        if not 0 < max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
-            raise ValueError(f"max_new_tokens must be in 1..{MAX_NEW_TOKENS_LIMIT}, got {max_new_tokens}")
+        if not 0 < max_new_tokens <= MAX_NEW_TOKENS:
+            raise ValueError(f"max_new_tokens must be in 1..{MAX_NEW_TOKENS}, got {max_new_tokens}")
         self.max_new_tokens = max_new_tokens
         self.max_samples = max_samples
         self.save_predictions = save_predictions

@@ -17,12 +17,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .convert import chat_row, image_path_maker
-from .dataset_info import PROMPT_VARIANT_KEY, commit_registrations, sharegpt_entry
+from .convert import image_path_maker
+from .dataset_info import commit_registrations
 from .image_info import ImageItem, InfoLog, InfoRecord, copy_for, plan_images
 from .io import MireInputError, OutputSet, output_lock, problem
 from .prompts import INFO_EXTRACTION_PROMPT, INFO_TEXT_KEY
 from .records import IMAGE_PLACEHOLDER
+from .sharegpt import chat_row, sharegpt_entry
 from .teacher import (
     PLACEHOLDER_KEY,
     RunSummary,
@@ -133,15 +134,11 @@ async def run_teacher(items: list[ImageItem], output_file: str | os.PathLike, cf
                       tool: str = "tools.generate") -> RunSummary:
     """Asks the teacher about every image not done yet; one info line per image name, appended as each returns."""
     origin = ("teacher", cfg.model, prompt.sha256)
-    log = InfoLog(output_file)
-    log.check_origin(log.load(repair=False), origin)  # before a lock file appears beside it
-    with output_lock(output_file, what=f"another {tool} is writing it"):
-        existing = log.load()
+    log = InfoLog(output_file, writer=tool)
+    with log.resume(check=lambda rows: log.check_origin(rows, origin)) as existing:
         plan = plan_images(items, existing, cfg.retry_failed)
         summary = RunSummary(plan=plan, repaired_bytes=log.repaired_bytes)
-        if plan.retrying:
-            summary.removed_failed = log.rewrite_without(lambda row: row["sha256"] in plan.retrying
-                                                         and row["status"] == "failed")
+        summary.removed_failed = log.drop_failed(plan.retrying)
         with log:
             for item, done in plan.copies:
                 log.append(copy_for(item, done))
@@ -199,7 +196,7 @@ def export_rows(rows: list[InfoRecord], image_dir: str | os.PathLike, prompt: Im
     are relative to export_dir for LLaMA-Factory (its dataset_dir), absolute for ms-swift."""
     path_of = image_path_maker(image_dir, export_dir if fmt == "sharegpt" else None)
     user = IMAGE_PLACEHOLDER + prompt.user
-    return [chat_row(user, (r.raw or "").strip(), [r.image], path_of, system=prompt.system, row_id=r.image)
+    return [chat_row(user, (r.raw or "").strip(), [path_of(r.image)], system=prompt.system, row_id=r.image)
             for r in rows if r.status == "ok"]
 
 
@@ -216,12 +213,8 @@ def export_dataset(rows: list[InfoRecord], image_dir: str | os.PathLike, prompt:
     with output_lock(target, what="another export is writing it"), OutputSet() as outs:
         if fmt == "sharegpt":
             outs.write_json(target, data)
-            entry = sharegpt_entry(target.name)
-            entry.pop(PROMPT_VARIANT_KEY)  # not MIRE records: no prompt variant of ours wrote these turns
-            # LLaMA-Factory reads a leading system turn only when the entry names its tag (no default once `tags`
-            # is given)
-            entry["tags"]["system_tag"] = "system"
-            commit_registrations(outs, export_dir, {name: entry})
+            # not MIRE records: no prompt variant of ours wrote these turns
+            commit_registrations(outs, export_dir, {name: sharegpt_entry(target.name, prompt_variant=None)})
         else:
             outs.write_jsonl(target, data)
     return target, len(data)

@@ -109,12 +109,20 @@ class InfoLog(AppendLog[InfoRecord]):
     line_start = LINE_START
     kind = "an info file of tools.extract_info / tools.generate"
     hint = "these tools append only to an info file or a new or empty one: choose another --output_file"
+    writer = "tools.extract_info"
 
     def parse(self, row: dict, lineno: int) -> InfoRecord:
         return info_from_dict(row, self.path, lineno)
 
-    def append(self, rec: InfoRecord) -> None:
-        self.append_line(rec.to_json())
+    def key(self, rec: InfoRecord) -> tuple[str, str]:
+        return (rec.image, rec.sha256)
+
+    def dump(self, rec: InfoRecord) -> str:
+        return rec.to_json()
+
+    def drop_failed(self, hashes: set[str]) -> int:
+        """Atomically removes the failed lines of images with these contents (asked again); returns how many went."""
+        return self.rewrite_without(lambda rec: rec.sha256 in hashes and rec.status == "failed") if hashes else 0
 
     def check_origin(self, rows: list[InfoRecord], origin: tuple[str, str, str | None]) -> None:
         """A file holds one origin; refuses (exit 2) a run of another one."""

@@ -115,9 +115,11 @@ def read_numbered_jsonl(path: str | os.PathLike) -> list[tuple[int, dict]]:
     return numbered_jsonl(_read_text(path), path)
 
 
-def numbered_jsonl(text: str, path: str | os.PathLike) -> list[tuple[int, dict]]:
-    """(line number, object) for each non-blank line of JSON-lines text; a broken line is an error naming `path` and
-    its line number, and so can later checks."""
+def numbered_jsonl(text: str, path: str | os.PathLike,
+                   refuse: Callable[[int, str, str], MireInputError] | None = None) -> list[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of JSON-lines text; a line that is not a JSON object is an error
+    naming `path` and its line number (`refuse(lineno, line, why)` makes it instead), and so can later checks."""
+    refuse = refuse or (lambda lineno, line, why: MireInputError(f"{path}: line {lineno}: {why}"))
     rows = []
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -125,9 +127,9 @@ def numbered_jsonl(text: str, path: str | os.PathLike) -> list[tuple[int, dict]]
         try:
             row = _loads(line)
         except json.JSONDecodeError as exc:
-            raise MireInputError(f"{path}: line {lineno}: not valid JSON ({exc.msg})") from None
+            raise refuse(lineno, line, f"not valid JSON ({exc.msg})") from None
         if not isinstance(row, dict):
-            raise MireInputError(f"{path}: line {lineno}: expected a JSON object, got {type(row).__name__}")
+            raise refuse(lineno, line, f"expected a JSON object, got {type(row).__name__}")
         rows.append((lineno, row))
     return rows
 

@@ -26,7 +26,7 @@ from importlib import metadata
 from pathlib import Path
 
 from .image_info import ImageItem, InfoLog, InfoRecord, copy_for, plan_images
-from .io import MireInputError, output_lock
+from .io import MireInputError
 from .teacher import RunSummary
 
 OCR_PACKAGE = "rapidocr-onnxruntime"
@@ -153,15 +153,11 @@ def run_ocr(items: list[ImageItem], output_file: str | os.PathLike, cfg: OcrConf
     from tqdm import tqdm
 
     model = engine_name()
-    log = InfoLog(output_file)
-    log.check_origin(log.load(repair=False), ("ocr", model, None))  # before a lock file appears beside it
-    with output_lock(output_file, what="another tools.extract_info is writing it"):
-        existing = log.load()
+    log = InfoLog(output_file, writer="tools.extract_info")
+    with log.resume(check=lambda rows: log.check_origin(rows, ("ocr", model, None))) as existing:
         plan = plan_images(items, existing, retry_failed)
         summary = RunSummary(plan=plan, repaired_bytes=log.repaired_bytes)
-        if plan.retrying:
-            summary.removed_failed = log.rewrite_without(lambda row: row["sha256"] in plan.retrying
-                                                         and row["status"] == "failed")
+        summary.removed_failed = log.drop_failed(plan.retrying)
         with log:
             for item, done in plan.copies:
                 log.append(copy_for(item, done))

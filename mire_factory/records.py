@@ -24,14 +24,20 @@ KINDS: tuple[str, ...] = ("auto", "train", "test")
 
 @dataclass
 class MireRecord:
+    """One record, whichever file it came from: a MIRE json (records.read_mire_file) or a ShareGPT file in
+    LLaMA-Factory's normal form (sharegpt.read_sharegpt), where `instruction` is the user turn as written (prompt
+    variant included), `images` are paths as LLaMA-Factory resolves them, and `response` the assistant turn."""
+
     id: str
-    instruction: str
+    instruction: str  # the user's text, <image> placeholders where the images go
     images: list[str]
     task: Task
-    output: str | None = None  # canonical label (train) or None (test)
+    output: str | None = None  # canonical gold label, or None (test data)
     input: str = ""
     index: int = 0
     image_sizes: list[tuple[int, int]] = field(default_factory=list)  # (width, height), read from headers
+    system: str = ""  # ShareGPT: the system prompt ("" for none, as LLaMA-Factory's normal form has it)
+    response: str = ""  # ShareGPT: the assistant turn as written (label, CoT JSON) or "" for test data
 
     @property
     def has_label(self) -> bool:

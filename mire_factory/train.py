@@ -20,8 +20,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .f1_callback import MAX_NEW_TOKENS_LIMIT, F1Callback
+from .f1_callback import F1Callback
 from .io import MireInputError, problem, run_cli, write_text_atomic
+from .rules import MAX_NEW_TOKENS
 
 OWN_KEYS = ("mire_f1_max_new_tokens", "mire_f1_max_samples")
 F1_PLOT_KEYS = ("eval_f1", "eval_f1_image", "eval_f1_dialogue")
@@ -44,11 +45,11 @@ def read_config(config: str, overrides: list[str]) -> dict:
 
 
 def make_callback(args: dict, config: str) -> F1Callback:
-    max_new_tokens = int(args.pop("mire_f1_max_new_tokens", MAX_NEW_TOKENS_LIMIT))
+    max_new_tokens = int(args.pop("mire_f1_max_new_tokens", MAX_NEW_TOKENS))
     max_samples = args.pop("mire_f1_max_samples", None)
-    if not 0 < max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
+    if not 0 < max_new_tokens <= MAX_NEW_TOKENS:
         raise MireInputError(problem(config, None, "mire_f1_max_new_tokens",
-                                     f"must be in 1..{MAX_NEW_TOKENS_LIMIT} (competition rule), got {max_new_tokens}"))
+                                     f"must be in 1..{MAX_NEW_TOKENS} (competition rule), got {max_new_tokens}"))
     return F1Callback(max_new_tokens=max_new_tokens, max_samples=int(max_samples) if max_samples else None)
 
 

@@ -150,7 +150,8 @@ def test_full_sft_keeps_zero3_on_the_gpus_and_the_baseline_offloads():
 
 
 def test_dataset_info_mirrors_convert():
-    from mire_factory.dataset_info import dataset_name, sharegpt_entry
+    from mire_factory.dataset_info import dataset_name
+    from mire_factory.sharegpt import sharegpt_entry
 
     shipped = json.loads((CONFIGS / "dataset_info.json").read_text(encoding="utf-8"))
     expected = {dataset_name(s): sharegpt_entry(f"{dataset_name(s)}.json") for s in ("train", "val", "test")}

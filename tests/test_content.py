@@ -5,7 +5,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mire_factory.content import join_content_parts, to_content_parts
-from mire_factory.records import IMAGE_PLACEHOLDER, load_records
+from mire_factory.records import IMAGE_PLACEHOLDER, MireRecord, load_records
 from mire_factory.synthetic import make_records
 
 
@@ -36,9 +36,13 @@ def test_roundtrip_real_sample(mire_sample):
     assert [p["type"] for p in parts[:3]] == ["text", "image", "text"] and parts[0]["text"] == "Picture 1: "
 
 
-def test_roundtrip_synthetic_dicts(tmp_path):
+def _record(instruction: str, images: list[str]) -> MireRecord:
+    return MireRecord(id="r", instruction=instruction, images=images, task="image")
+
+
+def test_roundtrip_synthetic_records(tmp_path):
     for raw in make_records(5, 20, tmp_path, seed=7, max_dialogue_images=4):
-        parts = to_content_parts(raw)  # raw MIRE dicts work too (no image_dir: names as given)
+        parts = to_content_parts(_record(raw["instruction"], raw["image"]))  # no image_dir: names as given
         assert join_content_parts(parts) == (raw["instruction"], raw["image"])
 
 
@@ -53,12 +57,12 @@ def test_roundtrip_any_layout(segments):
     if instruction.count(IMAGE_PLACEHOLDER) != len(segments) - 1:  # a segment edge formed a placeholder
         return
     images = [f"img{k}.jpg" for k in range(len(segments) - 1)]
-    parts = to_content_parts({"instruction": instruction, "image": images})
+    parts = to_content_parts(_record(instruction, images))
     assert join_content_parts(parts) == (instruction, images)
 
 
 def test_count_mismatch_and_unknown_part():
     with pytest.raises(ValueError, match="placeholders"):
-        to_content_parts({"instruction": "a<image>b", "image": []})
+        to_content_parts(_record("a<image>b", []))
     with pytest.raises(ValueError, match="unknown content part"):
         join_content_parts([{"type": "video", "video": "v.mp4"}])

@@ -7,8 +7,8 @@ import pytest
 
 from conftest import run_tool
 from mire_factory.convert import stratified_split
-from mire_factory.dataset_info import sharegpt_entry
 from mire_factory.records import load_records
+from mire_factory.sharegpt import sharegpt_entry
 from mire_factory.synthetic import make_records, write_dataset
 from mire_factory.taxonomy import normalize_label
 

@@ -130,7 +130,7 @@ def test_reasons_log_repairs_a_cut_line_and_drops_retried_failures(tmp_path, ima
     rows = log.load()
     assert [r.id for r in rows] == ["a", "b", "c", "b"] and log.repaired_bytes > 0
     assert path.read_bytes().endswith(b"\n")
-    assert log.rewrite_without({("b", 1, "m")}) == 1
+    assert log.drop_keys({("b", 1, "m")}) == 1
     assert [(r.id, r.mode) for r in ReasonsLog(path).load()] == [("a", 1), ("c", 1), ("b", 2)]
 
 

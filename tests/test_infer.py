@@ -17,11 +17,14 @@ def read_rows(path):
 
 @pytest.fixture(scope="module")
 def synthetic_dataset(tmp_path_factory):
+    from mire_factory.records import load_records
     from mire_factory.synthetic import make_records
 
     root = tmp_path_factory.mktemp("infer_synthetic")
-    records = make_records(5, 9, root / "src", seed=7, image_size=(96, 64), max_dialogue_images=3)
-    return write_sharegpt(records, root / "src", root / "ds", with_labels=False), [r["id"] for r in records]
+    (root / "src.json").write_text(json.dumps(make_records(5, 9, root / "src", seed=7, image_size=(96, 64),
+                                                           max_dialogue_images=3), ensure_ascii=False), encoding="utf-8")
+    records = load_records(root / "src.json", root / "src")
+    return write_sharegpt(records, root / "src", root / "ds", with_labels=False), [r.id for r in records]
 
 
 def infer_args(model, dataset_dir, save, **kw):
@@ -39,9 +42,9 @@ def test_prompts_equal_llamafactory_training_prompts(tiny_model_dir, mire_sample
     from llamafactory.hparams import get_train_args
     from llamafactory.model import load_tokenizer
 
-    from mire_factory.infer.dataset import load_dataset
     from mire_factory.infer.render import expand_image_tokens, load_components, render_prompt_ids
     from mire_factory.records import load_records
+    from mire_factory.sharegpt import read_sharegpt
 
     ds = write_sharegpt(load_records(mire_sample / "train_sample.json", mire_sample / "images"),
                         mire_sample / "images", tmp_path / "ds")
@@ -54,11 +57,11 @@ def test_prompts_equal_llamafactory_training_prompts(tiny_model_dir, mire_sample
     train = get_dataset(template, model_args, data_args, training_args, stage="sft", **module)["train_dataset"]
 
     comp = load_components(str(tiny_model_dir), image_max_pixels=65536)
-    records = load_dataset("mire_test", ds)
+    records = read_sharegpt("mire_test", ds)
     assert len(train) == len(records) == 24
     for record, row in zip(records, train, strict=True):
         n_prompt = next(i for i, label in enumerate(row["labels"]) if label != -100)
-        ids = render_prompt_ids(comp, record.content, record.images)
+        ids = render_prompt_ids(comp, record.instruction, record.images)
         mm = comp.template.mm_plugin._get_mm_inputs(record.images, [], [], comp.processor) if record.images else {}
         counts = [int(g.prod()) // comp.merge_length for g in mm.get("image_grid_thw", [])]
         assert expand_image_tokens(ids, comp.image_pad_id, counts) == row["input_ids"][:n_prompt], record.id

@@ -75,7 +75,7 @@ def test_help_prints_every_default():
 
 
 def _registered(dataset_dir: Path, variants: dict[str, str]) -> None:
-    from mire_factory.dataset_info import sharegpt_entry
+    from mire_factory.sharegpt import sharegpt_entry
 
     dataset_dir.mkdir(parents=True, exist_ok=True)
     info = {name: sharegpt_entry(f"{name}.json", variant) for name, variant in variants.items()}

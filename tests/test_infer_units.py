@@ -13,27 +13,20 @@ import pytest
 from mire_factory.io import MireInputError
 from mire_factory.prompts import format_cot_answer
 from mire_factory.records import load_records
+from mire_factory.sharegpt import chat_row, sharegpt_entry
 from mire_factory.taxonomy import DIALOGUE_FOOTER, DIALOGUE_HEADER, LABELS
-
-INFO = {"file_name": "mire_test.json", "formatting": "sharegpt", "columns": {"messages": "messages", "images": "images"},
-        "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"}}
 
 
 def write_sharegpt(records, image_dir: Path, out: Path, name: str = "mire_test", with_labels: bool = True) -> Path:
-    """The LLaMA-Factory form of MIRE records (what tools.convert writes): images linked under out/images."""
+    """MIRE records (their bare instructions: no prompt variant) through the ShareGPT writer, registered as `name`;
+    images linked under out/images."""
     (out / "images").mkdir(parents=True, exist_ok=True)
-    rows = []
-    for r in records:
-        rid, instruction, images, label = (r.id, r.instruction, r.images, r.output) if hasattr(r, "id") else (
-            r["id"], r["instruction"], r["image"], r.get("output"))
-        for img in images:
-            if not (out / "images" / img).exists():
-                os.symlink(Path(image_dir).resolve() / img, out / "images" / img)
-        rows.append({"id": rid, "messages": [{"role": "user", "content": instruction},
-                                             {"role": "assistant", "content": (label or "") if with_labels else ""}],
-                     "images": [f"images/{img}" for img in images]})
+    for img in {img for r in records for img in r.images}:
+        os.symlink(Path(image_dir).resolve() / img, out / "images" / img)
+    rows = [chat_row(r.instruction, (r.output or "") if with_labels else "", [f"images/{img}" for img in r.images],
+                     row_id=r.id) for r in records]
     (out / "mire_test.json").write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
-    (out / "dataset_info.json").write_text(json.dumps({name: INFO}), encoding="utf-8")
+    (out / "dataset_info.json").write_text(json.dumps({name: sharegpt_entry("mire_test.json")}), encoding="utf-8")
     return out
 
 
@@ -68,10 +61,10 @@ def rendered_length(comp, plan) -> int:
     return len(expand_image_tokens(ids, comp.image_pad_id, counts))
 
 
-def test_load_dataset_reads_registration_and_reports_bad_records(sample_dataset, tmp_path):
-    from mire_factory.infer.dataset import load_dataset
+def test_read_sharegpt_reads_registration_and_reports_bad_records(sample_dataset, tmp_path):
+    from mire_factory.sharegpt import read_sharegpt
 
-    records = load_dataset("mire_test", sample_dataset)
+    records = read_sharegpt("mire_test", sample_dataset)
     assert len(records) == 24 and all(os.path.isfile(p) for r in records for p in r.images)
     assert {r.task for r in records} == {"image", "dialogue"}
     rows = json.loads((sample_dataset / "mire_test.json").read_text(encoding="utf-8"))
@@ -81,35 +74,35 @@ def test_load_dataset_reads_registration_and_reports_bad_records(sample_dataset,
     os.rmdir(bad / "images")
     os.symlink(sample_dataset / "images", bad / "images")
     with pytest.raises(MireInputError) as err:
-        load_dataset("mire_test", bad)
+        read_sharegpt("mire_test", bad)
     assert len(err.value.lines) == 1 and rows[3]["id"] in err.value.lines[0] and "'images'" in err.value.lines[0]
     with pytest.raises(MireInputError, match="not registered"):
-        load_dataset("nope", bad)
+        read_sharegpt("nope", bad)
 
 
 def test_planner_counts_equal_rendered_prompts(comp, sample_dataset):
-    from mire_factory.infer.dataset import load_dataset
+    from mire_factory.sharegpt import read_sharegpt
 
-    records = load_dataset("mire_test", sample_dataset)
+    records = read_sharegpt("mire_test", sample_dataset)
     plans = make_planner(comp, cutoff_len=100_000).plan_many(records)
     for record, plan in zip(records, plans, strict=True):
-        assert plan.content == record.content and not plan.dropped_turns
+        assert plan.content == record.instruction and not plan.dropped_turns
         assert rendered_length(comp, plan) == plan.n_tokens, record.id
 
 
 def test_truncation_keeps_header_last_user_turn_and_label_list(comp, sample_dataset):
-    from mire_factory.infer.dataset import load_dataset
     from mire_factory.infer.truncation import split_dialogue
+    from mire_factory.sharegpt import read_sharegpt
 
-    records = load_dataset("mire_test", sample_dataset)
+    records = read_sharegpt("mire_test", sample_dataset)
     plans = make_planner(comp, cutoff_len=512).plan_many(records)
     truncated = 0
     for record, plan in zip(records, plans, strict=True):
         assert rendered_length(comp, plan) == plan.n_tokens <= 512, record.id
         if record.task != "dialogue":
-            assert plan.content == record.content
+            assert plan.content == record.instruction
             continue
-        header, turns, _ = split_dialogue(record.content)
+        header, turns, _ = split_dialogue(record.instruction)
         last_user = max(k for k, t in enumerate(turns) if t.startswith("用户"))
         assert plan.content.startswith(DIALOGUE_HEADER) and plan.content.endswith(DIALOGUE_FOOTER)
         assert plan.content.endswith("".join(turns[last_user:]) + DIALOGUE_FOOTER)
@@ -122,13 +115,13 @@ def test_truncation_keeps_header_last_user_turn_and_label_list(comp, sample_data
 
 
 def test_image_limit_drops_earliest_images_first(comp, tmp_path):
-    from mire_factory.infer.dataset import InferRecord
+    from mire_factory.records import MireRecord
     from mire_factory.synthetic import make_records
     from mire_factory.taxonomy import build_dialogue_instruction
 
     imgs = [make_records(1, 0, tmp_path, seed=s, id_prefix=f"i{s}")[0]["image"][0] for s in range(3)]
     turns = [("用户", "<image>"), ("客服", "好的"), ("用户", "看这个<image>"), ("客服", "嗯"), ("用户", "最后<image>怎么办")]
-    record = InferRecord("x", 0, build_dialogue_instruction(turns), [str(tmp_path / i) for i in imgs], "dialogue")
+    record = MireRecord("x", build_dialogue_instruction(turns), [str(tmp_path / i) for i in imgs], "dialogue")
     plan = make_planner(comp, cutoff_len=100_000, max_images=1).plan_many([record])[0]
     assert plan.dropped_images == [0, 1] and plan.images == [record.images[2]]
     assert plan.dropped_turns == [0]  # an image-only turn goes whole; a turn with text keeps its text
@@ -139,9 +132,9 @@ def test_image_limit_drops_earliest_images_first(comp, tmp_path):
 def test_planning_is_batched_and_fast(comp, sample_dataset):
     import time
 
-    from mire_factory.infer.dataset import load_dataset
+    from mire_factory.sharegpt import read_sharegpt
 
-    records = load_dataset("mire_test", sample_dataset) * 50  # 1,200 records
+    records = read_sharegpt("mire_test", sample_dataset) * 50  # 1,200 records
     sizes = [[(1080, 2400)] * len(r.images) for r in records]
     start = time.perf_counter()
     plans = make_planner(comp, cutoff_len=1024).plan_many(records, sizes)
@@ -222,7 +215,6 @@ def test_grammar_processor_forces_a_label_before_the_token_limit(comp):
 
 
 def test_vllm_inputs_are_the_training_prompt(comp, sample_dataset):
-    from mire_factory.infer.dataset import load_dataset
     from mire_factory.infer.render import render_prompt_ids
     from mire_factory.infer.vllm_inputs import (
         engine_kwargs,
@@ -231,8 +223,9 @@ def test_vllm_inputs_are_the_training_prompt(comp, sample_dataset):
         regularized_images,
         sampling_kwargs,
     )
+    from mire_factory.sharegpt import read_sharegpt
 
-    records = load_dataset("mire_test", sample_dataset)
+    records = read_sharegpt("mire_test", sample_dataset)
     plans = make_planner(comp, cutoff_len=512, max_images=2).plan_many(records)
     kwargs = engine_kwargs("m", plans, 512, 12, adapter="a", tensor_parallel_size=2, extra={"max_num_seqs": 64})
     assert kwargs["max_model_len"] == 512 + 12 and kwargs["limit_mm_per_prompt"]["image"] == 2
@@ -296,17 +289,17 @@ def test_shards_cover_everything_once_and_merge_checks(tmp_path):
 
 
 def test_output_resume_drops_a_cut_off_last_line(tmp_path):
-    from mire_factory.infer.output import Appender, finalize, read_done
+    from mire_factory.infer.output import PredictionsLog
 
     path = tmp_path / "out.jsonl"
-    out = Appender(path)
-    out.write([{"id": "a", "predict": "x"}, {"id": "b", "predict": "y"}])
-    out.close()
+    with PredictionsLog(path) as out:
+        out.write([{"id": "a", "predict": "x"}, {"id": "b", "predict": "y"}])
     with open(path, "a", encoding="utf-8") as f:
         f.write('{"id": "c", "pre')  # killed mid-write
-    assert set(read_done(path)) == {"a", "b"} and path.read_text().endswith("}\n")
-    assert not finalize(path, ["b", "a", "c"])
-    assert finalize(path, ["b", "a"]) and [json.loads(x)["id"] for x in path.read_text().splitlines()] == ["b", "a"]
+    assert set(PredictionsLog(path).done()) == {"a", "b"} and path.read_text().endswith("}\n")
+    assert not PredictionsLog(path).finalize(["b", "a", "c"])
+    assert PredictionsLog(path).finalize(["b", "a"])
+    assert [json.loads(x)["id"] for x in path.read_text().splitlines()] == ["b", "a"]
 
 
 def test_batch_inputs_equal_the_plugins_on_every_preparation_path(comp, sample_dataset):
@@ -316,11 +309,11 @@ def test_batch_inputs_equal_the_plugins_on_every_preparation_path(comp, sample_d
 
     import torch
 
-    from mire_factory.infer.dataset import load_dataset
     from mire_factory.infer.hf_backend import GenItem, finish_on_device, prepare_batch
     from mire_factory.infer.render import expand_image_tokens, render_prompt_ids
+    from mire_factory.sharegpt import read_sharegpt
 
-    records = load_dataset("mire_test", sample_dataset)
+    records = read_sharegpt("mire_test", sample_dataset)
     plans = make_planner(comp, cutoff_len=100_000).plan_many(records)
     items = [GenItem(render_prompt_ids(comp, p.content, p.images), p.images, r.task)
              for r, p in zip(records, plans, strict=True)]

@@ -58,16 +58,16 @@ def _reasons(data, path):
 def inference_prompts(model_dir, data, save):
     """tools.vllm_infer on the test split (hf backend, one new token): its rows, and the prompt ids its own
     functions render for each record, image tokens expanded as the model receives them."""
-    from mire_factory.infer.dataset import load_dataset
     from mire_factory.infer.pipeline import InferArgs, run
     from mire_factory.infer.render import expand_image_tokens, load_components, render_prompt_ids
     from mire_factory.infer.truncation import ImageTokenizer, Planner
+    from mire_factory.sharegpt import read_sharegpt
 
     run(InferArgs(model_name_or_path=str(model_dir), dataset="mire_test", dataset_dir=str(data), save_name=str(save),
                   backend="hf", cutoff_len=CUTOFF_LEN, max_new_tokens=1, image_max_pixels=IMAGE_MAX_PIXELS))
     rows = {row["id"]: row for row in map(json.loads, save.read_text(encoding="utf-8").splitlines())}
     comp = load_components(str(model_dir), image_max_pixels=IMAGE_MAX_PIXELS, cutoff_len=CUTOFF_LEN)
-    records = load_dataset("mire_test", data)
+    records = read_sharegpt("mire_test", data)
     planner = Planner(comp.tokenizer, ImageTokenizer.from_processor(comp.processor),
                       len(render_prompt_ids(comp, "", [])), CUTOFF_LEN)
     ids = {}

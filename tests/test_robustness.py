@@ -16,11 +16,12 @@ import pytest
 from fault_server import RunningServer
 
 from conftest import REPO
-from mire_factory.dataset_info import read_dataset_info, register, sharegpt_entry
+from mire_factory.dataset_info import read_dataset_info, register
 from mire_factory.distill import reason_from_response
-from mire_factory.infer.output import read_done
+from mire_factory.infer.output import PredictionsLog
 from mire_factory.io import TMP_SUFFIX, MireInputError, output_lock, run_cli
 from mire_factory.records import load_records
+from mire_factory.sharegpt import sharegpt_entry
 from mire_factory.synthetic import make_records, write_dataset
 from tools import analyze, cal_acc, convert, convert2submit, distill, merge_cot, validate, vllm_infer, vote
 
@@ -400,7 +401,7 @@ def test_a_broken_middle_line_of_predictions_names_line_and_record(tmp_path):
     path.write_text('{"id": "a", "predict": "x"}\n{"id": "b", "predict": "x\n{"id": "c", "predict": "y"}\n',
                     encoding="utf-8")
     with pytest.raises(MireInputError) as info:
-        read_done(path)
+        PredictionsLog(path).done()
     assert "line 2: record 'b': not valid JSON" in str(info.value) and "byte" not in str(info.value)
 
 

@@ -3,55 +3,70 @@
 python -m tools.convert --input_file train.json --image_dir images --output_dir data [--val_size 0.1] [--seed 42]
     [--task all|image|dialogue] [--format sharegpt|swift] [--prompt_variant plain|cot|cot_label_first]
     [--kind auto|train|test] [--quick] [--prompt_variant screenshot_text --info_file info.jsonl [--info_max_tokens 256]]
+    [--corrections_file corrections.jsonl]
 
 A train file (every record labelled) gives mire_train (+ mire_val); a test file (no record labelled: `output` absent
 or "") gives mire_test. Convert the train and the test file with the same --prompt_variant: it writes every split's
 turns and is recorded in dataset_info.json, where tools.merge_cot and tools.vllm_infer read it back.
 A screenshot_text variant puts the text of each record's images (--info_file, from tools.extract_info) on a new line
 after the instruction, at most --info_max_tokens tokens per record; records without images get none.
+--corrections_file applies the accepted lines of a corrections file (reviewed relabels, by id; see
+mire_factory/corrections.py) before the split; dataset_info.json lists, per split, the corrections applied to it.
 Image paths are written relative to --output_dir: set LLaMA-Factory's `dataset_dir` (and so `media_dir`) to it.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
+from dataclasses import dataclass, field
 
 from mire_factory.convert import FORMATS, TASK_CHOICES, convert
+from mire_factory.hparams import config_field, parse_args
 from mire_factory.io import run_cli
 from mire_factory.prompt_variants import DEFAULT_PROMPT_VARIANT, PROMPT_VARIANTS
 from mire_factory.records import KINDS
 from mire_factory.screenshot_text import DEFAULT_INFO_MAX_TOKENS
-from tools.validate import add_image_check_flags
+from tools.validate import ImageCheckArguments
+
+
+@dataclass(kw_only=True)
+class ConvertArguments(ImageCheckArguments):
+    input_file: str = field(metadata={"help": "MIRE json (train: every `output` set; test: none)"})
+    image_dir: str = field(metadata={"help": "folder of the images"})
+    output_dir: str = field(metadata={"help": "where the converted files and dataset_info.json go"})
+    val_size: float = field(default=0.1, metadata={"help": "validation share of a train file, in [0, 1)"})
+    seed: int = field(default=42, metadata={"help": "seed of the validation split"})
+    task: str = field(default="all", metadata={"help": "keep one task (names mire_TASK_*)",
+                                               "choices": list(TASK_CHOICES)})
+    format: str = field(default="sharegpt", metadata={"help": "LLaMA-Factory ShareGPT, or ms-swift JSONL",
+                                                      "choices": list(FORMATS)})
+    kind: str = field(default="auto", metadata={
+        "help": "train: every record needs `output`; test: labels optional; auto: decided by the file",
+        "choices": list(KINDS)})
+    prompt_variant: str = field(default=DEFAULT_PROMPT_VARIANT, metadata={
+        "help": "how every split's turns are written: "
+                + "; ".join(f"{v.name}: {v.description}" for v in PROMPT_VARIANTS.values()),
+        "choices": list(PROMPT_VARIANTS)})
+    info_file: str | None = field(default=None, metadata={
+        "help": "an info file of tools.extract_info: the text of every image, for a screenshot_text variant"})
+    info_max_tokens: int = field(default=DEFAULT_INFO_MAX_TOKENS, metadata={
+        "help": "a record's image text is cut (whole lines, the longest image's first) to this many Qwen2 tokens"})
+    corrections_file: str | None = field(default=None, metadata={
+        "help": "a corrections file (tools.analyze, tools.kfold, the review page): its accepted label changes are "
+                "applied by id before the split and recorded in dataset_info.json"})
+    config: str | None = config_field()
+
+    def __post_init__(self):
+        if not 0 <= self.val_size < 1:
+            raise ValueError(f"--val_size must be in [0, 1), got {self.val_size}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input_file", required=True, help="MIRE json (train: every `output` set; test: none)")
-    parser.add_argument("--image_dir", required=True)
-    parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--val_size", type=float, default=0.1, help="validation share of a train file, in [0, 1)")
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--task", choices=TASK_CHOICES, default="all", help="keep one task (names mire_TASK_*)")
-    parser.add_argument("--format", choices=FORMATS, default="sharegpt")
-    parser.add_argument("--kind", choices=KINDS, default="auto",
-                        help="train: every record needs `output`; test: labels optional; auto: decided by the file")
-    parser.add_argument("--prompt_variant", choices=list(PROMPT_VARIANTS), default=DEFAULT_PROMPT_VARIANT,
-                        help="how every split's turns are written: "
-                             + "; ".join(f"{v.name}: {v.description}" for v in PROMPT_VARIANTS.values()))
-    parser.add_argument("--info_file", help="an info file of tools.extract_info: the text of every image, for a "
-                        "screenshot_text variant")
-    parser.add_argument("--info_max_tokens", type=int, default=DEFAULT_INFO_MAX_TOKENS,
-                        help="a record's image text is cut (whole lines, the longest image's first) to this many "
-                             "Qwen2 tokens")
-    add_image_check_flags(parser)
-    args = parser.parse_args(argv)
-    if not 0 <= args.val_size < 1:
-        parser.error(f"--val_size must be in [0, 1), got {args.val_size}")
+    args = parse_args(ConvertArguments, argv, __doc__)
     result = convert(
         args.input_file, args.image_dir, args.output_dir, val_size=args.val_size, seed=args.seed, task=args.task,
         fmt=args.format, kind=args.kind, decode_images=not args.quick, prompt_variant=args.prompt_variant,
-        info_file=args.info_file, info_max_tokens=args.info_max_tokens,
+        info_file=args.info_file, info_max_tokens=args.info_max_tokens, corrections_file=args.corrections_file,
     )
     print(result.summary)
     for name in result.removed:

@@ -14,71 +14,64 @@ another run writing it; 3 finished, but failed lines remain (this run's or skipp
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import sys
+from dataclasses import dataclass, field
 
 from mire_factory.distill import DistillConfig, build_request, check_modes, run_distill
+from mire_factory.hparams import config_field, parse_args
 from mire_factory.io import EXIT_FAILURES, run_cli
 from mire_factory.records import load_records
-from mire_factory.teacher import DEFAULT_MAX_PIXELS, api_key_from_env, elide_images, failure_summary, format_summary
+from mire_factory.teacher import api_key_from_env, elide_images, failure_summary, format_summary
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input_file", required=True, help="MIRE train (or test, for mode 1) json")
-    parser.add_argument("--image_dir", required=True)
-    parser.add_argument("--base_url", help="e.g. http://127.0.0.1:8000/v1 (not needed with --dry_run)")
-    parser.add_argument("--model", required=True, help="model name sent to the server; part of the resume key")
-    parser.add_argument("--mode", type=int, nargs="+", required=True, choices=[1, 2, 3],
-                        help="one or more teacher prompt modes")
-    parser.add_argument("--output_file", help="reasons JSONL (appended to; not needed with --dry_run)")
-    parser.add_argument("--concurrency", type=int, default=16, help="requests in flight")
-    parser.add_argument("--max_retries", type=int, default=5, help="retries (the openai client's: 408/409/429/5xx, "
-                        "timeouts, connection errors; and malformed replies)")
-    parser.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for a reply")
-    parser.add_argument("--max_pixels", type=int, default=DEFAULT_MAX_PIXELS, help="images are resized to fit")
-    parser.add_argument("--max_chars", type=int, default=100, help="mode 3: longest reason asked for")
-    parser.add_argument("--max_tokens", type=int, default=512, help="longest reply")
-    parser.add_argument("--temperature", type=float, default=0.0)
-    parser.add_argument("--limit", type=int, help="only the first N records")
-    parser.add_argument("--retry_failed", action="store_true", help="ask again for lines that failed before")
-    parser.add_argument("--api_key_env", help="environment variable holding the API key (default OPENAI_API_KEY)")
-    parser.add_argument("--dry_run", action="store_true", help="print the first request (images elided) and stop")
-    parser.add_argument("--no_progress", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
-    if not args.dry_run and (not args.base_url or not args.output_file):
-        parser.error("--base_url and --output_file are required (unless --dry_run)")
-    for name in ("concurrency", "max_chars", "max_tokens", "max_pixels"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be at least 1")
-    if args.max_retries < 0 or args.timeout <= 0:
-        parser.error("--max_retries must be >= 0 and --timeout > 0")
-    return args
+@dataclass(kw_only=True)
+class DistillArguments(DistillConfig):
+    """The flags (or the keys of a --config YAML): the run's, then what is asked and how (DistillConfig)."""
+
+    input_file: str = field(metadata={"help": "MIRE train (or test, for mode 1) json"})
+    image_dir: str = field(metadata={"help": "folder of the images"})
+    output_file: str | None = field(default=None, metadata={"help": "reasons JSONL (appended to; not needed with "
+                                                                    "--dry_run)"})
+    limit: int | None = field(default=None, metadata={"help": "only the first N records"})
+    api_key_env: str | None = field(default=None, metadata={"help": "environment variable holding the API key "
+                                                                    "(default OPENAI_API_KEY)"})
+    dry_run: bool = field(default=False, metadata={"help": "print the first request (images elided) and stop"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+    config: str | None = config_field()
+
+    def __post_init__(self):
+        problems = self.check()
+        if not self.model:
+            problems.append("--model is required")
+        if not self.dry_run and not (self.base_url and self.output_file):
+            problems.append("--base_url and --output_file are required (unless --dry_run)")
+        if self.max_chars < 1:
+            problems.append("--max_chars must be at least 1")
+        if self.limit is not None and self.limit < 1:
+            problems.append("--limit must be at least 1")
+        if problems:
+            raise ValueError("\n".join(problems))
+        self.modes = list(dict.fromkeys(self.modes))
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    modes = list(dict.fromkeys(args.mode))
+    args = parse_args(DistillArguments, argv, __doc__)
     records = load_records(args.input_file, args.image_dir)
     if args.limit is not None:
         records = records[: args.limit]
-    check_modes(records, modes, args.input_file)
-    cfg = DistillConfig(base_url=args.base_url or "", model=args.model, modes=modes, max_chars=args.max_chars,
-                        max_pixels=args.max_pixels, max_tokens=args.max_tokens, temperature=args.temperature,
-                        timeout=args.timeout, max_retries=args.max_retries, concurrency=args.concurrency,
-                        retry_failed=args.retry_failed)
+    check_modes(records, args.modes, args.input_file)
     if args.dry_run:
-        request = build_request(records[0], args.image_dir, modes[0], cfg)
+        request = build_request(records[0], args.image_dir, args.modes[0], args)
         print(json.dumps(elide_images(request), ensure_ascii=False, indent=2))
-        print(f"dry run: {len(records) * len(modes)} requests ({len(records)} records x modes {modes})",
+        print(f"dry run: {len(records) * len(args.modes)} requests ({len(records)} records x modes {args.modes})",
               file=sys.stderr)
         return 0
     api_key = api_key_from_env(args.api_key_env)
     try:
-        summary = asyncio.run(run_distill(records, args.image_dir, cfg, args.output_file, api_key=api_key,
-                                          progress=not args.no_progress))
+        summary = asyncio.run(run_distill(records, args.image_dir, args, args.output_file, api_key=api_key,
+                                          progress=args.progress))
     except KeyboardInterrupt:
         print(f"interrupted: finished lines are in {args.output_file}; rerun the same command to resume",
               file=sys.stderr)

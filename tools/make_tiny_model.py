@@ -8,23 +8,33 @@ python -m tools.make_tiny_model --out DIR --preset real-0.5b --gguf .real_models
 
 from __future__ import annotations
 
-import argparse
 import time
+from dataclasses import dataclass, field
 
+from mire_factory.hparams import config_field, parse_args
 from mire_factory.io import run_cli
 from mire_factory.tiny_model import PRESETS, make_tiny_model
 
 
+@dataclass(kw_only=True)
+class TinyModelArguments:
+    out: str = field(metadata={"help": "the model directory to write"})
+    preset: str = field(default="tiny", metadata={"help": "model size", "choices": sorted(PRESETS)})
+    gguf: str | None = field(default=None, metadata={
+        "help": "real-* presets: the GGUF file whose language model goes in (needs `gguf`)"})
+    seed: int = field(default=0, metadata={"help": "seed of the random weights"})
+    device: str = field(default="cpu", metadata={
+        "help": "where to initialise the weights (cuda is much faster for 7b)"})
+    config: str | None = config_field()
+
+    def __post_init__(self):
+        if PRESETS[self.preset].from_gguf != bool(self.gguf):
+            raise ValueError(f"--preset {self.preset} {'needs' if PRESETS[self.preset].from_gguf else 'takes no'} "
+                             "--gguf")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
-    parser.add_argument("--gguf", help="real-* presets: the GGUF file whose language model goes in (needs `gguf`)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu", help="where to initialise the weights (cuda is much faster for 7b)")
-    args = parser.parse_args(argv)
-    if PRESETS[args.preset].from_gguf != bool(args.gguf):
-        parser.error(f"--preset {args.preset} {'needs' if PRESETS[args.preset].from_gguf else 'takes no'} --gguf")
+    args = parse_args(TinyModelArguments, argv, __doc__)
     start = time.perf_counter()
     out = make_tiny_model(args.out, preset=args.preset, seed=args.seed, device=args.device, gguf=args.gguf)
     print(f"built {args.preset} Qwen2-VL at {out} in {time.perf_counter() - start:.1f}s")

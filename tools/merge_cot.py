@@ -12,29 +12,42 @@ output (by its file stem, e.g. mire_train_cot) in the dataset_info.json beside i
 
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass, field
 
 from mire_factory.cot import merge_cot
+from mire_factory.hparams import config_field, parse_args
 from mire_factory.io import run_cli
+from mire_factory.rules import MAX_NEW_TOKENS, check_new_tokens
+
+
+@dataclass(kw_only=True)
+class MergeCotArguments:
+    dataset_file: str = field(metadata={
+        "help": "a train file written by tools.convert --prompt_variant cot (or cot_label_first)"})
+    reasons_file: list[str] = field(metadata={
+        "help": "reasons JSONL of tools.distill; repeat to merge several (earlier files win)", "action": "extend"})
+    output_file: str = field(metadata={"help": "the CoT train file to write (registered beside it)"})
+    max_output_tokens: int = field(default=MAX_NEW_TOKENS, metadata={
+        "help": f"budget of the whole assistant turn, <|im_end|> included (competition: at most {MAX_NEW_TOKENS})"})
+    dataset_name: str | None = field(default=None, metadata={"help": "registered name (default: the output file "
+                                                                     "stem)"})
+    keep_mismatched: bool = field(default=False, metadata={
+        "help": "keep records whose teacher label differs from gold (the answer carries the gold label)"})
+    keep_unexplained: bool = field(default=False, metadata={
+        "help": "keep records without a usable reason, as label-only answers"})
+    no_competition_limits: bool = field(default=False, metadata={
+        "help": f"allow --max_output_tokens above {MAX_NEW_TOKENS} (mire_factory/rules.py)"})
+    config: str | None = config_field()
+
+    def __post_init__(self):
+        if self.max_output_tokens < 1:
+            raise ValueError("--max_output_tokens must be positive")
+        if not self.no_competition_limits:
+            check_new_tokens(self.max_output_tokens, "--max_output_tokens")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset_file", required=True,
-                        help="a train file written by tools.convert --prompt_variant cot (or cot_label_first)")
-    parser.add_argument("--reasons_file", required=True, action="append",
-                        help="reasons JSONL of tools.distill; repeat to merge several (earlier files win)")
-    parser.add_argument("--output_file", required=True)
-    parser.add_argument("--max_output_tokens", type=int, default=100,
-                        help="budget of the whole assistant turn, <|im_end|> included (competition: 100)")
-    parser.add_argument("--dataset_name", default=None, help="registered name (default: the output file stem)")
-    parser.add_argument("--keep_mismatched", action="store_true",
-                        help="keep records whose teacher label differs from gold (the answer carries the gold label)")
-    parser.add_argument("--keep_unexplained", action="store_true",
-                        help="keep records without a usable reason, as label-only answers")
-    args = parser.parse_args(argv)
-    if args.max_output_tokens < 1:
-        parser.error("--max_output_tokens must be positive")
+    args = parse_args(MergeCotArguments, argv, __doc__)
     report = merge_cot(
         args.dataset_file, args.reasons_file, args.output_file, max_output_tokens=args.max_output_tokens,
         keep_mismatched=args.keep_mismatched,

@@ -6,27 +6,34 @@ decides for the whole file, and a mix is an error naming the first record of the
 
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass, field
 
+from mire_factory.hparams import config_field, parse_args
 from mire_factory.io import run_cli
 from mire_factory.records import KINDS, read_mire_file, summarize
 
 
-def add_image_check_flags(parser: argparse.ArgumentParser) -> None:
-    """--quick, and --verify_images kept as a no-op for scripts written when decoding was optional."""
-    parser.add_argument("--quick", action="store_true", help="read image headers only, do not decode the images")
-    parser.add_argument("--verify_images", action="store_true",
-                        help="no-op, kept for old scripts: images are decoded by default (see --quick)")
+@dataclass(kw_only=True)
+class ImageCheckArguments:
+    """How images are checked (tools.validate, tools.convert)."""
+
+    quick: bool = field(default=False, metadata={"help": "read image headers only, do not decode the images"})
+    verify_images: bool = field(default=False, metadata={
+        "help": "no-op, kept for old scripts: images are decoded by default (see --quick)"})
+
+
+@dataclass(kw_only=True)
+class ValidateArguments(ImageCheckArguments):
+    input_file: str = field(metadata={"help": "MIRE json"})
+    image_dir: str = field(metadata={"help": "folder of the images"})
+    kind: str = field(default="auto", metadata={
+        "help": "train: every record needs `output`; test: labels optional; auto: decided by the file",
+        "choices": list(KINDS)})
+    config: str | None = config_field()
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input_file", required=True)
-    parser.add_argument("--image_dir", required=True)
-    parser.add_argument("--kind", choices=KINDS, default="auto",
-                        help="train: every record needs `output`; test: labels optional; auto: decided by the file")
-    add_image_check_flags(parser)
-    args = parser.parse_args(argv)
+    args = parse_args(ValidateArguments, argv, __doc__)
     mire = read_mire_file(args.input_file, args.image_dir, kind=args.kind, decode_images=not args.quick)
     print(f"ok: {args.input_file}: {mire.kind} file, {summarize(mire.records)}"
           + (" (image headers only: --quick)" if args.quick else ""))

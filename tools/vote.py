@@ -2,38 +2,56 @@
 python -m tools.vote --prediction_file P1 --prediction_file P2 --prediction_file P3 --test_file T --save_path OUT.jsonl
     [--weights 1,1,1] [--tie_break first|weights|model:K] [--unanimous_out U.json] [--fill] [--by_position]
 
-An invalid answer casts no vote; a record no file answers validly keeps the first file's answer (invalid) unless
---fill, which gives every answer the nearest label first (and missing ids the task's default)."""
+Each file is one model's call per sample: at most 3 of them, as the competition allows (mire_factory/rules.py;
+--no_competition_limits lifts it). An invalid answer casts no vote; a record no file answers validly keeps the first
+file's answer (invalid) unless --fill, which gives every answer the nearest label first (and missing ids the task's
+default)."""
 
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass, field
 
+from mire_factory.hparams import config_field, parse_args
 from mire_factory.io import MireInputError, OutputSet, read_json, run_cli
 from mire_factory.predictions import load_answers
 from mire_factory.records import KINDS, load_records
+from mire_factory.rules import MAX_MODEL_CALLS, check_model_calls
 from mire_factory.vote import TieBreak, format_agreement, parse_weights, vote
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--prediction_file", action="append", required=True, help="repeat once per model (2 or more)")
-    parser.add_argument("--test_file", required=True, help="MIRE json: the ids and tasks to vote on")
-    parser.add_argument("--save_path", required=True, help="prediction JSONL with id and predict per line")
-    parser.add_argument("--weights", help="comma-separated positive weight per prediction file (default: all 1)")
-    parser.add_argument("--tie_break", default="first",
-                        help="first (earliest file), weights (heaviest file) or model:K (trust file K, 1-based)")
-    parser.add_argument("--unanimous_out", help="write the records all files agree on, `output` set to that label")
-    parser.add_argument("--fill", action="store_true",
-                        help="give every answer a label first (the nearest; missing ids the task's default)")
-    parser.add_argument("--by_position", action="store_true",
-                        help="pair prediction files without ids with the test records by position")
-    parser.add_argument("--kind", choices=KINDS, default="auto", help="the test file's kind (labels are not needed)")
-    args = parser.parse_args(argv)
+@dataclass(kw_only=True)
+class VoteArguments:
+    prediction_file: list[str] = field(metadata={
+        "help": f"repeat once per model (2 to {MAX_MODEL_CALLS}: each is one model call per sample)",
+        "action": "extend"})
+    test_file: str = field(metadata={"help": "MIRE json: the ids and tasks to vote on"})
+    save_path: str = field(metadata={"help": "prediction JSONL with id and predict per line"})
+    weights: str | None = field(default=None, metadata={
+        "help": "comma-separated positive weight per prediction file (default: all 1)"})
+    tie_break: str = field(default="first", metadata={
+        "help": "first (earliest file), weights (heaviest file) or model:K (trust file K, 1-based)"})
+    unanimous_out: str | None = field(default=None, metadata={
+        "help": "write the records all files agree on, `output` set to that label"})
+    fill: bool = field(default=False, metadata={
+        "help": "give every answer a label first (the nearest; missing ids the task's default)"})
+    by_position: bool = field(default=False, metadata={
+        "help": "pair prediction files without ids with the test records by position"})
+    kind: str = field(default="auto", metadata={"help": "the test file's kind (labels are not needed)",
+                                                "choices": list(KINDS)})
+    no_competition_limits: bool = field(default=False, metadata={
+        "help": f"allow more than {MAX_MODEL_CALLS} prediction files (mire_factory/rules.py)"})
+    config: str | None = config_field()
 
+    def __post_init__(self):
+        if len(self.prediction_file) < 2:
+            raise ValueError("--prediction_file: give at least two files to vote")
+        if not self.no_competition_limits:
+            check_model_calls(len(self.prediction_file), "--prediction_file")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(VoteArguments, argv, __doc__)
     files = args.prediction_file
-    if len(files) < 2:
-        raise MireInputError("--prediction_file: give at least two files to vote")
     try:
         weights = parse_weights(args.weights, len(files))
         tie = TieBreak.parse(args.tie_break, len(files))

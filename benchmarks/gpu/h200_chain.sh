@@ -19,7 +19,9 @@ SHARED_ENGINE='{"gpu_memory_utilization": 0.15, "kv_cache_memory_bytes": 8000000
 
 chain() {
   echo "chain: waiting for the speed stages ($(date +%T))"
-  for _ in $(seq 1 1200); do grep -q "^bg-done" "$RES/bg_speed_hf,speed_vllm.txt" 2>/dev/null && break; sleep 1; done
+  # SKIP_SPEED=1: no speed stages this lease (their figures stand)
+  [ -n "${SKIP_SPEED:-}" ] || for _ in $(seq 1 1200); do
+    grep -q "^bg-done" "$RES/bg_speed_hf,speed_vllm.txt" 2>/dev/null && break; sleep 1; done
   echo "chain: speed stages done ($(date +%T)); starting the harness"
   WAIT_S=1 IMAGES=$STAGE_DIR/data/images \
     bash benchmarks/quality/run.sh start "$HARNESS" ${HARNESS_ARGS:-} | tail -3
@@ -44,7 +46,7 @@ case ${1:-} in
     # the chain runs on a copy of the code: later calls re-sync the working tree under it
     rm -rf "$STAGE_DIR/code" && mkdir -p "$STAGE_DIR/code" && cp -r mire_factory tools configs benchmarks \
       pyproject.toml "$STAGE_DIR/code/" || exit 1
-    export -f chain; export STAGE_DIR RES HARNESS SHARED_ENGINE HARNESS_ARGS="${HARNESS_ARGS:-}"
+    export -f chain; export STAGE_DIR RES HARNESS SHARED_ENGINE HARNESS_ARGS="${HARNESS_ARGS:-}" SKIP_SPEED="${SKIP_SPEED:-}"
     (cd "$STAGE_DIR/code" && setsid nohup bash -c chain > "$LOG" 2>&1 < /dev/null &)
     echo "chain started (log $LOG)" ;;
   wait)

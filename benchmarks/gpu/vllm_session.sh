@@ -75,7 +75,7 @@ from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.sampling_params import SamplingParams, StructuredOutputsParams
 import vllm.entrypoints.openai.api_server, vllm.model_executor.models.qwen2_vl
 print('vllm', vllm.__version__, 'transformers', transformers.__version__, 'tokenizers', tokenizers.__version__,
-      'torch', torch.__version__, 'llamafactory', llamafactory.__version__, 'xgrammar', xgrammar.__version__,
+      'torch', torch.__version__, 'llamafactory', llamafactory.__version__, 'xgrammar', getattr(xgrammar, '__version__', '?'),
       'openai', openai.__version__, torch.cuda.get_device_name(0))" 2>&1 | tail -3
     $PY benchmarks/gpu/check_requires.py --site "$SITE" --json_out "$OUT/requires.json" | head -40
     [ -f "$MODEL/config.json" ] || timed make_model $PY -m tools.make_tiny_model --out "$MODEL" --preset 2b --device cuda

@@ -46,6 +46,7 @@ if str(REPO) not in sys.path:
 
 from mire_factory.io import MireInputError, problem, read_json, run_cli, write_json_atomic  # noqa: E402
 from mire_factory.plots import plot_eval_f1_curves  # noqa: E402
+from mire_factory.rules import MAX_NEW_TOKENS  # noqa: E402
 
 RECIPE = REPO / "configs" / "qwen2_vl_2b_full_sft.yaml"
 RESULTS = REPO / "benchmarks" / "quality" / "results"
@@ -75,7 +76,7 @@ class Recipe:
     gradient_checkpointing: bool = False
     eval_batch_size: int = 16  # the F1 callback generates per_device_eval_batch_size prompts at a time
     evals: int = 5  # evaluations over the run (eval_steps = total steps / evals)
-    max_new_tokens: int = 100  # the competition's limit, for the F1 callback and tools.vllm_infer alike
+    max_new_tokens: int = MAX_NEW_TOKENS  # the competition's limit, for the F1 callback and tools.vllm_infer alike
     image_max_pixels: int = 589824  # the recipe's
     infer_batch_size: int = 32
 
@@ -176,7 +177,8 @@ def convert_data(plan: Plan, data: Path, evald: Path, extra: list[str], tag: str
     """tools.convert into `data` (mire_train, mire_test) and `evald` (the labelled test split), which `data`'s
     dataset_info.json registers as EVAL_DATASET. The two folders are siblings, so the image paths that
     tools.convert writes relative to each resolve the same from `data` (LLaMA-Factory's media_dir)."""
-    from mire_factory.dataset_info import register, sharegpt_entry
+    from mire_factory.dataset_info import register
+    from mire_factory.sharegpt import sharegpt_entry
 
     for path in (data, evald):
         shutil.rmtree(path, ignore_errors=True)

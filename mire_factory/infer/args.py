@@ -14,12 +14,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from ..dataset_info import DATASET_INFO, PROMPT_VARIANT_KEY, read_dataset_info
 from ..hparams import read_yaml
 from ..io import MireInputError, problem
 from ..prompt_variants import PROMPT_VARIANTS
+from ..rules import MAX_NEW_TOKENS, MAX_PARAMETERS
+from .backends import BACKENDS
 
 TRAINING_ARGS = "training_args.yaml"  # LLaMA-Factory's name (extras/constants.py), written by mire_factory.train
 
@@ -45,13 +47,16 @@ class InferArgs:
         "help": "the prompt variant the model was trained with (from --config: its training data's registration); "
                 "must equal the dataset's. Default: the dataset's registered variant. Choices: "
                 + ", ".join(PROMPT_VARIANTS)})
-    backend: Literal["vllm", "hf"] | None = field(default=None, metadata={
-        "help": "vllm when importable, else hf"})
+    backend: str | None = field(default=None, metadata={
+        "help": "generation backend (infer/backends.py); default: hf, measured faster than vllm on an H200 "
+                "(BENCHMARKS.md, vLLM)",
+        "choices": list(BACKENDS)})
     save_name: str = field(default="generated_predictions.jsonl", metadata={
         "help": "predictions JSONL; PATH.meta.json beside it records what made them"})
     cutoff_len: int = field(default=RECIPE_CUTOFF_LEN, metadata={
         "help": "prompt token budget, as in training; longer dialogues lose their earliest turns"})
-    max_new_tokens: int = field(default=100, metadata={"help": "answer token budget (competition: at most 100)"})
+    max_new_tokens: int = field(default=MAX_NEW_TOKENS, metadata={
+        "help": f"answer token budget (competition: at most {MAX_NEW_TOKENS})"})
     image_max_pixels: int = field(default=RECIPE_IMAGE_MAX_PIXELS, metadata={
         "help": "images are shrunk to at most this many pixels, as in training"})
     image_min_pixels: int = field(default=LF_IMAGE_MIN_PIXELS, metadata={
@@ -83,7 +88,9 @@ class InferArgs:
                 "settings, else it is refused)"})
     retry_failed: bool = field(default=False, metadata={
         "help": "predict again the rows that failed (field `error`, e.g. an undecodable image)"})
-    no_competition_limits: bool = field(default=False, metadata={"help": "allow --max_new_tokens above 100"})
+    no_competition_limits: bool = field(default=False, metadata={
+        "help": f"allow --max_new_tokens above {MAX_NEW_TOKENS} and a model of {MAX_PARAMETERS / 1e9:.0f}B "
+                "parameters or more (mire_factory/rules.py)"})
 
 
 def _first_name(value: Any) -> list[str]:
@@ -153,3 +160,9 @@ def config_values(config: str | None, given: dict[str, Any]) -> dict[str, Any]:
         print(f"settings from {saved}: " + ", ".join(f"{k}={v}" for k, v in sorted(values.items())))
         return values
     return settings_from_yaml(read_yaml(path), str(path))
+
+
+def resolve_infer_args(**given: Any) -> InferArgs:
+    """InferArgs as tools.vllm_infer makes them from these flags' values: over the settings of `config` (or of the
+    model directory's saved arguments), as the command line overrides them."""
+    return InferArgs(**{**config_values(given.get("config"), given), **given})

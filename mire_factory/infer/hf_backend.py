@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 from ..records import IMAGE_ERRORS
+from .backends import Backend, Job, image_failure
 from .render import Components, expand_image_tokens
 
 
@@ -245,43 +245,28 @@ def generate_batch(model, comp: Components, items: list[GenItem], max_new_tokens
     return generate_prepared(model, comp, prepare_batch(comp, items), max_new_tokens, constraints, min_new_tokens)
 
 
-def generate_sorted(model, comp: Components, items: list[GenItem], lengths: Sequence[int], batch_size: int,
-                    max_new_tokens: int, constraints=None, min_new_tokens: int = 0,
-                    workers: int | None = None, stats: dict | None = None,
-                    images_on_device: bool | None = None,
-                    compiled: bool = False,
-                    on_error: Callable[[int, BaseException], None] | None = None,
-                    ) -> Iterator[tuple[list[int], list[str]]]:
-    """(indices, answers) per length-sorted batch, while the next batch is prepared in the background.
+def first_batch_size(batch_size: int, on_gpu: bool) -> int | None:
+    """length_sorted_batches' `first` as generate_sorted uses it: on a GPU a small first batch gets it going."""
+    return max(1, batch_size // 4) if on_gpu else None
 
-    Image decoding is CPU work that would otherwise leave the GPU idle between batches; a prefetch thread builds
-    batch k+1 (its images split over `workers` threads) while batch k generates. On a GPU (images_on_device, the
-    default there) the image processor's resize, normalization and patching run on the GPU, just before generate
-    (H100, 256 records: 15.0 s against 19.7 s with them on 8 CPU threads).
-    stats, when given, receives the seconds spent waiting for prepared batches and generating (benchmarks).
-    compiled (--compile): varlen attention and compiled blocks in the vision tower, a compiled decode step (CUDA;
-    the first batches pay for compiling).
+
+def prefetched(comp: Components, items: list[GenItem], batches: list[list[int]], dtype, pin: bool, workers: int,
+               image_device=None, on_error: Callable[[int, BaseException], None] | None = None,
+               ) -> Iterator[tuple[list[int], PreparedBatch]]:
+    """(indices, model inputs) per batch, batch k+1 prepared in a background thread (its images split over `workers`
+    threads) while the caller generates batch k. With `image_device` the image processor's resize, normalization
+    and patching are left to finish there (generate_prepared does it).
     on_error(index, exception), when given, receives each item whose images cannot be read (a truncated or broken
-    file); the rest of its batch is generated. Without it such an error propagates.
-    """
-    workers = workers or min(8, os.cpu_count() or 1)
-    pin = model.device.type == "cuda"
-    if images_on_device is None:
-        images_on_device = pin
-    image_device = model.device if images_on_device else None
-    batches = length_sorted_batches(lengths, batch_size, first=max(1, batch_size // 4) if pin else None)
+    file); the rest of its batch is kept. Without it such an error propagates."""
     with ThreadPoolExecutor(1, thread_name_prefix="prefetch") as prefetch, \
             ThreadPoolExecutor(workers, thread_name_prefix="images") as pool:
 
         def submit(batch):
-            return prefetch.submit(prepare_batch, comp, [items[i] for i in batch], model.dtype, pin, pool, workers,
+            return prefetch.submit(prepare_batch, comp, [items[i] for i in batch], dtype, pin, pool, workers,
                                    image_device)
 
         pending = submit(batches[0]) if batches else None
-        stats = {} if stats is None else stats
-        stats.update(wait_s=0.0, generate_s=0.0)
         for k, batch in enumerate(batches):
-            start = time.perf_counter()
             try:
                 prepared = pending.result()
             except IMAGE_ERRORS:
@@ -290,11 +275,61 @@ def generate_sorted(model, comp: Components, items: list[GenItem], lengths: Sequ
                 prepared = None
             pending = submit(batches[k + 1]) if k + 1 < len(batches) else None
             if prepared is None:  # one bad image spoils the batch: find it item by item, keep the others
-                batch, prepared = _without_bad_images(comp, items, batch, model.dtype, image_device, on_error)
+                batch, prepared = _without_bad_images(comp, items, batch, dtype, image_device, on_error)
                 if not batch:
                     continue
-            ready = time.perf_counter()
-            answers = generate_prepared(model, comp, prepared, max_new_tokens, constraints, min_new_tokens, compiled)
-            stats["wait_s"] += ready - start
-            stats["generate_s"] += time.perf_counter() - ready
-            yield batch, answers
+            yield batch, prepared
+
+
+def generate_sorted(model, comp: Components, items: list[GenItem], lengths: Sequence[int], batch_size: int,
+                    max_new_tokens: int, constraints=None, compiled: bool = False,
+                    on_error: Callable[[int, BaseException], None] | None = None,
+                    ) -> Iterator[tuple[list[int], list[str]]]:
+    """(indices, answers) per length-sorted batch, while the next batch is prepared in the background (prefetched).
+
+    Image decoding is CPU work that would otherwise leave the GPU idle between batches. On a GPU the image
+    processor's resize, normalization and patching run there, just before generate (H100, 256 records: 15.0 s
+    against 19.7 s with them on 8 CPU threads).
+    compiled (--compile): varlen attention and compiled blocks in the vision tower, a compiled decode step (CUDA;
+    the first batches pay for compiling). on_error: as prefetched's.
+    (benchmarks/bench_infer.py runs the same pieces with its own knobs: fixed output length, image threads, where
+    the image processor runs, time spent waiting.)
+    """
+    on_gpu = model.device.type == "cuda"
+    batches = length_sorted_batches(lengths, batch_size, first=first_batch_size(batch_size, on_gpu))
+    for batch, prepared in prefetched(comp, items, batches, model.dtype, on_gpu, default_image_workers(),
+                                      model.device if on_gpu else None, on_error):
+        yield batch, generate_prepared(model, comp, prepared, max_new_tokens, constraints, compiled=compiled)
+
+
+def default_image_workers() -> int:
+    return min(8, os.cpu_count() or 1)
+
+
+class HfBackend(Backend):
+    """transformers' generate on LLaMA-Factory's model loader (`--backend hf`)."""
+
+    name = "hf"
+
+    def generate(self, job: Job) -> None:
+        from tqdm import tqdm
+
+        from .answer import AnswerConstraints
+
+        args, variant, comp = job.args, job.variant, job.comp
+        model = load_hf_model(comp)
+        constraints = (AnswerConstraints(comp.tokenizer, comp.stop_id, variant.answer_format, variant.label_position)
+                       if args.constrained else None)
+        items = [GenItem(ids, p.images, r.task) for r, p, ids in zip(job.records, job.plans, job.prompt_ids,
+                                                                      strict=True)]
+        with tqdm(total=len(items), desc="hf generate") as bar:
+
+            def on_error(i: int, exc: BaseException) -> None:
+                job.write([job.failed(i, image_failure(exc))])
+                bar.update(1)
+
+            for batch, predicts in generate_sorted(model, comp, items, [p.n_tokens for p in job.plans],
+                                                   args.batch_size, args.max_new_tokens, constraints,
+                                                   compiled=args.compile, on_error=on_error):
+                job.write([job.row(i, pred) for i, pred in zip(batch, predicts, strict=True)])
+                bar.update(len(batch))

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from ..io import MireInputError, problem, write_jsonl_atomic
-from .output import lock_predictions, read_done
+from .output import PredictionsLog
 
 
 def shard_range(n: int, num_shards: int, shard_index: int) -> range:
@@ -31,7 +31,7 @@ def merge_shards(save_path: str | os.PathLike, num_shards: int, ordered_ids: lis
         if not path.is_file():
             problems.append(problem(path, None, None, "shard file not found"))
             continue
-        for rid, row in read_done(path).items():
+        for rid, row in PredictionsLog(path).done().items():
             if rid in rows:
                 problems.append(problem(path, rid, "id", "also in another shard"))
             rows[rid] = row
@@ -44,6 +44,6 @@ def merge_shards(save_path: str | os.PathLike, num_shards: int, ordered_ids: lis
         problems.append(problem(save_path, extra[0], "id", f"{len(extra)} predicted ids are not in the dataset"))
     if problems:
         raise MireInputError(problems)
-    with lock_predictions(save_path):  # checked first: a refusal leaves not even a lock file
+    with PredictionsLog(save_path).lock():  # checked first: a refusal leaves not even a lock file
         write_jsonl_atomic(save_path, [rows[rid] for rid in ordered_ids])
     return len(ordered_ids)

@@ -129,14 +129,14 @@ class Planner:
         return [len(ids) for ids in enc]
 
     def plan_many(self, records: list, sizes: list[list[tuple[int, int]]] | None = None) -> list[Plan]:
-        """records: objects with .content and .images; sizes: (w, h) per image, read from headers when None."""
+        """records: MireRecords (their .instruction and .images); sizes: (w, h) per image, read from headers when None."""
         if sizes is None:
             sizes = [[image_size(p) for p in r.images] for r in records]
         units_per_record: list[list[str]] = []
         pieces: list[str] = []
         for r in records:
-            parts = split_dialogue(r.content)
-            units = [parts[0], *parts[1], parts[2]] if parts else [r.content]
+            parts = split_dialogue(r.instruction)
+            units = [parts[0], *parts[1], parts[2]] if parts else [r.instruction]
             units_per_record.append(units)
             for unit in units:
                 pieces.extend(unit.split(IMAGE_PLACEHOLDER))

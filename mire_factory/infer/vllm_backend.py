@@ -18,8 +18,17 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from ..io import MireInputError
 from ..records import IMAGE_ERRORS, image_error
-from .vllm_inputs import image_uuids, prompt_input, regularized_images
+from .backends import Backend, Job
+from .vllm_inputs import (
+    engine_kwargs,
+    image_uuids,
+    prompt_input,
+    regularized_images,
+    sampling_kwargs,
+    vllm_engine_args,
+)
 
 
 @dataclass
@@ -208,3 +217,54 @@ class VllmEngine:
             task.cancel()
         self.loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
         self.loop.close()
+
+
+class VllmBackend(Backend):
+    """vLLM's async engine (`--backend vllm`): every record through one engine."""
+
+    name = "vllm"
+
+    def check_args(self, args) -> None:
+        if args.compile:
+            raise MireInputError("--compile is for the hf backend (vLLM compiles its own graphs)")
+
+    def generate(self, job: Job) -> None:
+        """Each answer is written (in batches of at most a second's worth) as soon as it is finished, so progress
+        is per record and a kill loses only the requests in flight."""
+        from tqdm import tqdm
+
+        args, variant, comp = job.args, job.variant, job.comp
+        kwargs = engine_kwargs(args.model_name_or_path, job.plans, args.cutoff_len, args.max_new_tokens,
+                               args.adapter_name_or_path, args.tensor_parallel_size,
+                               renderer_workers=args.vllm_renderer_workers, extra=vllm_engine_args(args))
+        engine = VllmEngine(kwargs, args.adapter_name_or_path, args.image_workers, args.image_max_pixels,
+                            args.image_min_pixels, comp.template.mm_plugin)
+        try:
+            stop_ids = comp.template.get_stop_token_ids(comp.tokenizer)
+            params = {task: sampling_params(sampling_kwargs(task, args.max_new_tokens, stop_ids, args.constrained,
+                                                            variant.answer_format, variant.label_position,
+                                                            args.cot_reason_chars))
+                      for task in ("image", "dialogue")}
+            requests = [VllmRequest(i, job.prompt_ids[i], job.plans[i].images, params[r.task])
+                        for i, r in enumerate(job.records)]
+            pending: list[dict] = []
+            last_write = time.monotonic()
+            with tqdm(total=len(requests), desc="vllm generate") as bar:
+
+                def on_output(answer: VllmOutput) -> None:
+                    nonlocal last_write
+                    i = answer.key
+                    pending.append(job.failed(i, answer.error) if answer.error else job.row(i, answer.text))
+                    bar.update(1)
+                    if len(pending) >= 256 or time.monotonic() - last_write > 1.0:
+                        job.write(pending)
+                        pending.clear()
+                        last_write = time.monotonic()
+
+                try:
+                    engine.run(requests, on_output, args.vllm_max_in_flight)
+                finally:
+                    if pending:
+                        job.write(pending)
+        finally:
+            engine.close()

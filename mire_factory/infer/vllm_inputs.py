@@ -5,12 +5,12 @@ The CPU tests check these; vllm_backend.py only turns them into vLLM objects (wr
 
 from __future__ import annotations
 
+import json
 import os
 
+from ..io import MireInputError
 from .answer import AnswerFormat, guided_decoding
 from .truncation import Plan
-
-COMPETITION_MAX_NEW_TOKENS = 100
 
 # vLLM runs a model's multimodal processor in the API process. Its offline `LLM` class does that serially, one
 # prompt after the other; the async engine (AsyncLLM, what `vllm serve` runs) spreads it over this many threads.
@@ -105,3 +105,16 @@ def prompt_input(prompt_ids: list[int], images: list, uuids: list[str] | None = 
         if uuids:
             out["multi_modal_uuids"] = {"image": list(uuids)}
     return out
+
+
+def vllm_engine_args(args) -> dict:
+    """--vllm_engine_args as a dict (a JSON object of vLLM engine arguments, e.g. '{"max_num_seqs": 512}')."""
+    if not args.vllm_engine_args:
+        return {}
+    try:
+        extra = json.loads(args.vllm_engine_args)
+    except json.JSONDecodeError as exc:
+        raise MireInputError(f"--vllm_engine_args: not valid JSON ({exc.msg})") from None
+    if not isinstance(extra, dict):
+        raise MireInputError("--vllm_engine_args: expected a JSON object of engine arguments")
+    return extra
