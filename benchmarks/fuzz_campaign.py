@@ -104,7 +104,7 @@ def distill_under_faults(requests: int, fault_rate: float, seed: int, root: Path
                    "--seed", seed, "--latency", "0.01"]
     cmd = [sys.executable, "-m", "tools.distill", "--input_file", str(train), "--image_dir", str(images), "--model",
            "teacher", "--mode", "1", "--output_file", str(out), "--concurrency", "32", "--max_retries", "8",
-           "--backoff_base", "0.01", "--backoff_max", "0.2", "--timeout", "1", "--no_progress"]
+           "--timeout", "1", "--no_progress"]
     env = {**os.environ, "OPENAI_API_KEY": SECRET}
     streams = []
     with RunningServer(*server_args, env={"FAULT_SERVER_API_KEY": SECRET}) as server:

@@ -12,6 +12,9 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
+from . import plots
 from .corrections import Correction, write_corrections
 from .io import MireInputError, OutputSet
 from .reasons import ReasonRecord, load_numbered_reasons
@@ -87,76 +90,16 @@ def dialogue_excerpt(record: MireRecord, limit: int = 160) -> str:
 # ---------------------------------------------------------------- plots
 
 
-def _cjk_font() -> str | None:
-    from matplotlib import font_manager
-
-    for font in font_manager.fontManager.ttflist:
-        if any(k in font.name for k in ("CJK", "WenQuanYi", "Hei", "Song", "Noto Sans SC", "Source Han")):
-            return font.name
-    return None
-
-
-def label_codes(task: str) -> dict[str, str]:
-    """Short axis names (I1.., D1..) for plots when no CJK font is installed; report.md lists the key."""
-    prefix = "I" if task == "image" else "D"
-    return {label: f"{prefix}{k}" for k, label in enumerate(LABELS[task], start=1)}
-
-
 def plot_confusion(matrix: dict[tuple[str, str], int], task: str, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
+    """Gold (every label of the task) against the teacher's label (those, then any answer outside the set)."""
     labels = list(LABELS[task])
     extra = sorted({t for (_, t) in matrix if t not in labels})
     cols = labels + extra
     grid = np.zeros((len(labels), len(cols)), dtype=int)
     for (gold, teacher), n in matrix.items():
         grid[labels.index(gold), cols.index(teacher)] += n
-    font = _cjk_font()
-    codes = label_codes(task)
-    names_y = labels if font else [codes[x] for x in labels]
-    names_x = [x if font else codes.get(x, "other") for x in cols]
-    if font:
-        plt.rcParams["font.sans-serif"] = [font]
-    size = 4 + 0.35 * len(cols)
-    fig, ax = plt.subplots(figsize=(size, size * len(labels) / len(cols) + 1))
-    ax.imshow(grid, cmap="Blues")
-    for i in range(grid.shape[0]):
-        for j in range(grid.shape[1]):
-            if grid[i, j]:
-                ax.text(j, i, str(grid[i, j]), ha="center", va="center", fontsize=7,
-                        color="white" if grid[i, j] > grid.max() / 2 else "black")
-    ax.set_xticks(range(len(cols)), names_x, rotation=90, fontsize=7)
-    ax.set_yticks(range(len(labels)), names_y, fontsize=7)
-    ax.set_xlabel("teacher label")
-    ax.set_ylabel("gold label")
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110, format="png")
-    plt.close(fig)
-
-
-def plot_lengths(lengths: dict[str, list[int]], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    top = max((max(v) for v in lengths.values() if v), default=1)
-    bins = list(range(0, top + 10, max(1, (top + 10) // 30)))
-    for name, values in lengths.items():
-        ax.hist(values, bins=bins, alpha=0.55, label=f"{name} (n={len(values)})")
-    ax.set_xlabel("reason length (characters)")
-    ax.set_ylabel("answers")
-    ax.set_title(title, fontsize=9)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110, format="png")
-    plt.close(fig)
+    plots.plot_confusion_matrix(grid, labels, cols, task, path, title=title, xlabel="teacher label",
+                                ylabel="gold label", key_hint="label codes: the axis key in report.md")
 
 
 # ---------------------------------------------------------------- report sections
@@ -241,7 +184,9 @@ def section_mode_2_vs_3(study: Study, outs: OutputSet, out_dir: Path) -> list[st
                            f"| {p90} | {max(lengths)} | {statistics.mean(tokens):.1f} |")
         if both:
             png = f"reason_length_{_slug(model)}.png"
-            plot_lengths({"mode 2": len2, "mode 3": len3}, outs.path(out_dir / png), f"reason length, {model}")
+            plots.plot_histograms({"mode 2": len2, "mode 3": len3}, outs.path(out_dir / png),
+                                  title=f"reason length, {model}", xlabel="reason length (characters)",
+                                  ylabel="answers")
             out += ["", f"![reason length]({png})", ""]
         flips_hurt = [r for r in both if m2[r.id].label == r.output != m3[r.id].label]
         flips_help = [r for r in both if m3[r.id].label == r.output != m2[r.id].label]
@@ -304,9 +249,10 @@ def section_confusions(study: Study, names: dict[Run, str], outs: OutputSet, out
         if invalid:
             out += ["Answers outside the label set: " + ", ".join(f"{excerpt(t, 30)} ({n})" for t, n in invalid.items()),
                     ""]
-        codes = label_codes(task)
-        out += ["<details><summary>axis key</summary>", "",
-                ", ".join(f"{code} = {label}" for label, code in codes.items()), "", "</details>", ""]
+        if plots.cjk_font() is None:  # the picture shows codes instead of the names
+            codes = plots.label_codes(task, [*LABELS[task], *sorted(invalid)])
+            out += ["<details><summary>axis key</summary>", "",
+                    ", ".join(f"{code} = {label}" for label, code in codes.items()), "", "</details>", ""]
     return out
 
 

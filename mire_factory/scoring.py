@@ -10,6 +10,7 @@ from pathlib import Path
 
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 
+from . import plots
 from .io import OutputSet
 from .taxonomy import LABELS, TASKS
 
@@ -89,27 +90,11 @@ def format_per_class_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _cjk_font() -> str | None:
-    from matplotlib import font_manager
-
-    wanted = ("Noto Sans CJK", "Noto Sans SC", "Source Han Sans", "WenQuanYi", "SimHei", "Microsoft YaHei", "PingFang")
-    for font in font_manager.fontManager.ttflist:
-        if any(font.name.startswith(w) for w in wanted):
-            return font.name
-    return None
-
-
 def plot_confusion(
     task: str, golds: Sequence[str], preds: Sequence[str], out_dir: str | os.PathLike, outs: OutputSet | None = None
 ) -> tuple[Path, Path]:
     """confusion_<task>.png (rows: gold, columns: predicted) and confusion_<task>.csv with the label names, staged
-    in `outs` (committed by the caller with its other files), else written at once.
-
-    Without a CJK font the axes show label numbers (1-based, official order), which the CSV maps to names."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    in `outs` (committed by the caller with its other files), else written at once."""
     import pandas as pd
 
     if outs is None:
@@ -118,36 +103,14 @@ def plot_confusion(
     labels = class_order(task, golds, preds)
     matrix = confusion_matrix(golds, preds, labels=labels)
     out_dir = Path(out_dir)
-    official = LABELS.get(task, ())
-    numbers = [str(official.index(lab) + 1) if lab in official else f"x{i}" for i, lab in enumerate(labels)]
-    font = _cjk_font()
-    ticks = labels if font else numbers
-    n = len(labels)
-    size = max(5.0, 0.45 * n + 2.5)
-    with plt.rc_context({"font.sans-serif": [font, "DejaVu Sans"] if font else ["DejaVu Sans"]}):
-        fig, ax = plt.subplots(figsize=(size + 1.5, size))
-        image = ax.imshow(matrix, cmap="Blues")
-        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
-        ax.set_xticks(range(n), ticks, rotation=90 if font else 0, fontsize=8)
-        ax.set_yticks(range(n), ticks, fontsize=8)
-        ax.set_xlabel("predicted")
-        ax.set_ylabel("gold")
-        accuracy = matrix.trace() / max(matrix.sum(), 1)
-        ax.set_title(f"{task}: {matrix.sum()} records, accuracy {accuracy:.4f}"
-                     + ("" if font else f"\nlabels numbered as listed officially; names in confusion_{task}.csv"),
-                     fontsize=9)
-        threshold = matrix.max() / 2 if matrix.size else 0
-        for i in range(n):
-            for j in range(n):
-                if matrix[i, j]:
-                    ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=7,
-                            color="white" if matrix[i, j] > threshold else "black")
-        fig.tight_layout()
-        png = out_dir / f"confusion_{task}.png"
-        fig.savefig(outs.path(png), format="png", dpi=120)
-        plt.close(fig)
-    table = pd.DataFrame(matrix, index=[f"{k} {lab}" for k, lab in zip(numbers, labels, strict=True)],
-                         columns=[f"{k} {lab}" for k, lab in zip(numbers, labels, strict=True)])
+    accuracy = matrix.trace() / max(matrix.sum(), 1)
+    png = out_dir / f"confusion_{task}.png"
+    plots.plot_confusion_matrix(matrix, labels, labels, task, outs.path(png),
+                                title=f"{task}: {matrix.sum()} records, accuracy {accuracy:.4f}",
+                                key_hint=f"label codes: confusion_{task}.csv")
+    codes = plots.label_codes(task, labels)
+    names = [f"{codes[label]} {label}" for label in labels]
     csv = out_dir / f"confusion_{task}.csv"
-    table.to_csv(outs.path(csv), encoding="utf-8-sig", index_label="gold \\ predicted")
+    pd.DataFrame(matrix, index=names, columns=names).to_csv(outs.path(csv), encoding="utf-8-sig",
+                                                            index_label="gold \\ predicted")
     return png, csv

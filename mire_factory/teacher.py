@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import copy
-import email.utils
 import io
 import json
 import os
@@ -28,8 +27,9 @@ IMAGE_FACTOR = 28
 DEFAULT_MIN_PIXELS = 4 * IMAGE_FACTOR * IMAGE_FACTOR
 DEFAULT_MAX_PIXELS = 1280 * IMAGE_FACTOR * IMAGE_FACTOR
 PLACEHOLDER_KEY = "EMPTY"  # vLLM and `llamafactory-cli api` accept any key when they were started without one
-RETRYABLE_STATUS = frozenset({408, 409, 425, 429})
-RETRY_AFTER_CAP_S = 600.0
+# The statuses below 500 that the openai client retries (its _should_retry): failing with one means retries ran out.
+CLIENT_RETRIED_STATUS = frozenset({408, 409, 429})
+MALFORMED_BACKOFF_BASE_S, MALFORMED_BACKOFF_MAX_S = 0.5, 8.0
 
 
 def _help(text: str, default):
@@ -48,9 +48,8 @@ class TeacherConfig:
     max_tokens: int = _help("longest reply", 512)
     temperature: float = _help("sampling temperature", 0.0)
     timeout: float = _help("seconds to wait for a reply", 120.0)
-    max_retries: int = _help("retries on 429/5xx/timeouts/connection errors", 5)
-    backoff_base: float = _help("seconds before the first retry (doubles after each)", 1.0)
-    backoff_max: float = _help("longest wait between retries", 60.0)
+    max_retries: int = _help("retries (the openai client's: 408/409/429/5xx honouring Retry-After, timeouts, "
+                             "connection errors; and malformed replies)", 5)
     concurrency: int = _help("requests in flight", 16)
     retry_failed: bool = _help("ask again for what failed before (its failed lines are replaced)", False)
 
@@ -58,8 +57,8 @@ class TeacherConfig:
         """What is wrong with these settings, as flag messages."""
         out = [f"--{name} must be at least 1" for name in ("concurrency", "max_tokens", "max_pixels")
                if getattr(self, name) < 1]
-        if self.max_retries < 0 or self.timeout <= 0 or self.backoff_base < 0:
-            out.append("--max_retries must be >= 0, --timeout > 0 and --backoff_base >= 0")
+        if self.max_retries < 0 or self.timeout <= 0:
+            out.append("--max_retries must be >= 0 and --timeout > 0")
         return out
 
 
@@ -130,33 +129,10 @@ class TeacherError(Exception):
         self.refused = refused
 
 
-def retry_after_s(headers) -> float | None:
-    """Seconds the server asked us to wait (retry-after-ms, or retry-after as seconds or an HTTP date)."""
-    if headers is None:
-        return None
-    value = headers.get("retry-after-ms")
-    if value:
-        try:
-            return min(float(value) / 1000.0, RETRY_AFTER_CAP_S)
-        except ValueError:
-            pass
-    value = headers.get("retry-after")
-    if not value:
-        return None
-    try:
-        return min(max(float(value), 0.0), RETRY_AFTER_CAP_S)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError):
-            return None
-        return min(max(when.timestamp() - time.time(), 0.0), RETRY_AFTER_CAP_S)
-
-
-def backoff_s(attempt: int, base: float, cap: float, rng: random.Random = random._inst) -> float:
-    """Exponential backoff with jitter: uniform in [d/2, d] with d = min(cap, base * 2**attempt)."""
-    delay = min(cap, base * (2**attempt))
-    return rng.uniform(delay / 2, delay)
+def malformed_backoff_s(retry: int, rng: random.Random = random._inst) -> float:
+    """The wait before asking again after a malformed reply: the openai client's own schedule for the faults it
+    retries (0.5 s doubling to 8 s, less up to a quarter of jitter), which it keeps private."""
+    return min(MALFORMED_BACKOFF_BASE_S * 2**retry, MALFORMED_BACKOFF_MAX_S) * (1 - 0.25 * rng.random())
 
 
 def _is_content_filter(exc) -> bool:
@@ -179,51 +155,71 @@ def _response_type() -> type:
     return httpx.Response
 
 
+def _tries(request) -> int:
+    """Attempts the client made for one call: it numbers its retries in a header of every request it sends."""
+    try:
+        return int(request.headers.get("x-stainless-retry-count", 0)) + 1
+    except (AttributeError, ValueError):
+        return 1
+
+
+def _attempts(n: int) -> str:
+    return "1 attempt" if n == 1 else f"{n} attempts"
+
+
 async def complete_with_retries(client, request: dict, cfg: TeacherConfig) -> tuple[dict, int]:
-    """The decoded response body and the number of attempts; TeacherError when retries are spent."""
+    """The decoded response body and the number of attempts; TeacherError when retries are spent.
+
+    The openai client (make_client) retries every fault it can see, from cfg.max_retries: 408/409/429/5xx (honouring
+    Retry-After), timeouts and connection errors, with jittered exponential backoff. A 200 whose body is not a chat
+    completion (cut JSON, valid JSON of another shape: broken proxies and overloaded servers send them) is a success
+    to the client, so this loop asks again for those, from the same budget of attempts."""
     import openai
 
     from .teacher_reply import read_completion
 
-    attempt = 0
+    attempts, malformed = 0, 0
     while True:
-        retry_after = None
         try:
             # client.post, not chat.completions.create: create() type-walks and copies the whole prompt (about
-            # 2 ms a request, a third of our CPU at 32 in flight); post keeps the client's auth and error types.
-            response = await client.post("/chat/completions", cast_to=_response_type(), body=request)
-            try:
-                body = json.loads(response.content)
-                read_completion(body)  # a body of another shape is a server fault: asked again like a 5xx
-                return body, attempt + 1
-            except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-                last = f"malformed response ({short(exc, 120)})"
+            # 2 ms a request, a third of our CPU at 32 in flight); post keeps the client's retries, auth and errors.
+            response = await client.post("/chat/completions", cast_to=_response_type(), body=request,
+                                         options={"max_retries": cfg.max_retries - attempts})
         except openai.APIStatusError as exc:
+            attempts += _tries(exc.request)
             status = exc.status_code
             if _is_content_filter(exc):
                 raise TeacherError(f"content_filter: HTTP {status}: {short(exc.message)}", refused=True) from None
-            if status not in RETRYABLE_STATUS and status < 500:
-                raise TeacherError(f"HTTP {status}: {short(exc.message)}") from None
-            last = f"HTTP {status}: {short(exc.message, 160)}"
-            retry_after = retry_after_s(exc.response.headers)
-        except openai.APITimeoutError:
-            last = f"timeout (no reply within {cfg.timeout:g}s)"
+            if status in CLIENT_RETRIED_STATUS or status >= 500:
+                raise TeacherError(f"HTTP {status}: {short(exc.message, 160)}; gave up after {_attempts(attempts)}"
+                                   ) from None
+            raise TeacherError(f"HTTP {status}: {short(exc.message)}") from None
+        except openai.APITimeoutError as exc:
+            attempts += _tries(exc.request)
+            raise TeacherError(f"timeout (no reply within {cfg.timeout:g}s); gave up after {_attempts(attempts)}"
+                               ) from None
         except openai.APIConnectionError as exc:
+            attempts += _tries(exc.request)
             cause = exc.__cause__ or exc
-            last = f"connection error ({type(cause).__name__}: {short(cause, 120)})"
-        except openai.APIResponseValidationError as exc:
+            raise TeacherError(f"connection error ({type(cause).__name__}: {short(cause, 120)}); gave up after "
+                               f"{_attempts(attempts)}") from None
+        attempts += _tries(response.request)
+        try:
+            body = json.loads(response.content)
+            read_completion(body)  # a body of another shape is a server fault too
+            return body, attempts
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             last = f"malformed response ({short(exc, 120)})"
-        if attempt >= cfg.max_retries:
-            raise TeacherError(f"{last}; gave up after {attempt + 1} attempts")
-        delay = retry_after if retry_after is not None else backoff_s(attempt, cfg.backoff_base, cfg.backoff_max)
-        attempt += 1
-        await asyncio.sleep(delay)
+        if attempts > cfg.max_retries:
+            raise TeacherError(f"{last}; gave up after {_attempts(attempts)}")
+        await asyncio.sleep(malformed_backoff_s(malformed))
+        malformed += 1
 
 
 def make_client(cfg: TeacherConfig, api_key: str):
     import openai
 
-    return openai.AsyncOpenAI(base_url=cfg.base_url, api_key=api_key, max_retries=0, timeout=cfg.timeout)
+    return openai.AsyncOpenAI(base_url=cfg.base_url, api_key=api_key, max_retries=cfg.max_retries, timeout=cfg.timeout)
 
 
 # ---------------------------------------------------------------- secrets

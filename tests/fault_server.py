@@ -6,7 +6,7 @@ python tests/fault_server.py [--port 0] [--latency 0.2] [--fault_rate 0.3] [--fa
 Prints `listening http://127.0.0.1:PORT/v1` once ready. Plain asyncio (HTTP/1.1 with keep-alive), so a reset is a
 real TCP reset and a malformed body is exactly the bytes we choose.
 
-- Transient faults: each request, with probability --fault_rate, gets one of --faults (429 with Retry-After, 500,
+- Transient faults: each request, with probability --fault_rate, gets one of --faults (429 or 500 with Retry-After,
   a hang longer than the client's timeout, a connection reset, a 200 whose JSON body is cut off). --script lists
   faults served first, in order, to the first requests.
 - Answers are a deterministic function of the prompt, so a rerun gets the same answer for the same record. The
@@ -136,8 +136,8 @@ class FaultServer:
             await asyncio.sleep(self.latency)
         if fault == "429":
             return 429, {"Retry-After": f"{self.retry_after:g}"}, _error("rate limited", "rate_limit_exceeded"), ""
-        if fault == "500":
-            return 500, {}, _error("internal error", "server_error"), ""
+        if fault == "500":  # an overloaded server's 5xx may say when to come back, as this one does
+            return 500, {"Retry-After": f"{self.retry_after:g}"}, _error("internal error", "server_error"), ""
         request = json.loads(body)
         content = request["messages"][-1]["content"]
         parts = content if isinstance(content, list) else [{"type": "text", "text": content}]
@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--permanent", action="store_true", help="refusals, unparseable replies and 400s by prompt")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--hang", type=float, default=5.0, help="seconds a timeout fault waits before answering")
-    parser.add_argument("--retry_after", type=float, default=0.05, help="Retry-After of a 429, seconds")
+    parser.add_argument("--retry_after", type=float, default=0.05, help="Retry-After of a 429 or 500, seconds")
     parser.add_argument("--echo_key", action="store_true", help="answers repeat the Authorization value")
     args = parser.parse_args(argv)
     bad = [f for f in (args.faults + "," + args.script).split(",") if f and f not in (*FAULTS, *ODD_FAULTS, "ok")]

@@ -1,11 +1,10 @@
-"""tools.distill building blocks: reply parsing, refusals, backoff, request building, the resumable reasons file."""
+"""tools.distill building blocks: reply parsing, refusals, request building, the resumable reasons file."""
 
 from __future__ import annotations
 
 import base64
 import io
 import json
-import random
 
 import pytest
 from PIL import Image
@@ -15,7 +14,7 @@ from mire_factory.distill import DistillConfig, ReasonsLog, build_request, plan_
 from mire_factory.reasons import ReasonRecord
 from mire_factory.records import load_records
 from mire_factory.synthetic import make_records, write_dataset
-from mire_factory.teacher import backoff_s, elide_images, retry_after_s
+from mire_factory.teacher import elide_images
 from mire_factory.teacher_reply import parse_reply, refusal_reason
 
 GOLD = "退货页面"
@@ -60,19 +59,6 @@ def test_refusals():
     # a reason that merely says 无法 is an answer, not a refusal
     assert refusal_reason('{"理由": "抱歉，用户无法提供订单号", "所属类别": "退货页面"}', "stop") is None
     assert refusal_reason("这张图片看起来很清楚。", "stop") is None
-
-
-def test_retry_after_and_backoff():
-    assert retry_after_s({"retry-after": "2"}) == 2.0
-    assert retry_after_s({"retry-after-ms": "250"}) == 0.25
-    assert retry_after_s({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}) == 0.0  # a date in the past
-    assert retry_after_s({}) is None and retry_after_s({"retry-after": "soon"}) is None
-    rng = random.Random(0)
-    delays = [backoff_s(k, 1.0, 8.0, rng) for k in range(6)]
-    for k, d in enumerate(delays):
-        cap = min(8.0, 2**k)
-        assert cap / 2 <= d <= cap
-    assert len({round(backoff_s(3, 1.0, 60, rng), 6) for _ in range(20)}) > 1  # jittered
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from conftest import run_tool
 from mire_factory.synthetic import make_records, write_dataset
 
 SECRET = "sk-test-0123456789abcdef"
-FAST = ["--backoff_base", "0.01", "--backoff_max", "0.2", "--timeout", "2", "--no_progress", "--max_pixels", "50176"]
+FAST = ["--timeout", "2", "--no_progress", "--max_pixels", "50176"]
 PROMPT = "请用一句话描述这张图片的内容。"
 SYSTEM = "你是电商客服助手。"
 

@@ -168,7 +168,9 @@ def test_cot_grammar_and_regex_accept_exactly_the_answer_format(position):
     from mire_factory.infer.constrained import Grammar
 
     grammar = Grammar(answer_paths("image", "cot", position))
-    regex = re.compile(guided_decoding("image", "cot", position)["regex"])
+    pattern = guided_decoding("image", "cot", position)["regex"]
+    assert "\\ " not in pattern  # xgrammar (vLLM's engine) warns about an escaped space
+    regex = re.compile(pattern)
     good = format_cot_answer("购物车列表", "购物车页面", position)
     assert grammar.is_complete(good.encode()) and regex.fullmatch(good)
     for k in range(len(good.encode())):

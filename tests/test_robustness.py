@@ -26,7 +26,7 @@ from mire_factory.synthetic import make_records, write_dataset
 from tools import analyze, cal_acc, convert, convert2submit, distill, merge_cot, validate, vllm_infer, vote
 
 SECRET = "sk-MIRE-ROBUST-7c1d2e3f4a5b6c7d8e9f"
-FAST = ["--backoff_base", "0.01", "--backoff_max", "0.05", "--timeout", "5", "--no_progress"]
+FAST = ["--timeout", "5", "--no_progress"]
 
 
 def call(main, *args) -> tuple[int, str, str]:
@@ -113,7 +113,7 @@ def test_an_odd_reply_becomes_a_line_not_a_traceback(data, tmp_path, fault):
     out = tmp_path / "r.jsonl"
     with RunningServer("--fault_rate", "1", "--faults", fault) as server:
         code, _, err = call(distill.main, *distill_args(data, server.url, out, "--max_retries", "1",
-                                                        "--concurrency", "2"))
+                                                        "--concurrency", "6"))  # one wave of the retry's wait
     status, error = ODD[fault]
     lines = [json.loads(x) for x in out.read_text(encoding="utf-8").splitlines()]
     assert len(lines) == 6 and {x["status"] for x in lines} == {status}, lines[0]

@@ -45,6 +45,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from mire_factory.io import MireInputError, problem, read_json, run_cli, write_json_atomic  # noqa: E402
+from mire_factory.plots import plot_eval_f1_curves  # noqa: E402
 from mire_factory.rules import MAX_NEW_TOKENS  # noqa: E402
 
 RECIPE = REPO / "configs" / "qwen2_vl_2b_full_sft.yaml"
@@ -339,31 +340,8 @@ def callback_agreement(plan: Plan, ft: Path, predictions: Path) -> dict | None:
 def plot_curves(curves: dict[str, list[dict]], lines: dict[str, float], path: Path) -> Path | None:
     if not any(curves.values()):
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    for ax, key, title in ((axes[0], "eval_f1_dialogue", "dialogue"), (axes[1], "eval_f1_image", "image")):
-        for label, curve in curves.items():
-            pts = [(c["step"], c[key]) for c in curve if key in c]
-            if pts:
-                ax.plot(*zip(*pts, strict=True), marker="o", label=label)
-        for name, value in lines.items():
-            if name.startswith(title) and value is not None:
-                ax.axhline(value, linestyle="--", color="grey" if "untrained" in name else "black", linewidth=1,
-                           label=name.split(": ", 1)[1])
-        ax.set_title(f"{title}: weighted F1 on the test split (F1 callback)")
-        ax.set_xlabel("optimizer step")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    axes[0].set_ylabel("weighted F1")
-    axes[0].set_ylim(0, 1)
-    fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    plot_eval_f1_curves(curves, lines, path)
     return path
 
 

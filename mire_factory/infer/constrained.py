@@ -54,22 +54,12 @@ def make_prefix_allowed_tokens_fn(tries: list[LabelTrie], prompt_len: int, fallb
 
 # ---------------------------------------------------------------- CoT grammar (byte level)
 
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte <-> printable-character map that byte-level BPE vocabularies (Qwen2's included) are written in."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs), strict=True))
-
-
 @functools.lru_cache(maxsize=4)
 def vocab_bytes(tokenizer) -> tuple:
-    """Each token id's bytes; None for special and added tokens."""
+    """Each token id's bytes; None for special and added tokens. Byte-level BPE vocabularies (Qwen2's included)
+    write bytes as GPT-2's printable characters: transformers' own table maps them back."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
     decoder = {c: b for b, c in bytes_to_unicode().items()}
     special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
     out = []
@@ -109,8 +99,11 @@ def answer_regex(paths: list[Path], max_free_chars: int | None = None) -> str:
     """The same language as a regular expression (vLLM structured outputs); the free text at most max_free_chars."""
     import re
 
+    def literal(text: str) -> str:  # re.escape writes a space as "\\ ", an escape xgrammar (vLLM's) warns about
+        return re.escape(text).replace("\\ ", " ")
+
     free = r'[^"\\\n]' + ("*" if max_free_chars is None else f"{{0,{max_free_chars}}}")
-    alts = [re.escape(p.a) + (free if p.free else "") + re.escape(p.b) for p in paths]
+    alts = [literal(p.a) + (free if p.free else "") + literal(p.b) for p in paths]
     return "(" + "|".join(alts) + ")"
 
 
