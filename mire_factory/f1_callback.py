@@ -26,6 +26,7 @@ from transformers import TrainerCallback
 
 from .answers import extract_answer, read_answer
 from .io import write_jsonl_atomic
+from .mrope import mrope_generate_kwargs
 from .rules import MAX_NEW_TOKENS
 from .scoring import score
 from .taxonomy import task_of_label
@@ -33,7 +34,8 @@ from .taxonomy import task_of_label
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-# collator outputs that generate must not get: it derives mrope positions itself from image_grid_thw + attention
+# collator outputs that generate must not get: they are positions for one forward pass over the whole sequence;
+# generate derives its own from image_grid_thw, the attention mask and mm_token_type_ids (mrope.py)
 DROP_KEYS = ("labels", "position_ids", "rope_deltas", "has_dummy_image")
 
 
@@ -179,6 +181,7 @@ class F1Callback(TrainerCallback):
                 for key in DROP_KEYS:
                     batch.pop(key, None)
                 batch = {k: v.to(args.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                batch.update(mrope_generate_kwargs(model, collator.processor, batch["input_ids"]))
                 with autocast:
                     out = model.generate(
                         **batch,

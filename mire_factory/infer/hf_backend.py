@@ -8,6 +8,7 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from ..mrope import mrope_generate_kwargs
 from ..records import IMAGE_ERRORS
 from .backends import Backend, Job, image_failure
 from .render import Components, expand_image_tokens
@@ -224,9 +225,11 @@ def generate_prepared(model, comp: Components, batch: PreparedBatch, max_new_tok
             grammars = [constraints.grammars[task] for task in batch.tasks]
             processor_ = GrammarLogitsProcessor(grammars, width, tokenizer, comp.stop_id, max_new_tokens)
             kwargs["logits_processor"] = LogitsProcessorList([processor_])
+    input_ids = _to_device(batch.input_ids, model.device)
+    kwargs.update(mrope_generate_kwargs(model, comp.processor, input_ids))  # training's image positions
     with torch.inference_mode():
         out = model.generate(
-            input_ids=_to_device(batch.input_ids, model.device),
+            input_ids=input_ids,
             attention_mask=_to_device(batch.attention_mask, model.device),
             max_new_tokens=max_new_tokens,
             min_new_tokens=min_new_tokens or None,
