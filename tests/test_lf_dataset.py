@@ -5,13 +5,13 @@ import json
 import math
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 from PIL import Image
 
-from conftest import REPO
 from mire_factory.convert import convert
 from mire_factory.cot import merge_cot, qwen2_token_counter
 from mire_factory.reasons import ReasonRecord
@@ -183,7 +183,7 @@ def test_llamafactory_cli_trains_a_step_on_the_real_sample(sample_data, tiny_mod
         "save_strategy": "no", "overwrite_cache": True,
     }
     (tmp_path / "train.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
-    cli = REPO / ".venv" / "bin" / "llamafactory-cli"
+    cli = Path(sys.executable).with_name("llamafactory-cli")  # the running venv's (a worktree has no .venv)
     proc = subprocess.run([str(cli), "train", str(tmp_path / "train.yaml")], cwd=tmp_path, capture_output=True,
                           text=True, timeout=600, env={**os.environ, "DISABLE_VERSION_CHECK": "1"})
     log = proc.stdout + proc.stderr
