@@ -9,10 +9,24 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .dataset_info import commit_registrations, dataset_name, entry_variant, read_dataset_info, sharegpt_entry
+from .dataset_info import (
+    SCREENSHOT_TEXT_KEY,
+    commit_registrations,
+    dataset_name,
+    entry_variant,
+    read_dataset_info,
+    sharegpt_entry,
+)
 from .io import MireInputError, OutputSet, output_lock, problem
-from .prompt_variants import DEFAULT_PROMPT_VARIANT, PromptVariant, get_prompt_variant
+from .prompt_variants import (
+    DEFAULT_PROMPT_VARIANT,
+    PROMPT_VARIANTS,
+    SCREENSHOT_TEXT,
+    PromptVariant,
+    get_prompt_variant,
+)
 from .records import IMAGE_PLACEHOLDER, Kind, MireRecord, read_mire_file
+from .screenshot_text import DEFAULT_INFO_MAX_TOKENS, ScreenshotText
 from .taxonomy import LABELS, TASKS
 
 FORMATS = ("sharegpt", "swift")
@@ -25,7 +39,7 @@ def user_content(record: MireRecord) -> str:
     return record.instruction + ("\n" + record.input if record.input else "")
 
 
-def _image_path_maker(image_dir: str | os.PathLike, output_dir: str | os.PathLike | None):
+def image_path_maker(image_dir: str | os.PathLike, output_dir: str | os.PathLike | None):
     # One relpath for the directory instead of one per image: 10,000s of images convert in well under a second.
     base = os.path.abspath(image_dir)
     prefix = base if output_dir is None else os.path.relpath(base, os.path.abspath(output_dir))
@@ -38,32 +52,36 @@ def _image_path_maker(image_dir: str | os.PathLike, output_dir: str | os.PathLik
 
 def records_to_sharegpt(
     records: list[MireRecord], image_dir: str | os.PathLike, output_dir: str | os.PathLike,
-    variant: PromptVariant | None = None,
+    variant: PromptVariant | None = None, contexts: list[str] | None = None,
 ) -> list[dict]:
-    """ShareGPT rows, the turns written by the prompt variant (default plain). Image paths are relative to
-    output_dir, because LLaMA-Factory joins each with `media_dir`, which defaults to `dataset_dir`: point dataset_dir
-    at output_dir. Unlabelled records get an empty assistant turn, so that LLaMA-Factory keeps them (predict)."""
-    return _rows(records, _image_path_maker(image_dir, output_dir), variant or get_prompt_variant(None))
+    """ShareGPT rows, the turns written by the prompt variant (default plain; `contexts`: each record's text for a
+    variant that inserts some). Image paths are relative to output_dir, because LLaMA-Factory joins each with
+    `media_dir`, which defaults to `dataset_dir`: point dataset_dir at output_dir. Unlabelled records get an empty
+    assistant turn, so that LLaMA-Factory keeps them (predict)."""
+    return _rows(records, image_path_maker(image_dir, output_dir), variant or get_prompt_variant(None), contexts)
 
 
 def records_to_swift(records: list[MireRecord], image_dir: str | os.PathLike,
-                     variant: PromptVariant | None = None) -> list[dict]:
+                     variant: PromptVariant | None = None, contexts: list[str] | None = None) -> list[dict]:
     """ms-swift's messages/images rows; absolute image paths, since ms-swift does not join them with a folder."""
-    return _rows(records, _image_path_maker(image_dir, None), variant or get_prompt_variant(None))
+    return _rows(records, image_path_maker(image_dir, None), variant or get_prompt_variant(None), contexts)
 
 
-def _rows(records: list[MireRecord], path_of, variant: PromptVariant) -> list[dict]:
-    return [
-        {
-            "id": r.id,
-            "messages": [
-                {"role": "user", "content": variant.user_turn(user_content(r), r.task)},
-                {"role": "assistant", "content": variant.answer(r.output) if r.output else ""},
-            ],
-            "images": [path_of(name) for name in r.images],
-        }
-        for r in records
-    ]
+def _rows(records: list[MireRecord], path_of, variant: PromptVariant, contexts: list[str] | None) -> list[dict]:
+    contexts = contexts if contexts is not None else [None] * len(records)
+    return [chat_row(variant.user_turn(user_content(r), r.task, context), variant.answer(r.output) if r.output else "",
+                     r.images, path_of, row_id=r.id)
+            for r, context in zip(records, contexts, strict=True)]
+
+
+def chat_row(user: str, assistant: str, images: list[str], path_of, system: str | None = None,
+             row_id: str | None = None) -> dict:
+    """One row of both formats: LLaMA-Factory's ShareGPT `messages` (registered with sharegpt_entry) and ms-swift's
+    `messages`/`images`; `<image>` placeholders stay in the user turn and `path_of` maps image names to paths."""
+    messages = [{"role": "system", "content": system}] if system else []
+    messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+    row = {"id": row_id} if row_id is not None else {}
+    return {**row, "messages": messages, "images": [path_of(name) for name in images]}
 
 
 def stratified_split(
@@ -150,11 +168,14 @@ def convert(
     kind: Kind = "auto",
     decode_images: bool = True,
     prompt_variant: str = DEFAULT_PROMPT_VARIANT,
+    info_file: str | os.PathLike | None = None,
+    info_max_tokens: int = DEFAULT_INFO_MAX_TOKENS,
 ) -> ConvertResult:
     """Checks everything first; on bad input raises MireInputError before writing any file.
 
     A train file (every record labelled) becomes train + val splits, a test file one test split; every split is
-    written with the same prompt variant, recorded in its registration."""
+    written with the same prompt variant, recorded in its registration. A screenshot-text variant takes each
+    record's image text from `info_file` (tools.extract_info), at most `info_max_tokens` tokens per record."""
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
     if task not in TASK_CHOICES:
@@ -163,9 +184,14 @@ def convert(
         variant = get_prompt_variant(prompt_variant)
     except ValueError as exc:
         raise MireInputError(f"--prompt_variant: {exc}") from None
-    if variant.context:
-        raise MireInputError(f"--prompt_variant {variant.name}: needs each record's {variant.context}, which "
-                             "tools.convert cannot read yet")
+    if variant.context and info_file is None:
+        raise MireInputError(f"--prompt_variant {variant.name}: needs --info_file, the text of every image "
+                             "(tools.extract_info's output for these images)")
+    if info_file is not None and variant.context != SCREENSHOT_TEXT:
+        names = ", ".join(n for n, v in PROMPT_VARIANTS.items() if v.context == SCREENSHOT_TEXT)
+        raise MireInputError(f"--info_file: prompt variant {variant.name} puts no image text in the prompt; choose "
+                             f"one that does ({names})")
+    screenshot_text = ScreenshotText(info_file, info_max_tokens) if info_file is not None else None
     mire = read_mire_file(input_file, image_dir, kind=kind, decode_images=decode_images)
     records = mire.records
     bad_input = [
@@ -179,6 +205,8 @@ def convert(
         records = [r for r in records if r.task == task]
         if not records:
             raise MireInputError(problem(input_file, None, None, f"no {task} records (--task {task})"))
+    contexts = dict(zip((r.id for r in records), screenshot_text.contexts(records, image_dir, input_file),
+                        strict=True)) if screenshot_text is not None else None
     output_dir = Path(output_dir)
     warnings: list[str] = []
     existing = read_dataset_info(output_dir) if fmt == "sharegpt" else {}  # a broken one stops us before writing
@@ -206,17 +234,27 @@ def convert(
     with output_lock(output_dir / dataset_name(group[0], task), what="another tools.convert is writing this split"), \
             OutputSet() as outs:
         for name, recs in splits.items():
+            texts = [contexts[r.id] for r in recs] if contexts is not None else None
             if fmt == "sharegpt":
-                outs.write_json(files[name], records_to_sharegpt(recs, image_dir, output_dir, variant))
+                outs.write_json(files[name], records_to_sharegpt(recs, image_dir, output_dir, variant, texts))
             else:
-                outs.write_jsonl(files[name], records_to_swift(recs, image_dir, variant))
+                outs.write_jsonl(files[name], records_to_swift(recs, image_dir, variant, texts))
         for name in stale:
             outs.remove(output_dir / f"{name}.{ext}")
         removed = [name for name in stale if (output_dir / f"{name}.{ext}").is_file()]
         if fmt == "sharegpt":
             entries = {name: sharegpt_entry(files[name].name, variant.name) for name in splits}
+            if screenshot_text is not None:
+                for entry in entries.values():
+                    entry[SCREENSHOT_TEXT_KEY] = screenshot_text.registration()
             info = commit_registrations(outs, output_dir, entries, unregister={name: f"{name}.{ext}" for name in stale})
-    return ConvertResult(splits, files, info, summary_text(splits, files), warnings, removed)
+    summary = summary_text(splits, files)
+    if screenshot_text is not None:
+        with_images = sum(1 for text in contexts.values() if text)
+        summary += (f"\nscreenshot text from {info_file}: {with_images} records with images, "
+                    f"{screenshot_text.truncated_records} cut to --info_max_tokens {info_max_tokens} "
+                    f"({screenshot_text.dropped_lines} lines dropped)")
+    return ConvertResult(splits, files, info, summary, warnings, removed)
 
 
 def _other_variants(existing: dict, output_dir: Path, variant: PromptVariant, task: str,

@@ -16,6 +16,8 @@ DATASET_INFO = "dataset_info.json"
 SPLITS = ("train", "val", "test")
 # Our key in a registration entry; LLaMA-Factory's DatasetAttr.join reads only the keys it knows and ignores it.
 PROMPT_VARIANT_KEY = "mire_prompt_variant"
+# A screenshot-text variant's source: the info file, its token budget and origin, and how many records it cut.
+SCREENSHOT_TEXT_KEY = "mire_screenshot_text"
 
 
 def sharegpt_entry(file_name: str, prompt_variant: str = DEFAULT_PROMPT_VARIANT) -> dict:

@@ -80,3 +80,21 @@ def _given_on_command_line(name: str, argv: list[str] | None) -> bool:
     args = sys.argv[1:] if argv is None else argv
     flags = (f"--{name}", f"--{name.replace('_', '-')}")  # HfArgumentParser accepts both spellings
     return any(a in flags or a.startswith(tuple(f + "=" for f in flags)) for a in args)
+
+
+def yaml_config(cls: type) -> Callable[[str | None, dict[str, Any]], dict[str, Any]]:
+    """parse_args' config_values for a tool whose --config is a YAML mapping of its own flags' values (and nothing
+    else: an unknown key is an input error naming the file and the key)."""
+    names = {f.name for f in dataclasses.fields(cls)} - {"config"}
+
+    def values(config: str | None, given: dict[str, Any]) -> dict[str, Any]:
+        if not config:
+            return {}
+        data = read_yaml(config)
+        unknown = sorted(str(k) for k in data if k not in names)
+        if unknown:
+            raise MireInputError(problem(config, None, unknown[0], f"not a flag of this tool (known: "
+                                         f"{', '.join(sorted(names))})"))
+        return data
+
+    return values

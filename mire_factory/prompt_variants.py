@@ -12,10 +12,12 @@ Where a variant is chosen and read back:
   format for constrained decoding from the dataset's variant; it refuses a model trained with another variant.
 - The F1 callback generates from the validation prompts LLaMA-Factory tokenized from the same files.
 
-Adding a variant that inserts per-record text (e.g. text read from screenshots): register a PromptVariant with a
-`context` name; `tools.convert` then needs that text for every record and puts it in ONE place, `user_turn`'s
-`context`: after the record's own content (instruction, then input), before the variant's suffix. Every split gets it
-the same way, so train and test prompts stay identical.
+A variant that inserts per-record text registers a `context` name; `tools.convert` then needs that text for every
+record and puts it in ONE place, `user_turn`'s `context`: on a new line after the record's own content (instruction,
+then input), before the variant's suffix. Every split gets it the same way, so train and test prompts stay identical.
+The one such context today is SCREENSHOT_TEXT: the text of the record's images from an info file of
+tools.extract_info (`tools.convert --info_file`), rendered by mire_factory/screenshot_text.py within a token budget
+(`--info_max_tokens`); a record without images gets none.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from .taxonomy import Task
 AnswerFormat = Literal["label", "cot"]
 LabelPosition = Literal["last", "first"]
 DEFAULT_PROMPT_VARIANT = "plain"
+SCREENSHOT_TEXT = "screenshot_text"  # the context of the screenshot-text variants (mire_factory/screenshot_text.py)
 
 
 @dataclass(frozen=True)
@@ -45,10 +48,10 @@ class PromptVariant:
 
     def user_turn(self, content: str, task: Task, context: str | None = None) -> str:
         """The user turn: the record's content (instruction + input, <image> placeholders in place), the variant's
-        per-record context text if it has one, then its suffix."""
+        per-record context text if it has one (on a new line; "" for a record that has none), then its suffix."""
         if self.context and context is None:
             raise ValueError(f"prompt variant {self.name!r} needs the record's {self.context}")
-        return content + (f"\n{context}" if self.context else "") + self.user_suffix(task)
+        return content + (f"\n{context}" if self.context and context else "") + self.user_suffix(task)
 
     def answer(self, label: str, reason: str = "") -> str:
         """The assistant turn for a gold label (and a teacher's reason, for CoT)."""
@@ -82,3 +85,10 @@ register_prompt_variant(PromptVariant(
 register_prompt_variant(PromptVariant(
     "cot_label_first", "cot", "first",
     description='as cot with the label key first: {"所属类别": label, "理由": reason}'))
+register_prompt_variant(PromptVariant(
+    "screenshot_text", "label", context=SCREENSHOT_TEXT,
+    description="as plain, with the text of the record's images (tools.convert --info_file: OCR or a teacher's, "
+                "from tools.extract_info) after the instruction, within --info_max_tokens"))
+register_prompt_variant(PromptVariant(
+    "screenshot_text_cot", "cot", "last", context=SCREENSHOT_TEXT,
+    description="as cot, with the screenshot text of screenshot_text between the instruction and the definitions"))

@@ -64,3 +64,16 @@ def teacher_prompt(mode: int, task: Task, gold_label: str | None = None, max_cha
     if template is None:
         raise ValueError(f"teacher mode must be 1, 2 or 3, got {mode}")
     return template.format(label=gold_label, definitions=definitions_text(task), max_chars=max_chars)
+
+
+# Information extraction from one image (tools.extract_info --backend teacher), as the seed study asked Qwen2-VL-72B:
+# what the page is, what tells it, and every visible line of text. `可见文字` becomes the info file's `text`.
+INFO_PAGE_TYPE_KEY = "页面类型"
+INFO_CUES_KEY = "类型线索"
+INFO_TEXT_KEY = "可见文字"
+INFO_EXTRACTION_PROMPT = (
+    "请仔细查看这张电商客服场景中的图片（手机截图或照片），提取其中的信息。\n"
+    '只输出如下JSON：{"页面类型": "一句话说明这是什么页面或图片，如订单详情、退款进度、物流信息、商品详情、聊天记录、'
+    '评价、实物照片", "类型线索": ["能说明页面类型的标题、按钮、状态文字或画面元素"], '
+    '"可见文字": ["图中所有清晰可见的文字，按从上到下、从左到右的阅读顺序，每行一项"]}'
+)

@@ -7,6 +7,10 @@ one token per 28x28 patch), the real Qwen2 tokenizer, the label as the assistant
 
     python -m mire_factory.recipe_sizing --input_file ../shared/mire_sample/train_sample.json \
         --image_dir ../shared/mire_sample/images --image_max_pixels 401408,589824,1003520
+        [--prompt_variant screenshot_text --info_file info.jsonl [--info_max_tokens 256]]
+
+With --prompt_variant the user turn is the variant's (a screenshot-text variant adds each record's image text, at
+most --info_max_tokens tokens of it), as tools.convert writes it.
 """
 
 from __future__ import annotations
@@ -17,8 +21,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .io import run_cli
+from .io import MireInputError, run_cli
+from .prompt_variants import PROMPT_VARIANTS
 from .records import MireRecord, load_records
+from .screenshot_text import DEFAULT_INFO_MAX_TOKENS
 
 # Qwen2-VL-7B-Instruct's preprocessor_config.json; LLaMA-Factory's own cap (image_max_pixels) applies first.
 QWEN2_VL_MIN_PIXELS = 56 * 56
@@ -54,12 +60,14 @@ def build_renderer(image_max_pixels: int, image_min_pixels: int = 32 * 32):
     return template, tokenizer, processor
 
 
-def record_length(record: MireRecord, image_dir: str | os.PathLike, renderer) -> RecordLength:
+def record_length(record: MireRecord, image_dir: str | os.PathLike, renderer, user: str | None = None,
+                  answer: str | None = None) -> RecordLength:
+    """The record's length with its turns as given (default: the instruction and the bare label)."""
     template, tokenizer, processor = renderer
     images = [str(Path(image_dir) / name) for name in record.images]
     messages = [
-        {"role": "user", "content": record.instruction},
-        {"role": "assistant", "content": record.output or ""},
+        {"role": "user", "content": record.instruction if user is None else user},
+        {"role": "assistant", "content": (record.output or "") if answer is None else answer},
     ]
     messages = template.mm_plugin.process_messages(messages, images, [], [], processor)
     prompt_ids, answer_ids = template.encode_oneturn(tokenizer, messages)
@@ -73,9 +81,28 @@ def record_length(record: MireRecord, image_dir: str | os.PathLike, renderer) ->
     )
 
 
-def measure(records: list[MireRecord], image_dir: str | os.PathLike, image_max_pixels: int) -> list[RecordLength]:
+def measure(records: list[MireRecord], image_dir: str | os.PathLike, image_max_pixels: int,
+            prompt_variant: str | None = None, info_file: str | os.PathLike | None = None,
+            info_max_tokens: int | None = None) -> list[RecordLength]:
+    """Each record's length as training renders it; with a prompt variant, its turns as tools.convert writes them
+    (a screenshot-text variant's image text from `info_file`, within `info_max_tokens`; a CoT answer without its
+    reason: merge_cot's reasons add at most 100 tokens more)."""
     renderer = build_renderer(image_max_pixels)
-    return [record_length(r, image_dir, renderer) for r in records]
+    if prompt_variant is None:
+        return [record_length(r, image_dir, renderer) for r in records]
+    from .convert import user_content
+    from .prompt_variants import get_prompt_variant
+    from .screenshot_text import ScreenshotText
+
+    variant = get_prompt_variant(prompt_variant)
+    if variant.context and info_file is None:
+        raise MireInputError(f"--prompt_variant {variant.name}: needs --info_file")
+    contexts = (ScreenshotText(info_file, info_max_tokens or DEFAULT_INFO_MAX_TOKENS).contexts(records, image_dir,
+                                                                                                "records")
+                if variant.context else [None] * len(records))
+    return [record_length(r, image_dir, renderer, variant.user_turn(user_content(r), r.task, context),
+                          variant.answer(r.output) if r.output else "")
+            for r, context in zip(records, contexts, strict=True)]
 
 
 def smallest_cutoff(lengths: list[RecordLength], multiple: int = 1024) -> int:
@@ -108,12 +135,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image_dir", required=True)
     parser.add_argument("--image_max_pixels", default=",".join(map(str, DEFAULT_BUDGETS)),
                         help="comma-separated pixel budgets to compare")
+    parser.add_argument("--prompt_variant", choices=list(PROMPT_VARIANTS),
+                        help="measure the turns as tools.convert writes them with this variant (default: the "
+                             "instruction and the label)")
+    parser.add_argument("--info_file", help="a screenshot_text variant's image text (tools.extract_info)")
+    parser.add_argument("--info_max_tokens", type=int, default=DEFAULT_INFO_MAX_TOKENS)
     args = parser.parse_args(argv)
     records = load_records(args.input_file, args.image_dir, kind="train")
     print("image_max_pixels | task | records | max images | tokens/image (max) | total min/median/max | "
           "text-only max | smallest cutoff_len (x1024) holding all")
     for budget in (int(b) for b in args.image_max_pixels.split(",")):
-        lengths = measure(records, args.image_dir, budget)
+        lengths = measure(records, args.image_dir, budget, args.prompt_variant, args.info_file, args.info_max_tokens)
         cutoff = smallest_cutoff(lengths)
         for task, row in summary_rows(lengths).items():
             print(f"{budget} | {task} | {row['records']} | {row['max_images']} | {row['tokens_per_image_max']} | "

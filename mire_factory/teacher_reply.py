@@ -136,6 +136,17 @@ def _load_object(chunk: str) -> dict | None:
     return None
 
 
+def parse_json_object(text: str | None) -> dict | None:
+    """The first JSON object a reply holds (fenced, wrapped in prose, single-quoted or cut at max_tokens), else None."""
+    if not text or not text.strip():
+        return None
+    for chunk in _candidates(text):
+        obj = _load_object(chunk)
+        if obj is not None:
+            return obj
+    return None
+
+
 def _pick(obj: dict, keys: tuple[str, ...]) -> str | None:
     lowered = {str(k).strip().lower(): v for k, v in obj.items()}
     for key in keys:

@@ -1,8 +1,11 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -50,3 +53,45 @@ def synthetic_train(tmp_path_factory) -> tuple[Path, Path]:
     records = make_records(46, 46, root / "images", seed=1)
     write_dataset(root / "train.json", records)
     return root / "train.json", root / "images"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def lf_api_server(tiny_model_dir, tmp_path_factory):
+    """The real `llamafactory-cli api` (OpenAI-compatible) serving the tiny model on loopback: its base URL."""
+    root = tmp_path_factory.mktemp("lf_api")
+    config = root / "api.yaml"
+    config.write_text(f"model_name_or_path: {tiny_model_dir}\ntemplate: qwen2_vl\ninfer_backend: huggingface\n"
+                      "image_max_pixels: 262144\ntrust_remote_code: true\n", encoding="utf-8")
+    port = free_port()
+    log = open(root / "api.log", "w")
+    cli = Path(sys.executable).with_name("llamafactory-cli")
+    proc = subprocess.Popen([str(cli), "api", str(config)], stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "API_HOST": "127.0.0.1", "API_PORT": str(port)})
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.time() + 240
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"llamafactory-cli api exited: {(root / 'api.log').read_text()[-3000:]}")
+            try:
+                urllib.request.urlopen(url + "/models", timeout=2).read()
+                break
+            except OSError:
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()

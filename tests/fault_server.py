@@ -9,7 +9,8 @@ real TCP reset and a malformed body is exactly the bytes we choose.
 - Transient faults: each request, with probability --fault_rate, gets one of --faults (429 with Retry-After, 500,
   a hang longer than the client's timeout, a connection reset, a 200 whose JSON body is cut off). --script lists
   faults served first, in order, to the first requests.
-- Answers are a deterministic function of the prompt, so a rerun gets the same answer for the same record. Modes 2/3
+- Answers are a deterministic function of the prompt, so a rerun gets the same answer for the same record. The
+  information-extraction prompt (it names 可见文字) gets that JSON, with lines that depend on the image. Modes 2/3
   answer with the gold label from the prompt (1 in 10 with another one); mode 1 picks a label from the instruction.
   Answers come in several wrappings (clean JSON, code fence, trailing text, single quotes).
 - --permanent: 1 in 25 prompts each always get a content_filter finish, a refusal sentence, the refusal field,
@@ -59,6 +60,10 @@ def _reason_text(digest: int, label: str, mode: int) -> str:
 def answer_for(prompt: str, images: list[str]) -> tuple[str, dict, int]:
     """("ok", message, digest) for a prompt; the digest also picks the permanent behaviour (--permanent)."""
     digest = int(hashlib.sha1("|".join([prompt, *images]).encode()).hexdigest()[:12], 16)
+    if "可见文字" in prompt:  # tools.extract_info's information-extraction prompt
+        info = {"页面类型": "界面与订单详情页一致", "类型线索": ["订单编号", "实付款"],
+                "可见文字": [f"订单编号{digest % 99991}", f"实付款￥{digest % 997}.00", "申请售后"]}
+        return "ok", {"role": "assistant", "content": json.dumps(info, ensure_ascii=False)}, digest
     gold = _GOLD.search(prompt)
     labels_match = _LABEL_LIST.search(prompt)
     labels = json.loads("[" + labels_match.group(1) + "]") if labels_match else ["其他类别图片"]

@@ -280,6 +280,11 @@ def make_material(root: Path) -> Material:
                    for r in train_rows]
     reasons = root / "reasons.jsonl"
     reasons.write_bytes(_jsonl(reason_rows))
+    from mire_factory.image_info import InfoRecord, file_sha256
+
+    info_rows = [json.loads(InfoRecord(p.name, file_sha256(p), "ocr", "m", "ok", text=f"第{k}行\n订单").to_json())
+                 for k, p in enumerate(sorted(images.iterdir()))]
+    (root / "info.jsonl").write_bytes(_jsonl(info_rows))
     reply = _dumps({"id": "c", "object": "chat.completion", "choices": [
         {"index": 0, "message": {"role": "assistant", "content": '{"理由": "页面显示退货进度", "所属类别": "退货页面"}'},
          "finish_reason": "stop"}], "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}})
@@ -289,6 +294,8 @@ def make_material(root: Path) -> Material:
 
 PREDICTION_KEYS = ["id", "predict", "label", "prompt", "task"]
 REASON_KEYS = ["id", "mode", "model", "status", "reason", "label", "gold", "task", "raw", "usage", "latency_s", "error"]
+INFO_KEYS = ["image", "sha256", "backend", "model", "status", "text", "lines", "info", "prompt_sha256", "width", "height",
+             "raw", "usage", "latency_s", "error"]
 
 
 
@@ -302,6 +309,61 @@ def _tools():
     return analyze, cal_acc, convert, convert2submit, distill, merge_cot, validate, vllm_infer, vote
 
 
+def _generate_args(m: Material, server, out: Path) -> list:
+    prompt = m.root / "prompt.txt"
+    prompt.write_text("描述这张图片", encoding="utf-8")
+    return ["--image_dir", m.images, "--input_file", m.train, "--prompt_file", prompt, "--base_url", server.url,
+            "--model", "t", "--output_file", out / "info.jsonl", "--limit", "3", "--max_retries", "0",
+            "--concurrency", "1", "--no_progress"]
+
+
+def _info_rows(m: Material) -> list[dict]:
+    """A valid info file of tools.generate for the first image of the material (its origin: model t, the prompt)."""
+    from mire_factory.generate import make_prompt
+    from mire_factory.image_info import InfoRecord, file_sha256
+
+    prompt = m.root / "prompt.txt"
+    prompt.write_text("描述这张图片", encoding="utf-8")
+    sha = make_prompt(str(prompt), None, extract_info=False).sha256
+    name = next(r["image"][0] for r in m.train_rows if r["image"])
+    return [json.loads(InfoRecord(name, file_sha256(m.images / name), "teacher", "t", "ok", text="一张图",
+                                  prompt_sha256=sha, raw="一张图").to_json())]
+
+
+def case_generate_info_file(m: Material, server, data) -> list[Result]:
+    """An existing --output_file of any shape: resumed when it is an info file of the same origin, else refused."""
+    from tools import generate
+
+    out = m.fresh_output("generate_info")
+    (out / "info.jsonl").write_bytes(data.draw(jsonl_file(_info_rows(m), INFO_KEYS)))
+    extra = ["--export_dir", out / "export"] if data.draw(st.booleans()) else []
+    return [run_tool(generate.main, [*_generate_args(m, server, out), *extra], out)]
+
+
+def case_generate_replies(m: Material, server, data) -> list[Result]:
+    """Any reply bodies: each image ends as one line, exit 0 or 3; tools.extract_info's teacher reads them too."""
+    from tools import extract_info, generate
+
+    results = []
+    for tool, extra in ((generate, []), (extract_info, ["--backend", "teacher"])):
+        server.queue([data.draw(teacher_body(m.reply)) for _ in range(3)])
+        out = m.fresh_output("generate_replies")
+        args = _generate_args(m, server, out)
+        if tool is extract_info:
+            args = [a for k, a in enumerate(args) if a != "--prompt_file" and (k == 0 or args[k - 1] != "--prompt_file")]
+        result = run_tool(tool.main, [*args, *extra], out, allowed=(0, 3))
+        path = out / "info.jsonl"
+        lines = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()] if path.is_file() else []
+        if len(lines) != 3 or len({x["image"] for x in lines}) != 3:
+            result.problems.append(f"{len(lines)} info lines for 3 images")
+        if any((x["error"] is None) != (x["status"] == "ok") for x in lines):
+            result.problems.append("a line whose error does not match its status")
+        if (result.code == 3) != any(x["status"] == "failed" for x in lines):
+            result.problems.append(f"exit {result.code} with statuses {[x['status'] for x in lines]}")
+        results.append(result)
+    return results
+
+
 def case_validate_convert(m: Material, server, data) -> list[Result]:
     _, _, convert, _, _, _, validate, _, _ = _tools()
     src = m.root / "in.json"
@@ -310,7 +372,8 @@ def case_validate_convert(m: Material, server, data) -> list[Result]:
     first = run_tool(validate.main, ["--input_file", src, "--image_dir", m.images, "--verify_images"], out)
     out = m.fresh_output("convert", m.converted)
     extra = data.draw(st.sampled_from([[], ["--val_size", "0"], ["--task", "image"], ["--format", "swift"],
-                                       ["--kind", "test"], ["--val_size", "0.5", "--task", "dialogue"]]))
+                                       ["--kind", "test"], ["--val_size", "0.5", "--task", "dialogue"],
+                                       ["--prompt_variant", "screenshot_text", "--info_file", m.root / "info.jsonl"]]))
     return [first, run_tool(convert.main, ["--input_file", src, "--image_dir", m.images, "--output_dir", out,
                                            *extra], out)]
 
@@ -319,6 +382,20 @@ def _predictions(m: Material, data, name: str, valid: bool = False) -> Path:
     path = m.root / name
     path.write_bytes(_jsonl(m.prediction_rows) if valid else data.draw(jsonl_file(m.prediction_rows, PREDICTION_KEYS)))
     return path
+
+
+def case_convert_info_file(m: Material, server, data) -> list[Result]:
+    """A screenshot-text convert whose info file is broken in any way."""
+    convert = _tools()[2]
+    valid = [json.loads(x) for x in (m.root / "info.jsonl").read_text(encoding="utf-8").splitlines()]
+    info = m.root / "info_fuzz.jsonl"
+    info.write_bytes(data.draw(jsonl_file(valid, INFO_KEYS)))
+    out = m.fresh_output("convert_info", m.converted)
+    budget = data.draw(st.sampled_from(["256", "12", "1", "0", "-3"]))
+    return [run_tool(convert.main, ["--input_file", m.train, "--image_dir", m.images, "--output_dir", out,
+                                    "--prompt_variant", data.draw(st.sampled_from(["screenshot_text",
+                                                                                   "screenshot_text_cot"])),
+                                    "--info_file", info, "--info_max_tokens", budget], out)]
 
 
 def case_submit_cal_acc(m: Material, server, data) -> list[Result]:
@@ -408,10 +485,13 @@ def case_infer_input(m: Material, server, data) -> list[Result]:
 
 CASES = {
     "validate+convert": case_validate_convert,
+    "convert (screenshot text info file)": case_convert_info_file,
     "convert2submit+cal_acc": case_submit_cal_acc,
     "vote": case_vote,
     "analyze+merge_cot": case_analyze_merge_cot,
     "distill (input)": case_distill_input,
     "distill (teacher replies)": case_teacher_replies,
     "vllm_infer (input loading)": case_infer_input,
+    "generate (its info file)": case_generate_info_file,
+    "generate, extract_info (teacher replies)": case_generate_replies,
 }

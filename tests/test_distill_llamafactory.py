@@ -1,6 +1,6 @@
 """Acceptance: tools.distill modes 1-3 on the 24 real sample records against `llamafactory-cli api` (tiny model).
 
-The tiny model has random weights, so its replies are random tokens and nearly all lines end as failed
+The server is conftest's `lf_api_server`. The tiny model has random weights, so its replies are random tokens and nearly all lines end as failed
 (unparseable, kept raw); what is checked is the pipeline: one line per record and mode, usage counted, and every
 image actually reaching the model (its prompt grows by exactly the image tokens Qwen2-VL spends on it).
 """
@@ -8,12 +8,6 @@ image actually reaching the model (its prompt grows by exactly the image tokens 
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from collections import Counter
 from pathlib import Path
 
@@ -28,52 +22,11 @@ pytestmark = pytest.mark.slow
 MAX_PIXELS = 50176  # what we send; the server keeps it (its image_max_pixels is larger)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def api_server(tiny_model_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("lf_api")
-    config = root / "api.yaml"
-    config.write_text(f"model_name_or_path: {tiny_model_dir}\ntemplate: qwen2_vl\ninfer_backend: huggingface\n"
-                      "image_max_pixels: 262144\ntrust_remote_code: true\n", encoding="utf-8")
-    port = free_port()
-    log = open(root / "api.log", "w")
-    cli = Path(sys.executable).with_name("llamafactory-cli")
-    proc = subprocess.Popen([str(cli), "api", str(config)], stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, "API_HOST": "127.0.0.1", "API_PORT": str(port)})
-    url = f"http://127.0.0.1:{port}/v1"
-    try:
-        deadline = time.time() + 240
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"llamafactory-cli api exited: {(root / 'api.log').read_text()[-3000:]}")
-            try:
-                urllib.request.urlopen(url + "/models", timeout=2).read()
-                break
-            except OSError:
-                if time.time() > deadline:
-                    raise
-                time.sleep(0.5)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-
-
-@pytest.fixture(scope="module")
-def sample_reasons(api_server, mire_sample, tmp_path_factory) -> Path:
+def sample_reasons(lf_api_server, mire_sample, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("lf_reasons") / "reasons.jsonl"
     proc = run_tool("distill", "--input_file", mire_sample / "train_sample.json", "--image_dir",
-                    mire_sample / "images", "--base_url", api_server, "--model", "tiny-teacher", "--mode", "1", "2",
+                    mire_sample / "images", "--base_url", lf_api_server, "--model", "tiny-teacher", "--mode", "1", "2",
                     "3", "--output_file", out, "--max_tokens", "6", "--max_pixels", MAX_PIXELS, "--concurrency", "4",
                     "--timeout", "300", "--max_retries", "1", "--no_progress")
     failed = sum(json.loads(line)["status"] == "failed" for line in out.read_text(encoding="utf-8").splitlines())
@@ -114,10 +67,10 @@ def test_modes_1_to_3_on_the_real_sample(sample_reasons, mire_sample):
     assert all(by_key[(rid, 2)] > by_key[(rid, 1)] + 200 for rid in records)
 
 
-def test_resume_asks_nothing_again(sample_reasons, api_server, mire_sample):
+def test_resume_asks_nothing_again(sample_reasons, lf_api_server, mire_sample):
     before = sample_reasons.read_text(encoding="utf-8")
     proc = run_tool("distill", "--input_file", mire_sample / "train_sample.json", "--image_dir",
-                    mire_sample / "images", "--base_url", api_server, "--model", "tiny-teacher", "--mode", "1", "2",
+                    mire_sample / "images", "--base_url", lf_api_server, "--model", "tiny-teacher", "--mode", "1", "2",
                     "3", "--output_file", sample_reasons, "--max_tokens", "6", "--no_progress")
     failed = sum(json.loads(line)["status"] == "failed" for line in before.splitlines())
     assert proc.returncode == (3 if failed else 0), proc.stderr

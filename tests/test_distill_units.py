@@ -11,19 +11,11 @@ import pytest
 from PIL import Image
 from qwen_vl_utils.vision_process import smart_resize
 
-from mire_factory.distill import (
-    DistillConfig,
-    ReasonsLog,
-    backoff_s,
-    build_request,
-    elide_images,
-    plan_work,
-    reason_from_response,
-    retry_after_s,
-)
+from mire_factory.distill import DistillConfig, ReasonsLog, build_request, plan_work, reason_from_response
 from mire_factory.reasons import ReasonRecord
 from mire_factory.records import load_records
 from mire_factory.synthetic import make_records, write_dataset
+from mire_factory.teacher import backoff_s, elide_images, retry_after_s
 from mire_factory.teacher_reply import parse_reply, refusal_reason
 
 GOLD = "退货页面"

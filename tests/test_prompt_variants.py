@@ -13,11 +13,14 @@ from test_lf_dataset import lf_datasets
 from mire_factory.convert import convert
 from mire_factory.cot import merge_cot, qwen2_token_counter
 from mire_factory.f1_callback import split_prompt
+from mire_factory.image_info import InfoRecord, file_sha256
 from mire_factory.prompt_variants import PROMPT_VARIANTS, get_prompt_variant
 from mire_factory.reasons import ReasonRecord
+from mire_factory.screenshot_text import qwen2_counter
 from mire_factory.synthetic import make_records, write_dataset
 
 IMAGE_MAX_PIXELS = 65536
+INFO_MAX_TOKENS = 40
 CUTOFF_LEN = 32768
 
 
@@ -32,6 +35,12 @@ def mire_files(tmp_path_factory):
     assert {0, 1} <= counts and max(counts) >= 2
     write_dataset(root / "train.json", records)
     write_dataset(root / "test.json", [{**r, "output": ""} for r in records])
+    # the screenshot-text variants' info file: a few lines per image, some long enough to be cut to the budget
+    lines = []
+    for k, path in enumerate(sorted((root / "images").iterdir())):
+        text = "\n".join(f"第{k}张图 第{j}行 订单编号{1000 * k + j} 申请售后" for j in range(1 + k % 7))
+        lines.append(InfoRecord(path.name, file_sha256(path), "ocr", "test", "ok", text=text).to_json())
+    (root / "info.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return root
 
 
@@ -78,14 +87,19 @@ def collapse_images(ids, image_pad_id):
 def test_training_and_inference_prompts_are_token_identical(name, mire_files, tiny_model_dir, tmp_path):
     variant = get_prompt_variant(name)
     data = tmp_path / "data"
-    convert(mire_files / "train.json", mire_files / "images", data, val_size=0.25, prompt_variant=name)
+    # a screenshot-text variant reads every image's text; a small budget cuts some records' text
+    info = dict(info_file=mire_files / "info.jsonl", info_max_tokens=INFO_MAX_TOKENS) if variant.context else {}
+    result = convert(mire_files / "train.json", mire_files / "images", data, val_size=0.25, prompt_variant=name,
+                     **info)
+    if variant.context:
+        assert "lines dropped" in result.summary and " 0 cut" not in result.summary
     train_set = "mire_train"
     if variant.answer_format == "cot":
         report = merge_cot(data / "mire_train.json", [_reasons(data, tmp_path / "reasons.jsonl")],
                            data / "mire_train_cot.json", count_tokens=qwen2_token_counter())
         assert report.full == report.written > 0
         train_set = "mire_train_cot"
-    convert(mire_files / "test.json", mire_files / "images", data, prompt_variant=name)
+    convert(mire_files / "test.json", mire_files / "images", data, prompt_variant=name, **info)
     info = json.loads((data / "dataset_info.json").read_text(encoding="utf-8"))
     assert {entry["mire_prompt_variant"] for entry in info.values()} == {name}
 
@@ -113,3 +127,14 @@ def test_training_and_inference_prompts_are_token_identical(name, mire_files, ti
         assert all(variant.user_suffix(row["task"]).strip() in row["prompt"] for row in rows.values())
     else:
         assert not any("各分类标签的定义" in row["prompt"] for row in rows.values())
+    test_rows = json.loads((data / "mire_test.json").read_text(encoding="utf-8"))
+    count, blocks = qwen2_counter(), []
+    for row in test_rows:  # the image text at inference too, within the budget; none without images
+        prompt = rows[row["id"]]["prompt"]
+        if variant.context and row["images"]:
+            block = prompt[prompt.index("图片中的文字："):].split("<|im_end|>")[0]
+            blocks.append(block.split("\n各分类标签的定义")[0])
+            assert count(blocks[-1]) <= INFO_MAX_TOKENS
+        else:
+            assert "图片中的文字" not in prompt
+    assert not variant.context or sum("订单编号" in block for block in blocks) > len(blocks) / 2

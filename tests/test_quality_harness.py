@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from conftest import REPO
+from mire_factory.image_info import InfoRecord, file_sha256
 from mire_factory.synthetic import make_records, write_dataset
 
 HARNESS = REPO / "benchmarks" / "quality" / "run.py"
@@ -30,8 +31,8 @@ def split(tmp_path_factory):
     test = make_records(16, 23, root / "images", seed=2, id_prefix="test")
     write_dataset(root / "train.json", train)
     write_dataset(root / "test.json", test)
-    lines = [json.dumps({"image": name, "text": f"页面标题 {r['output']}"}, ensure_ascii=False)
-             for r in train + test for name in r["image"]]
+    lines = [InfoRecord(name, file_sha256(root / "images" / name), "ocr", "test", "ok",
+                        text=f"页面标题 {r['output']}").to_json() for r in train + test for name in r["image"]]
     (root / "info.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return root
 
@@ -61,17 +62,20 @@ def test_anchor_scores_both_tasks_with_screenshot_text(split, tmp_path):
 
 def test_anchor_bad_info_file_is_one_line(split, tmp_path):
     bad = tmp_path / "info.jsonl"
-    bad.write_text('{"image": "a.png", "text": "ok"}\n{"image": "b.png", "text": 3}\n', encoding="utf-8")
+    ok = InfoRecord("a.png", "0" * 64, "ocr", "test", "ok", text="ok").to_json()
+    bad.write_text(ok + "\n" + ok.replace('"a.png"', '"b.png"').replace('"text": "ok"', '"text": 3') + "\n",
+                   encoding="utf-8")
     proc = script(ANCHOR, "--train_file", split / "train.json", "--test_file", split / "test.json",
                   "--info_file", bad)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [f"error: {bad}: line 2: field 'text': expected a string"]
+    assert proc.stderr.strip().splitlines() == [
+        f"error: {bad}: line 2: image 'b.png': field 'text': expected a string or null, got int"]
 
 
 def test_screenshot_text_hook(split, tmp_path):
     """The OCR stage runs only with --info_file and a tools.convert that offers the variant's flag; its data go
     through tools.convert with the hook's arguments, the labelled test split beside them for the F1 callback."""
-    from benchmarks.quality.run import Plan, convert_data, data_ready, ocr_available
+    from benchmarks.quality.run import OCR_CONVERT_ARGS, Plan, convert_data, data_ready, ocr_available
 
     def plan(info, args):
         return Plan(train_file=split / "train.json", test_file=split / "test.json", image_dir=split / "images",
@@ -81,12 +85,18 @@ def test_screenshot_text_hook(split, tmp_path):
     assert ocr_available(plan(None, "--format sharegpt")) == "no --info_file (screenshot text per image)"
     assert ocr_available(plan(split / "info.jsonl", "--no_such_flag {info_file}")) == (
         "tools.convert has no --no_such_flag yet (the extraction issue's prompt variant)")
-    wired = plan(split / "info.jsonl", "--format sharegpt")
+    wired = plan(split / "info.jsonl", OCR_CONVERT_ARGS)  # the variant's real flags (tools.convert has them)
     assert ocr_available(wired) is None
-    convert_data(wired, tmp_path / "data_ocr", tmp_path / "eval_ocr", ["--format", "sharegpt"], "_ocr")
+    convert_data(wired, tmp_path / "data_ocr", tmp_path / "eval_ocr",
+                 OCR_CONVERT_ARGS.format(info_file=split / "info.jsonl").split(), "_ocr")
     assert data_ready(tmp_path / "data_ocr")
     rows = json.loads((tmp_path / "eval_ocr" / "mire_train.json").read_text(encoding="utf-8"))
     assert len(rows) == 39 and all(r["messages"][1]["content"] for r in rows)  # the labelled test split
+    # the screenshot text is in the prompts of both, after the instruction
+    train = json.loads((tmp_path / "data_ocr" / "mire_train.json").read_text(encoding="utf-8"))
+    for row in train + rows:
+        assert ("\n图片中的文字：\n" in row["messages"][0]["content"]) == bool(row["images"])
+    assert any("页面标题" in row["messages"][0]["content"] for row in rows)
     # its image paths, written relative to eval_ocr, resolve from data_ocr (LLaMA-Factory's media_dir)
     assert all((tmp_path / "data_ocr" / image).is_file() for r in rows for image in r["images"])
 

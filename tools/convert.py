@@ -2,11 +2,13 @@
 
 python -m tools.convert --input_file train.json --image_dir images --output_dir data [--val_size 0.1] [--seed 42]
     [--task all|image|dialogue] [--format sharegpt|swift] [--prompt_variant plain|cot|cot_label_first]
-    [--kind auto|train|test] [--quick]
+    [--kind auto|train|test] [--quick] [--prompt_variant screenshot_text --info_file info.jsonl [--info_max_tokens 256]]
 
 A train file (every record labelled) gives mire_train (+ mire_val); a test file (no record labelled: `output` absent
 or "") gives mire_test. Convert the train and the test file with the same --prompt_variant: it writes every split's
 turns and is recorded in dataset_info.json, where tools.merge_cot and tools.vllm_infer read it back.
+A screenshot_text variant puts the text of each record's images (--info_file, from tools.extract_info) on a new line
+after the instruction, at most --info_max_tokens tokens per record; records without images get none.
 Image paths are written relative to --output_dir: set LLaMA-Factory's `dataset_dir` (and so `media_dir`) to it.
 """
 
@@ -19,6 +21,7 @@ from mire_factory.convert import FORMATS, TASK_CHOICES, convert
 from mire_factory.io import run_cli
 from mire_factory.prompt_variants import DEFAULT_PROMPT_VARIANT, PROMPT_VARIANTS
 from mire_factory.records import KINDS
+from mire_factory.screenshot_text import DEFAULT_INFO_MAX_TOKENS
 from tools.validate import add_image_check_flags
 
 
@@ -36,6 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt_variant", choices=list(PROMPT_VARIANTS), default=DEFAULT_PROMPT_VARIANT,
                         help="how every split's turns are written: "
                              + "; ".join(f"{v.name}: {v.description}" for v in PROMPT_VARIANTS.values()))
+    parser.add_argument("--info_file", help="an info file of tools.extract_info: the text of every image, for a "
+                        "screenshot_text variant")
+    parser.add_argument("--info_max_tokens", type=int, default=DEFAULT_INFO_MAX_TOKENS,
+                        help="a record's image text is cut (whole lines, the longest image's first) to this many "
+                             "Qwen2 tokens")
     add_image_check_flags(parser)
     args = parser.parse_args(argv)
     if not 0 <= args.val_size < 1:
@@ -43,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     result = convert(
         args.input_file, args.image_dir, args.output_dir, val_size=args.val_size, seed=args.seed, task=args.task,
         fmt=args.format, kind=args.kind, decode_images=not args.quick, prompt_variant=args.prompt_variant,
+        info_file=args.info_file, info_max_tokens=args.info_max_tokens,
     )
     print(result.summary)
     for name in result.removed:

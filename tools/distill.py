@@ -17,22 +17,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 
-from mire_factory.distill import (
-    DEFAULT_MAX_PIXELS,
-    PLACEHOLDER_KEY,
-    DistillConfig,
-    build_request,
-    check_modes,
-    elide_images,
-    failure_summary,
-    format_summary,
-    run_distill,
-)
-from mire_factory.io import EXIT_FAILURES, MireInputError, run_cli
+from mire_factory.distill import DistillConfig, build_request, check_modes, run_distill
+from mire_factory.io import EXIT_FAILURES, run_cli
 from mire_factory.records import load_records
+from mire_factory.teacher import DEFAULT_MAX_PIXELS, api_key_from_env, elide_images, failure_summary, format_summary
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -67,14 +57,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.max_retries < 0 or args.timeout <= 0 or args.backoff_base < 0:
         parser.error("--max_retries must be >= 0, --timeout > 0 and --backoff_base >= 0")
     return args
-
-
-def api_key_from_env(name: str | None) -> str:
-    if name:
-        if not os.environ.get(name):
-            raise MireInputError(f"--api_key_env: environment variable {name} is not set")
-        return os.environ[name]
-    return os.environ.get("OPENAI_API_KEY") or PLACEHOLDER_KEY
 
 
 def main(argv: list[str] | None = None) -> int:

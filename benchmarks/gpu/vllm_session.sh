@@ -75,7 +75,7 @@ from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.sampling_params import SamplingParams, StructuredOutputsParams
 import vllm.entrypoints.openai.api_server, vllm.model_executor.models.qwen2_vl
 print('vllm', vllm.__version__, 'transformers', transformers.__version__, 'tokenizers', tokenizers.__version__,
-      'torch', torch.__version__, 'llamafactory', llamafactory.__version__, 'xgrammar', xgrammar.__version__,
+      'torch', torch.__version__, 'llamafactory', llamafactory.__version__, 'xgrammar', getattr(xgrammar, '__version__', '?'),
       'openai', openai.__version__, torch.cuda.get_device_name(0))" 2>&1 | tail -3
     $PY benchmarks/gpu/check_requires.py --site "$SITE" --json_out "$OUT/requires.json" | head -40
     [ -f "$MODEL/config.json" ] || timed make_model $PY -m tools.make_tiny_model --out "$MODEL" --preset 2b --device cuda
@@ -120,7 +120,7 @@ print('vllm', vllm.__version__, 'transformers', transformers.__version__, 'token
     start=$SECONDS
     setsid $PY -m vllm.entrypoints.cli.main serve "$MODEL" --served-model-name teacher --port "$PORT" \
       --max-model-len 16384 --limit-mm-per-prompt '{"image": 11, "video": 0}' --renderer-num-workers 8 \
-      --mm-processor-cache-gb 0 > "$OUT/serve.log" 2>&1 < /dev/null &
+      --mm-processor-cache-gb 0 ${SERVE_EXTRA:-} > "$OUT/serve.log" 2>&1 < /dev/null &
     server=$!
     $PY - "$PORT" <<'EOF' || { tail -30 "$OUT/serve.log"; kill -- -"$server"; exit 1; }
 import sys, time, urllib.request
@@ -161,14 +161,17 @@ EOF
     echo "serve stage: $((SECONDS - start)) s" ;;
 
   f1)
+    # F1_BACKENDS="vllm" with F1_HF_METRICS=M.json: hf's figure is tools.cal_acc's M.json of the same model, settings
+    # and records (the quality harness's infer stage), not a second hf run
     model=$1 dataset_dir=$2 dataset=$3 test_json=$4
-    for backend in vllm hf; do
+    for backend in ${F1_BACKENDS:-vllm hf}; do
       timed "f1_infer_$backend" $PY -m tools.vllm_infer --model_name_or_path "$model" --dataset "$dataset" \
         --dataset_dir "$dataset_dir" --backend "$backend" --overwrite --save_name "$RES/f1_$backend.jsonl" \
         ${F1_ARGS:-}
       $PY -m tools.cal_acc --test_file "$test_json" --prediction_file "$RES/f1_$backend.jsonl" \
         --json_file "$OUT/f1_$backend.json" | tail -4
     done
+    [ -n "${F1_HF_METRICS:-}" ] && cp "$F1_HF_METRICS" "$OUT/f1_hf.json"
     $PY - "$OUT/f1_vllm.json" "$OUT/f1_hf.json" <<'EOF'
 import json, sys
 v, h = (json.load(open(p))["overall"]["f1"] for p in sys.argv[1:3])
@@ -179,6 +182,10 @@ EOF
   bg:*)  # bg:A,B,C runs the stages one after the other, detached: it outlives this call (not the machine)
     names=${stage#bg:}
     rm -f "$RES/bg_$names.txt"
+    # on a copy of the code: later calls re-sync the working tree under a running stage
+    code=$STAGE_DIR/code_${names//,/_}
+    rm -rf "$code" && mkdir -p "$code" && cp -r mire_factory tools configs benchmarks pyproject.toml "$code/" || exit 1
+    cd "$code" && export PYTHONPATH=$SITE:$PWD
     setsid nohup bash -c "for s in ${names//,/ }; do echo \"=== \$s\"; OUT=$RES/\$s bash benchmarks/gpu/vllm_session.sh \$s;
       done; echo bg-done" > "$RES/bg_$names.txt" 2>&1 < /dev/null &
     echo "started $names in the background" ;;

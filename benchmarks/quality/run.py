@@ -52,7 +52,7 @@ EVAL_DATASET = "mire_quality_eval"
 CUTOFF_LEN = 10240  # the recipes' (tools.vllm_infer's default is 4096); the split's longest record has 2,789 tokens
 TASKS = ("image", "dialogue", "overall")
 # The screenshot-text variant (the extraction issue's): the arguments tools.convert takes for it. {info_file} is
-# replaced by --info_file. Adapt here (or with --ocr_convert_args) once the variant's flags are final.
+# replaced by --info_file (an info file of tools.extract_info; images are found by their bytes).
 OCR_CONVERT_ARGS = "--prompt_variant screenshot_text --info_file {info_file}"
 
 

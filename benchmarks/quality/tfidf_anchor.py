@@ -10,8 +10,8 @@ trained on the train split's text and scored on the test split with the official
 - Image scenes: the screenshot text of the record's images, from `--info_file`; without one the task is reported
   as unavailable (an image record's instruction is the same fixed text for every scene).
 
-`--info_file` is JSON lines, one image per line: {"image": "<file name as in the record's image list>",
-"text": "<its text>"}; other keys are ignored, and `read_info_file` is the one place that reads it.
+`--info_file` is an info file of tools.extract_info (JSON lines, one image per line: "image" the file name as in the
+record's image list, "text" its text, ...; mire_factory/image_info.py describes and reads it).
 
 The n-gram range and the regularisation C are chosen by 4-fold stratified cross-validation repeated 5 times
 (weighted F1) on the train split only; the test split is scored once.
@@ -28,27 +28,20 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from mire_factory.io import MireInputError, read_numbered_jsonl, run_cli, write_json_atomic  # noqa: E402
+from mire_factory import image_info  # noqa: E402
+from mire_factory.io import run_cli, write_json_atomic  # noqa: E402
 from mire_factory.records import load_records  # noqa: E402
 from mire_factory.taxonomy import AGENT_PREFIX, DIALOGUE_END, DIALOGUE_START, USER_PREFIX  # noqa: E402
 
-INFO_IMAGE_KEY = "image"
-INFO_TEXT_KEY = "text"
 C_GRID = (0.1, 0.3, 1.0, 3.0, 10.0)
 NGRAM_GRID = ((1, 2), (1, 3))
 CV_REPEATS = 5  # one 4-fold split of ~140 dialogues is a noisy judge: C flipped between 0.3 and 3 with its seed
 
 
 def read_info_file(path: str | Path) -> dict[str, str]:
-    """image file name -> its text (OCR)."""
-    info = {}
-    for lineno, row in read_numbered_jsonl(path):
-        name, text = row.get(INFO_IMAGE_KEY), row.get(INFO_TEXT_KEY)
-        for key, value in ((INFO_IMAGE_KEY, name), (INFO_TEXT_KEY, text)):
-            if not isinstance(value, str):
-                raise MireInputError(f"{path}: line {lineno}: field '{key}': expected a string")
-        info[Path(name).name] = text
-    return info
+    """image file name -> its text, from an info file of tools.extract_info (mire_factory.image_info reads and checks
+    it; rows that are not ok carry no text and are left out)."""
+    return {Path(name).name: text for name, text in image_info.read_info_file(path).by_name.items()}
 
 
 def dialogue_text(instruction: str) -> str:

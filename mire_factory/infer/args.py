@@ -46,7 +46,7 @@ class InferArgs:
                 "must equal the dataset's. Default: the dataset's registered variant. Choices: "
                 + ", ".join(PROMPT_VARIANTS)})
     backend: Literal["vllm", "hf"] | None = field(default=None, metadata={
-        "help": "vllm when importable, else hf"})
+        "help": "default hf: it measured faster than vllm on an H200 (BENCHMARKS.md, vLLM)"})
     save_name: str = field(default="generated_predictions.jsonl", metadata={
         "help": "predictions JSONL; PATH.meta.json beside it records what made them"})
     cutoff_len: int = field(default=RECIPE_CUTOFF_LEN, metadata={
