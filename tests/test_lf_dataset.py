@@ -1,15 +1,13 @@
 """Converted files through LLaMA-Factory's own dataset pipeline (template qwen2_vl, the tiny model's processor):
-no sample dropped, every image expands to the number of tokens the processor computes, in order."""
+no sample dropped, every image expands to the number of tokens the processor computes, in order. The real
+llamafactory-cli training on the converted real sample, every record counted, is tests/test_recipes_cli.py's."""
 
 import json
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import yaml
 from PIL import Image
 
 from mire_factory.convert import convert
@@ -171,23 +169,3 @@ def test_real_sample_and_cot(sample_cot, mire_sample, tiny_model_dir, image_proc
         target = [t for t in sample["labels"] if t != -100]
         assert target[-2:] == [IM_END, tokenizer.encode("\n")[0]]
         assert len(target) - 1 <= 100  # answer + <|im_end|>; the trailing "\n" is never generated
-
-
-@pytest.mark.slow
-def test_llamafactory_cli_trains_a_step_on_the_real_sample(sample_data, tiny_model_dir, tmp_path):
-    config = {
-        "model_name_or_path": str(tiny_model_dir), "stage": "sft", "do_train": True, "finetuning_type": "full",
-        "template": "qwen2_vl", "dataset": "mire_train", "dataset_dir": str(sample_data), "max_steps": 1,
-        "per_device_train_batch_size": 1, "image_max_pixels": 65536, "cutoff_len": 8192,
-        "output_dir": str(tmp_path / "out"), "report_to": "none", "overwrite_output_dir": True,
-        "save_strategy": "no", "overwrite_cache": True,
-    }
-    (tmp_path / "train.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
-    cli = Path(sys.executable).with_name("llamafactory-cli")  # the running venv's (a worktree has no .venv)
-    proc = subprocess.run([str(cli), "train", str(tmp_path / "train.yaml")], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=600, env={**os.environ, "DISABLE_VERSION_CHECK": "1"})
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-4000:]
-    assert "Num examples = 24" in log.replace(",", "")
-    results = json.loads((tmp_path / "out" / "train_results.json").read_text())
-    assert math.isfinite(results["train_loss"]) and results["train_loss"] > 0
