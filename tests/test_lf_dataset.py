@@ -56,8 +56,13 @@ def sample_cot(mire_sample, tmp_path_factory):
     return sample_data
 
 
+_TOKENIZER_MODULES: dict[str, dict] = {}
+
+
 def lf_datasets(model_dir, dataset_dir, out, **overrides):
-    """LLaMA-Factory's get_train_args + load_tokenizer + get_dataset, as `llamafactory-cli train` runs them."""
+    """LLaMA-Factory's get_train_args + load_tokenizer + get_dataset, as `llamafactory-cli train` runs them. The
+    tokenizer module is loaded once per set of model arguments (the real Qwen2 tokenizer, twice over with the
+    processor's: seconds per load, and the same objects every time)."""
     from llamafactory.data import get_dataset, get_template_and_fix_tokenizer
     from llamafactory.hparams import get_train_args
     from llamafactory.model import load_tokenizer
@@ -67,7 +72,10 @@ def lf_datasets(model_dir, dataset_dir, out, **overrides):
                 output_dir=str(out), overwrite_cache=True, report_to="none")
     args.update(overrides)
     model_args, data_args, training_args, _, _ = get_train_args(args)
-    tokenizer_module = load_tokenizer(model_args)
+    key = repr(model_args)  # every model argument: path, image pixels, model_max_length (cutoff_len), ...
+    if key not in _TOKENIZER_MODULES:
+        _TOKENIZER_MODULES[key] = load_tokenizer(model_args)
+    tokenizer_module = _TOKENIZER_MODULES[key]
     template = get_template_and_fix_tokenizer(tokenizer_module["tokenizer"], data_args)
     module = get_dataset(template, model_args, data_args, training_args, stage="sft", **tokenizer_module)
     return module, tokenizer_module["tokenizer"]
