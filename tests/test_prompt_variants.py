@@ -97,8 +97,8 @@ def collapse_images(ids, image_pad_id):
 
 
 @pytest.mark.parametrize("name", list(PROMPT_VARIANTS))
-def test_training_and_inference_prompts_are_token_identical(name, mire_files, tiny_model_dir, components, token_counter,
-                                                            tmp_path):
+def test_training_and_inference_prompts_are_token_identical(name, mire_files, tiny_model_dir, components,
+                                                            token_counter, tmp_path):
     variant = get_prompt_variant(name)
     data = tmp_path / "data"
     # a screenshot-text variant reads every image's text; a small budget cuts some records' text

@@ -74,7 +74,8 @@ REAL_GGUF = Path(os.environ.get("MIRE_GGUF", REPO / ".real_models" / "qwen2.5-co
 def test_real_preset_needs_a_gguf_file(tmp_path):
     proc = call_tool("make_tiny_model", "--out", tmp_path / "m", "--preset", "real-0.5b")
     assert proc.returncode == 2 and "needs --gguf" in proc.stderr
-    proc = call_tool("make_tiny_model", "--out", tmp_path / "m", "--preset", "real-0.5b", "--gguf", tmp_path / "x.gguf")
+    proc = call_tool("make_tiny_model", "--out", tmp_path / "m", "--preset", "real-0.5b", "--gguf",
+                     tmp_path / "x.gguf")
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines() == [f"error: {tmp_path / 'x.gguf'}: GGUF file not found "
                                                 "(benchmarks/quality/fetch_gguf.py)"]

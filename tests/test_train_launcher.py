@@ -132,7 +132,8 @@ def test_launcher_logs_per_task_f1_into_trainer_state(tiny_model_dir, tmp_path):
     assert "eval_loss" in evals[-1]  # merged into the trainer's own eval entry
     # LLaMA-Factory's evaluation after training (eval_results.json) has the step-2 F1, not generated a second time
     final = json.loads((out / "eval_results.json").read_text())
-    assert {k: final[k] for k in ("eval_f1", "eval_f1_image")} == {k: evals[-1][k] for k in ("eval_f1", "eval_f1_image")}
+    keys = ("eval_f1", "eval_f1_image", "eval_f1_dialogue")
+    assert {k: final[k] for k in keys} == {k: evals[-1][k] for k in keys}
     assert proc.stderr.count("F1 eval: generating:   0%") == 1, proc.stderr[-4000:]
 
     rows = [json.loads(line) for line in (out / "f1_eval" / "eval_step2.jsonl").read_text().splitlines()]
