@@ -63,8 +63,9 @@ def trained(trained_run):
 def test_full_sft_recipe_trains_and_saves(trained_run, converted_sample):
     trained, log = trained_run
     # every converted real record reached training: LLaMA-Factory's pipeline dropped none
-    n_train = len(json.loads((converted_sample / "train" / "mire_train.json").read_text(encoding="utf-8")))
-    assert n_train == 18 and f"Num examples = {n_train}" in log.replace(",", "")
+    n_train, n_val = (len(json.loads((converted_sample / "train" / f"{split}.json").read_text(encoding="utf-8")))
+                      for split in ("mire_train", "mire_val"))
+    assert n_train + n_val == 24 and f"Num examples = {n_train}" in log.replace(",", "")
     results = json.loads((trained / "train_results.json").read_text())
     assert math.isfinite(results["train_loss"]) and results["train_loss"] > 0
     state = json.loads((trained / "trainer_state.json").read_text())
