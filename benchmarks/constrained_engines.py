@@ -37,10 +37,10 @@ from mire_factory.convert import convert  # noqa: E402
 from mire_factory.infer.answer import AnswerConstraints, guided_decoding  # noqa: E402
 from mire_factory.infer.args import InferArgs  # noqa: E402
 from mire_factory.infer.constrained import GrammarLogitsProcessor, make_prefix_allowed_tokens_fn  # noqa: E402
-from mire_factory.infer.dataset import load_dataset  # noqa: E402
 from mire_factory.infer.hf_backend import GenItem, length_sorted_batches, load_hf_model, prepare_batch  # noqa: E402
 from mire_factory.infer.pipeline import dataset_variant, prepare  # noqa: E402
 from mire_factory.prompts import LABEL_KEY  # noqa: E402
+from mire_factory.sharegpt import read_sharegpt  # noqa: E402
 from mire_factory.taxonomy import LABELS  # noqa: E402
 
 SAMPLE = REPO.parent / "shared" / "mire_sample"
@@ -132,7 +132,7 @@ def run_case(model_dir: str, dataset_dir: Path, max_new_tokens: int, batch_size:
     args = InferArgs(model_name_or_path=model_dir, dataset="mire_test", dataset_dir=str(dataset_dir), backend="hf",
                      cutoff_len=1024, max_new_tokens=max_new_tokens, image_max_pixels=65536, batch_size=batch_size)
     variant = dataset_variant(args)
-    records = load_dataset(args.dataset, args.dataset_dir)
+    records = read_sharegpt(args.dataset, args.dataset_dir)
     comp, plans, prompt_ids = prepare(args, records)
     model = model or load_hf_model(comp)
     items = [GenItem(ids, p.images, r.task) for r, p, ids in zip(records, plans, prompt_ids, strict=True)]

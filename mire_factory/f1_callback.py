@@ -99,6 +99,7 @@ class F1Callback(TrainerCallback):
         self.max_new_tokens = max_new_tokens
         self.max_samples = max_samples
         self.save_predictions = save_predictions
+        self._last = None  # ((step, prefix, eval set size), (metrics, rows)) of the latest evaluation
 
     def on_evaluate(self, args, state, control, metrics=None, model=None, eval_dataloader=None, **kwargs):
         if model is None or eval_dataloader is None:
@@ -109,7 +110,14 @@ class F1Callback(TrainerCallback):
         if not hasattr(collator, "template") or not hasattr(collator, "tokenizer"):
             raise TypeError(f"F1Callback needs LLaMA-Factory's multimodal collator, got {type(collator).__name__}")
         prefix = metric_prefix(metrics)
-        new, rows = self.evaluate_f1(args, model, collator, dataset, prefix, state.is_world_process_zero)
+        key = (state.global_step, prefix, len(dataset))
+        if self._last is not None and self._last[0] == key and not args.load_best_model_at_end:
+            # LLaMA-Factory's final trainer.evaluate() right after an evaluation at the last step: the same weights
+            # and greedy decoding give the same answers, so they are not generated twice (on a GPU, minutes at 7B)
+            new, rows = self._last[1]
+        else:
+            new, rows = self.evaluate_f1(args, model, collator, dataset, prefix, state.is_world_process_zero)
+            self._last = (key, (new, rows))
         if not new:
             return
         if metrics is not None:

@@ -29,6 +29,29 @@ def run_tool(name: str, *args: str, check: bool = False, env: dict | None = None
     return proc
 
 
+def call_tool(name: str, *args) -> subprocess.CompletedProcess:
+    """tools.NAME's main through run_cli in this process (what `python -m tools.NAME` runs, without starting an
+    interpreter that imports torch and LLaMA-Factory again): its exit code, stdout and stderr, as run_tool gives
+    them. For tests that run a tool many times; a traceback propagates out of here."""
+    import importlib
+
+    return call_main(importlib.import_module(f"tools.{name}").main, *args)
+
+
+def call_main(main, *args) -> subprocess.CompletedProcess:
+    """call_tool for any main(argv) that its script runs through run_cli (benchmarks/quality's scripts too)."""
+    import contextlib
+    import io
+
+    from mire_factory.io import run_cli
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), pytest.raises(SystemExit) as info:
+        run_cli(main, [str(a) for a in args])
+    return subprocess.CompletedProcess([main.__module__, *args], info.value.code or 0, out.getvalue(),
+                                       err.getvalue())
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     from mire_factory.tiny_model import make_tiny_model

@@ -71,14 +71,28 @@ def test_the_freeze_recipe_has_the_settings_of_the_result_it_cites(tmp_path):
     assert model_args.image_max_pixels == 900000
 
 
-def test_recipe_comments_state_the_measured_lengths(mire_sample):
-    """The sizing comments say what the data shows: training records have at most 4 images (3470 tokens at 589824
-    pixels); the 11-image dialogues are the test set's."""
+@pytest.fixture(scope="module")
+def sample_lengths(mire_sample):
+    """image_max_pixels -> recipe_sizing.measure of the real sample at that budget, each measured once (it renders
+    every record through LLaMA-Factory's mm_plugin, full-size screenshots included)."""
     from mire_factory.recipe_sizing import measure
     from mire_factory.records import load_records
 
-    lengths = measure(load_records(mire_sample / "train_sample.json", mire_sample / "images", kind="train"),
-                      mire_sample / "images", 589824)
+    records = load_records(mire_sample / "train_sample.json", mire_sample / "images", kind="train")
+    measured: dict[int, list] = {}
+
+    def lengths(budget: int) -> list:
+        if budget not in measured:
+            measured[budget] = measure(records, mire_sample / "images", budget)
+        return measured[budget]
+
+    return lengths
+
+
+def test_recipe_comments_state_the_measured_lengths(sample_lengths):
+    """The sizing comments say what the data shows: training records have at most 4 images (3470 tokens at 589824
+    pixels); the 11-image dialogues are the test set's."""
+    lengths = sample_lengths(589824)
     longest = max(lengths, key=lambda x: x.total_tokens)
     text = (CONFIGS / "qwen2_vl_full_sft.yaml").read_text(encoding="utf-8")
     assert f"the longest training record is {longest.total_tokens} tokens ({longest.n_images} images" in text
@@ -158,16 +172,10 @@ def test_dataset_info_mirrors_convert():
     assert shipped == expected
 
 
-def test_cutoff_len_keeps_every_image_token_of_the_real_sample(mire_sample):
-    from mire_factory.recipe_sizing import measure
-    from mire_factory.records import load_records
-
-    records = load_records(mire_sample / "train_sample.json", mire_sample / "images", kind="train")
-    measured: dict[int, list] = {}
+def test_cutoff_len_keeps_every_image_token_of_the_real_sample(sample_lengths):
     for name in ALL_YAML:
         cfg = load_yaml(name)
-        budget = cfg["image_max_pixels"]
-        lengths = measured.setdefault(budget, measure(records, mire_sample / "images", budget))
+        lengths = sample_lengths(cfg["image_max_pixels"])
         longest = max(lengths, key=lambda x: x.total_tokens)
         assert longest.total_tokens <= cfg["cutoff_len"], (name, longest)
         assert max(x.n_images for x in lengths) == 4 and longest.image_tokens > 4 * 700  # the budget really applies

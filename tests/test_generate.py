@@ -12,7 +12,7 @@ from fault_server import RunningServer
 from PIL import Image
 from qwen_vl_utils.vision_process import smart_resize
 
-from conftest import run_tool
+from conftest import call_tool, run_tool
 from mire_factory.synthetic import make_records, write_dataset
 
 SECRET = "sk-test-0123456789abcdef"
@@ -129,6 +129,7 @@ def test_generate_exports_sharegpt_for_llamafactory_and_swift(images, prompts, t
 
 
 def test_generate_refuses_bad_prompts_names_and_another_prompts_file(images, prompts, tmp_path):
+    """tools.generate in this process (call_tool): six runs."""
     _, image_dir = images
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n", encoding="utf-8")
@@ -146,12 +147,12 @@ def test_generate_refuses_bad_prompts_names_and_another_prompts_file(images, pro
             (["--prompt_file", prompts[0], "--system_prompt_file", image_dir], "is a directory"),
         ]
         for args, why in cases:
-            proc = run_tool("generate", *base, *args)
+            proc = call_tool("generate", *base, *args)
             assert proc.returncode == 2 and why in proc.stderr and "Traceback" not in proc.stderr, (args, proc.stderr)
             assert not out.exists() and not (tmp_path / "e").exists()
-        first = run_tool("generate", *base, "--prompt_file", prompts[0], "--limit", "2")
+        first = call_tool("generate", *base, "--prompt_file", prompts[0], "--limit", "2")
         before = out.read_bytes()
-        second = run_tool("generate", *base, "--prompt_file", other)
+        second = call_tool("generate", *base, "--prompt_file", other)
     assert first.returncode == 0, first.stderr
     assert second.returncode == 2 and "one info file holds one origin" in second.stderr
     assert out.read_bytes() == before

@@ -7,7 +7,7 @@ import json
 import pytest
 from test_infer_units import write_sharegpt
 
-from conftest import run_tool
+from conftest import call_tool, run_tool
 from mire_factory.taxonomy import LABELS, is_valid_label
 
 
@@ -191,7 +191,8 @@ def test_varlen_vision_attention_equals_per_image_sdpa(tiny_model_dir, mire_samp
 
 def test_a_resume_must_come_from_the_same_model_and_settings(tiny_model_dir, synthetic_dataset, tmp_path):
     """Rerunning into a file with another model used to keep the old predictions ("0 to predict"): now the
-    origin in PRED.meta.json is compared and a different one is refused in one line, unless --overwrite."""
+    origin in PRED.meta.json is compared and a different one is refused in one line, unless --overwrite. The tool
+    runs in this process (six runs)."""
     import shutil
 
     from mire_factory.tiny_model import make_tiny_model
@@ -202,28 +203,28 @@ def test_a_resume_must_come_from_the_same_model_and_settings(tiny_model_dir, syn
     save = tmp_path / "p.jsonl"
     base = ["--dataset", "mire_test", "--dataset_dir", ds, "--backend", "hf", "--save_name", save, "--cutoff_len",
             "1024", "--max_new_tokens", "8", "--image_max_pixels", "65536"]
-    proc = run_tool("vllm_infer", "--model_name_or_path", model, *base)
+    proc = call_tool("vllm_infer", "--model_name_or_path", model, *base)
     assert proc.returncode == 0, proc.stderr[-2000:]
     first = read_rows(save)
-    again = run_tool("vllm_infer", "--model_name_or_path", model, *base)  # same origin: a resume with nothing to do
+    again = call_tool("vllm_infer", "--model_name_or_path", model, *base)  # same origin: a resume with nothing to do
     assert again.returncode == 0 and f"{len(ids)} already in" in again.stdout
 
-    proc = run_tool("vllm_infer", "--model_name_or_path", model, *base[:-6], "--cutoff_len", "2048",
-                    *base[-4:])
+    proc = call_tool("vllm_infer", "--model_name_or_path", model, *base[:-6], "--cutoff_len", "2048",
+                     *base[-4:])
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 2 and len(errors) == 1 and "cutoff_len: 1024 there, 2048 now" in errors[0], proc.stderr
     make_tiny_model(model, preset="tiny", seed=5)  # retrained in place: same path, other weights
-    proc = run_tool("vllm_infer", "--model_name_or_path", model, *base)
+    proc = call_tool("vllm_infer", "--model_name_or_path", model, *base)
     assert proc.returncode == 2 and "holds predictions of another model or settings (weights:" in proc.stderr
     assert "--overwrite" in proc.stderr and read_rows(save) == first
     old_weights = json.loads((tmp_path / "p.jsonl.meta.json").read_text(encoding="utf-8"))["origin"]["weights"]
-    proc = run_tool("vllm_infer", "--model_name_or_path", model, *base, "--overwrite")
+    proc = call_tool("vllm_infer", "--model_name_or_path", model, *base, "--overwrite")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"0 already in {save}" in proc.stdout and [r["id"] for r in read_rows(save)] == ids
     new_weights = json.loads((tmp_path / "p.jsonl.meta.json").read_text(encoding="utf-8"))["origin"]["weights"]
     assert new_weights != old_weights
     (tmp_path / "p.jsonl.meta.json").unlink()  # a file with no record of its origin is not resumed either
-    proc = run_tool("vllm_infer", "--model_name_or_path", model, *base)
+    proc = call_tool("vllm_infer", "--model_name_or_path", model, *base)
     assert proc.returncode == 2 and "no record of what made them" in proc.stderr
 
 

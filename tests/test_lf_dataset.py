@@ -1,17 +1,15 @@
 """Converted files through LLaMA-Factory's own dataset pipeline (template qwen2_vl, the tiny model's processor):
-no sample dropped, every image expands to the number of tokens the processor computes, in order."""
+no sample dropped, every image expands to the number of tokens the processor computes, in order. The real
+llamafactory-cli training on the converted real sample, every record counted, is tests/test_recipes_cli.py's."""
 
 import json
 import math
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
-import yaml
 from PIL import Image
 
-from conftest import REPO
 from mire_factory.convert import convert
 from mire_factory.cot import merge_cot, qwen2_token_counter
 from mire_factory.reasons import ReasonRecord
@@ -58,8 +56,13 @@ def sample_cot(mire_sample, tmp_path_factory):
     return sample_data
 
 
+_TOKENIZER_MODULES: dict[str, dict] = {}
+
+
 def lf_datasets(model_dir, dataset_dir, out, **overrides):
-    """LLaMA-Factory's get_train_args + load_tokenizer + get_dataset, as `llamafactory-cli train` runs them."""
+    """LLaMA-Factory's get_train_args + load_tokenizer + get_dataset, as `llamafactory-cli train` runs them. The
+    tokenizer module is loaded once per set of model arguments (the real Qwen2 tokenizer, twice over with the
+    processor's: seconds per load, and the same objects every time)."""
     from llamafactory.data import get_dataset, get_template_and_fix_tokenizer
     from llamafactory.hparams import get_train_args
     from llamafactory.model import load_tokenizer
@@ -69,7 +72,10 @@ def lf_datasets(model_dir, dataset_dir, out, **overrides):
                 output_dir=str(out), overwrite_cache=True, report_to="none")
     args.update(overrides)
     model_args, data_args, training_args, _, _ = get_train_args(args)
-    tokenizer_module = load_tokenizer(model_args)
+    key = repr(model_args)  # every model argument: path, image pixels, model_max_length (cutoff_len), ...
+    if key not in _TOKENIZER_MODULES:
+        _TOKENIZER_MODULES[key] = load_tokenizer(model_args)
+    tokenizer_module = _TOKENIZER_MODULES[key]
     template = get_template_and_fix_tokenizer(tokenizer_module["tokenizer"], data_args)
     module = get_dataset(template, model_args, data_args, training_args, stage="sft", **tokenizer_module)
     return module, tokenizer_module["tokenizer"]
@@ -171,23 +177,3 @@ def test_real_sample_and_cot(sample_cot, mire_sample, tiny_model_dir, image_proc
         target = [t for t in sample["labels"] if t != -100]
         assert target[-2:] == [IM_END, tokenizer.encode("\n")[0]]
         assert len(target) - 1 <= 100  # answer + <|im_end|>; the trailing "\n" is never generated
-
-
-@pytest.mark.slow
-def test_llamafactory_cli_trains_a_step_on_the_real_sample(sample_data, tiny_model_dir, tmp_path):
-    config = {
-        "model_name_or_path": str(tiny_model_dir), "stage": "sft", "do_train": True, "finetuning_type": "full",
-        "template": "qwen2_vl", "dataset": "mire_train", "dataset_dir": str(sample_data), "max_steps": 1,
-        "per_device_train_batch_size": 1, "image_max_pixels": 65536, "cutoff_len": 8192,
-        "output_dir": str(tmp_path / "out"), "report_to": "none", "overwrite_output_dir": True,
-        "save_strategy": "no", "overwrite_cache": True,
-    }
-    (tmp_path / "train.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
-    cli = REPO / ".venv" / "bin" / "llamafactory-cli"
-    proc = subprocess.run([str(cli), "train", str(tmp_path / "train.yaml")], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=600, env={**os.environ, "DISABLE_VERSION_CHECK": "1"})
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-4000:]
-    assert "Num examples = 24" in log.replace(",", "")
-    results = json.loads((tmp_path / "out" / "train_results.json").read_text())
-    assert math.isfinite(results["train_loss"]) and results["train_loss"] > 0

@@ -55,18 +55,31 @@ def _reasons(data, path):
     return path
 
 
-def inference_prompts(model_dir, data, save):
+@pytest.fixture(scope="module")
+def token_counter():
+    """merge_cot's Qwen2 token counter, loaded once for the CoT variants."""
+    return qwen2_token_counter()
+
+
+@pytest.fixture(scope="module")
+def components(tiny_model_dir):
+    """tools.vllm_infer's LLaMA-Factory components at this test's settings (the same for every variant)."""
+    from mire_factory.infer.render import load_components
+
+    return load_components(str(tiny_model_dir), image_max_pixels=IMAGE_MAX_PIXELS, cutoff_len=CUTOFF_LEN)
+
+
+def inference_prompts(model_dir, comp, data, save):
     """tools.vllm_infer on the test split (hf backend, one new token): its rows, and the prompt ids its own
-    functions render for each record, image tokens expanded as the model receives them."""
+    functions (with components `comp`) render for each record, image tokens expanded as the model receives them."""
     from mire_factory.infer.pipeline import InferArgs, run
-    from mire_factory.infer.render import expand_image_tokens, load_components, render_prompt_ids
+    from mire_factory.infer.render import expand_image_tokens, render_prompt_ids
     from mire_factory.infer.truncation import ImageTokenizer, Planner
     from mire_factory.sharegpt import read_sharegpt
 
     run(InferArgs(model_name_or_path=str(model_dir), dataset="mire_test", dataset_dir=str(data), save_name=str(save),
                   backend="hf", cutoff_len=CUTOFF_LEN, max_new_tokens=1, image_max_pixels=IMAGE_MAX_PIXELS))
     rows = {row["id"]: row for row in map(json.loads, save.read_text(encoding="utf-8").splitlines())}
-    comp = load_components(str(model_dir), image_max_pixels=IMAGE_MAX_PIXELS, cutoff_len=CUTOFF_LEN)
     records = read_sharegpt("mire_test", data)
     planner = Planner(comp.tokenizer, ImageTokenizer.from_processor(comp.processor),
                       len(render_prompt_ids(comp, "", [])), CUTOFF_LEN)
@@ -84,7 +97,8 @@ def collapse_images(ids, image_pad_id):
 
 
 @pytest.mark.parametrize("name", list(PROMPT_VARIANTS))
-def test_training_and_inference_prompts_are_token_identical(name, mire_files, tiny_model_dir, tmp_path):
+def test_training_and_inference_prompts_are_token_identical(name, mire_files, tiny_model_dir, components,
+                                                            token_counter, tmp_path):
     variant = get_prompt_variant(name)
     data = tmp_path / "data"
     # a screenshot-text variant reads every image's text; a small budget cuts some records' text
@@ -96,7 +110,7 @@ def test_training_and_inference_prompts_are_token_identical(name, mire_files, ti
     train_set = "mire_train"
     if variant.answer_format == "cot":
         report = merge_cot(data / "mire_train.json", [_reasons(data, tmp_path / "reasons.jsonl")],
-                           data / "mire_train_cot.json", count_tokens=qwen2_token_counter())
+                           data / "mire_train_cot.json", count_tokens=token_counter)
         assert report.full == report.written > 0
         train_set = "mire_train_cot"
     convert(mire_files / "test.json", mire_files / "images", data, prompt_variant=name, **info)
@@ -105,7 +119,7 @@ def test_training_and_inference_prompts_are_token_identical(name, mire_files, ti
 
     module, tokenizer = lf_datasets(tiny_model_dir, data, tmp_path / "run", do_train=True, dataset=train_set,
                                     eval_dataset="mire_val", image_max_pixels=IMAGE_MAX_PIXELS)
-    rows, infer_ids, _ = inference_prompts(tiny_model_dir, data, tmp_path / "pred.jsonl")
+    rows, infer_ids, _ = inference_prompts(tiny_model_dir, components, data, tmp_path / "pred.jsonl")
     image_pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
     checked = {"train": 0, "val": 0}
     images_seen = set()

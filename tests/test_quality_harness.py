@@ -9,17 +9,23 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, call_main
 from mire_factory.image_info import InfoRecord, file_sha256
 from mire_factory.synthetic import make_records, write_dataset
 
 HARNESS = REPO / "benchmarks" / "quality" / "run.py"
-ANCHOR = REPO / "benchmarks" / "quality" / "tfidf_anchor.py"
 
 
 def script(path, *args, timeout: int = 900):
     return subprocess.run([sys.executable, str(path), *map(str, args)], cwd=REPO, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def anchor(*args):
+    """benchmarks/quality/tfidf_anchor.py's main as its script runs it (run_cli), in this process."""
+    from benchmarks.quality.tfidf_anchor import main
+
+    return call_main(main, *args)
 
 
 @pytest.fixture(scope="module")
@@ -49,14 +55,14 @@ def test_user_turns_keeps_the_customer_only():
 
 def test_anchor_scores_both_tasks_with_screenshot_text(split, tmp_path):
     out = tmp_path / "anchor.json"
-    proc = script(ANCHOR, "--train_file", split / "train.json", "--test_file", split / "test.json",
+    proc = anchor("--train_file", split / "train.json", "--test_file", split / "test.json",
                   "--info_file", split / "info.jsonl", "--json_file", out)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out.read_text(encoding="utf-8"))
     # synthetic dialogues carry class phrases in the customer's turns; the info text names the scene
     assert result["dialogue"]["f1"] > 0.8 and result["dialogue"]["view"] == "user_turns"
     assert result["image"]["f1"] > 0.9 and result["image"]["test"] == 16
-    proc = script(ANCHOR, "--train_file", split / "train.json", "--test_file", split / "test.json")
+    proc = anchor("--train_file", split / "train.json", "--test_file", split / "test.json")
     assert proc.returncode == 0 and "image          unavailable" in proc.stdout
 
 
@@ -65,7 +71,7 @@ def test_anchor_bad_info_file_is_one_line(split, tmp_path):
     ok = InfoRecord("a.png", "0" * 64, "ocr", "test", "ok", text="ok").to_json()
     bad.write_text(ok + "\n" + ok.replace('"a.png"', '"b.png"').replace('"text": "ok"', '"text": 3') + "\n",
                    encoding="utf-8")
-    proc = script(ANCHOR, "--train_file", split / "train.json", "--test_file", split / "test.json",
+    proc = anchor("--train_file", split / "train.json", "--test_file", split / "test.json",
                   "--info_file", bad)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [

@@ -84,19 +84,20 @@ def _rows(path):
 def test_convert_puts_the_text_after_the_instruction_in_every_split_and_format(records_and_info, tmp_path):
     import json
 
-    from conftest import run_tool
+    from conftest import call_tool
 
     _, root = records_and_info
     out = tmp_path / "data"
-    proc = run_tool("convert", "--input_file", root / "train.json", "--image_dir", root / "images", "--output_dir", out,
-                    "--prompt_variant", "screenshot_text", "--info_file", root / "info.jsonl", "--val_size", "0.3")
+    proc = call_tool("convert", "--input_file", root / "train.json", "--image_dir", root / "images",
+                     "--output_dir", out, "--prompt_variant", "screenshot_text", "--info_file", root / "info.jsonl",
+                     "--val_size", "0.3")
     assert proc.returncode == 0, proc.stderr
     assert "screenshot text from" in proc.stdout
     source = {r["id"]: r for r in json.loads((root / "train.json").read_text(encoding="utf-8"))}
     (root / "test.json").write_text(json.dumps([{**r, "output": ""} for r in source.values()], ensure_ascii=False),
                                     encoding="utf-8")
-    proc = run_tool("convert", "--input_file", root / "test.json", "--image_dir", root / "images", "--output_dir", out,
-                    "--prompt_variant", "screenshot_text", "--info_file", root / "info.jsonl")
+    proc = call_tool("convert", "--input_file", root / "test.json", "--image_dir", root / "images",
+                     "--output_dir", out, "--prompt_variant", "screenshot_text", "--info_file", root / "info.jsonl")
     assert proc.returncode == 0, proc.stderr
     splits = sorted(p.stem for p in out.glob("mire_*.json"))
     assert "mire_train" in splits and "mire_test" in splits
@@ -118,16 +119,16 @@ def test_convert_puts_the_text_after_the_instruction_in_every_split_and_format(r
         assert entry["mire_screenshot_text"]["info_max_tokens"] == 256
         assert entry["mire_screenshot_text"]["info_file"] == str((root / "info.jsonl").resolve())
     swift = tmp_path / "swift"
-    proc = run_tool("convert", "--input_file", root / "train.json", "--image_dir", root / "images", "--output_dir", swift,
-                    "--prompt_variant", "screenshot_text", "--info_file", root / "info.jsonl", "--format", "swift",
-                    "--val_size", "0.3")
+    proc = call_tool("convert", "--input_file", root / "train.json", "--image_dir", root / "images",
+                     "--output_dir", swift, "--prompt_variant", "screenshot_text", "--info_file", root / "info.jsonl",
+                     "--format", "swift", "--val_size", "0.3")
     assert proc.returncode == 0, proc.stderr
     swift_rows = [json.loads(x) for x in (swift / "mire_train.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [r["messages"] for r in swift_rows] == [r["messages"] for r in _rows(out / "mire_train.json")]
 
 
 def test_convert_refuses_what_the_variant_cannot_use(records_and_info, tmp_path):
-    from conftest import run_tool
+    from conftest import call_tool
 
     records, root = records_and_info
     partial = tmp_path / "partial.jsonl"
@@ -146,7 +147,7 @@ def test_convert_refuses_what_the_variant_cannot_use(records_and_info, tmp_path)
         (["--prompt_variant", "screenshot_text", "--info_file", root / "train.json"], "line 1"),
     ]
     for args, why in cases:
-        proc = run_tool("convert", *base, *args)
+        proc = call_tool("convert", *base, *args)
         assert proc.returncode == 2 and why in proc.stderr and "Traceback" not in proc.stderr, (args, proc.stderr)
         assert not (tmp_path / "out").exists()
 

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
 
-from conftest import REPO, run_tool
+from conftest import REPO, call_tool, run_tool
 from mire_factory.content import to_content_parts
 from mire_factory.records import load_records
 from mire_factory.tiny_model import SPECIAL_TOKEN_IDS
@@ -72,9 +72,10 @@ REAL_GGUF = Path(os.environ.get("MIRE_GGUF", REPO / ".real_models" / "qwen2.5-co
 
 
 def test_real_preset_needs_a_gguf_file(tmp_path):
-    proc = run_tool("make_tiny_model", "--out", tmp_path / "m", "--preset", "real-0.5b")
+    proc = call_tool("make_tiny_model", "--out", tmp_path / "m", "--preset", "real-0.5b")
     assert proc.returncode == 2 and "needs --gguf" in proc.stderr
-    proc = run_tool("make_tiny_model", "--out", tmp_path / "m", "--preset", "real-0.5b", "--gguf", tmp_path / "x.gguf")
+    proc = call_tool("make_tiny_model", "--out", tmp_path / "m", "--preset", "real-0.5b", "--gguf",
+                     tmp_path / "x.gguf")
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines() == [f"error: {tmp_path / 'x.gguf'}: GGUF file not found "
                                                 "(benchmarks/quality/fetch_gguf.py)"]

@@ -56,12 +56,49 @@ def test_f1_metrics_read_answers_as_cal_acc_does():
     assert new["eval_f1"] == round(expected["overall"]["f1"], 4)
 
 
-def test_launcher_refuses_more_than_100_new_tokens():
-    proc = subprocess.run([sys.executable, "-m", "mire_factory.train", "configs/qwen2_vl_lora_sft.yaml",
-                           "mire_f1_max_new_tokens=128"], cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
-    assert proc.returncode == 2
-    assert "mire_f1_max_new_tokens" in proc.stderr and "100" in proc.stderr
+def test_the_final_evaluation_of_the_last_evaluated_step_reuses_its_answers(monkeypatch, tmp_path):
+    """LLaMA-Factory evaluates once more after training; at the step just evaluated, with the same weights (no best
+    checkpoint loaded), the callback logs the same F1 without generating again. Any other evaluation generates."""
+    from types import SimpleNamespace
+
+    from mire_factory.f1_callback import F1Callback
+
+    callback, calls = F1Callback(), []
+
+    def evaluate_f1(args, model, collator, dataset, prefix, is_main):
+        calls.append(prefix)
+        return {f"{prefix}_f1": 0.5 + len(calls) / 10}, [{"index": 0, "predict": str(len(calls))}]
+
+    monkeypatch.setattr(callback, "evaluate_f1", evaluate_f1)
+    loader = SimpleNamespace(collate_fn=SimpleNamespace(template=None, tokenizer=None), dataset=[0, 1, 2])
+
+    def evaluate(step, best_at_end=False, prefix="eval"):
+        args = SimpleNamespace(load_best_model_at_end=best_at_end, output_dir=str(tmp_path))
+        state = SimpleNamespace(global_step=step, epoch=1.0, is_world_process_zero=True,
+                                log_history=[{"step": step, f"{prefix}_loss": 1.0}])
+        metrics = {f"{prefix}_runtime": 1.0}
+        callback.on_evaluate(args, state, None, metrics=metrics, model=object(), eval_dataloader=loader)
+        return metrics[f"{prefix}_f1"], state.log_history[-1][f"{prefix}_f1"]
+
+    assert evaluate(2) == (0.6, 0.6) and evaluate(2) == (0.6, 0.6) and len(calls) == 1  # trainer.evaluate() at the end
+    assert evaluate(4) == (0.7, 0.7) and len(calls) == 2  # a new step
+    assert evaluate(4, prefix="eval_other") == (0.8, 0.8) and len(calls) == 3  # another eval set
+    assert evaluate(4, prefix="eval_other", best_at_end=True) == (0.9, 0.9) and len(calls) == 4  # best model loaded
+    rows = [json.loads(line) for line in (tmp_path / "f1_eval" / "eval_step2.jsonl").read_text().splitlines()]
+    assert rows == [{"index": 0, "predict": "1"}]
+
+
+def test_launcher_refuses_more_than_100_new_tokens(capsys, monkeypatch):
+    from mire_factory import train
+    from mire_factory.io import run_cli
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    with pytest.raises(SystemExit) as exit_info:  # `python -m mire_factory.train` is run_cli(main), in this process
+        run_cli(train.main, ["configs/qwen2_vl_lora_sft.yaml", "mire_f1_max_new_tokens=128"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "error: configs/qwen2_vl_lora_sft.yaml: field 'mire_f1_max_new_tokens': must be in 1..100 (competition rule), "
+        "got 128"]
 
 
 @pytest.mark.slow
@@ -93,6 +130,11 @@ def test_launcher_logs_per_task_f1_into_trainer_state(tiny_model_dir, tmp_path):
     assert evals[-1]["eval_f1"] == pytest.approx((evals[-1]["eval_f1_image"] + evals[-1]["eval_f1_dialogue"]) / 2,
                                                  abs=1e-3)
     assert "eval_loss" in evals[-1]  # merged into the trainer's own eval entry
+    # LLaMA-Factory's evaluation after training (eval_results.json) has the step-2 F1, not generated a second time
+    final = json.loads((out / "eval_results.json").read_text())
+    keys = ("eval_f1", "eval_f1_image", "eval_f1_dialogue")
+    assert {k: final[k] for k in keys} == {k: evals[-1][k] for k in keys}
+    assert proc.stderr.count("F1 eval: generating:   0%") == 1, proc.stderr[-4000:]
 
     rows = [json.loads(line) for line in (out / "f1_eval" / "eval_step2.jsonl").read_text().splitlines()]
     assert Counter(r["gold"] for r in rows) == val_golds  # every validation record, gold read back from the labels

@@ -238,7 +238,9 @@ def train_overrides(plan: Plan, data: Path, out: Path, seed: int) -> list[str]:
         # the recipe's bf16 as CPU autocast, few workers (as tools.demo trains)
         o.update({"use_cpu": "true", "preprocessing_num_workers": 2, "dataloader_num_workers": 0})
     if plan.smoke:
-        o.update({"max_steps": steps, "logging_steps": 1})
+        # 16 records are tokenized in this process: each `datasets` worker would first unpickle the tokenizer and
+        # processor (~10 s on 2 cores), longer than tokenizing them takes
+        o.update({"max_steps": steps, "logging_steps": 1, "preprocessing_num_workers": 1})
     return [f"{k}={v}" for k, v in o.items()]
 
 
