@@ -226,6 +226,8 @@ def test_second_turn_first_exchange_is_the_inference_prompt(name, mire_files, ti
         assert tokenizer.decode(ids[b:c]) == f"<|im_start|>user\n{REASON_QUESTION}<|im_end|>\n<|im_start|>assistant\n"
         assert tokenizer.decode(ids[c:d]) == reason + "<|im_end|>\n" and d == len(ids)
         assert list(labels[a:b]) == list(ids[a:b]) and list(labels[c:d]) == list(ids[c:d])
+        # the F1 callback on such a row: inference's prompt, and the label turn as the gold
+        assert split_prompt(ids, labels) == (list(ids[:a]), list(ids[a:b]))
         images_seen.add(len(row["images"]))
     assert {0, 1} <= images_seen and max(images_seen) >= 2
     for row, sample in zip(json.loads((data / "mire_val.json").read_text(encoding="utf-8")), module["eval_dataset"],

@@ -17,6 +17,8 @@ from mire_factory.f1_callback import f1_metrics, shard_indices, split_prompt
 def test_split_prompt_takes_the_unsupervised_prefix():
     assert split_prompt([1, 2, 3, 4, 5], [-100, -100, -100, 4, 5]) == ([1, 2, 3], [4, 5])
     assert split_prompt([1, 2], [-100, -100]) is None  # cutoff_len left no answer
+    # a second exchange (merge_cot --layout second_turn): the answer is the first assistant turn only
+    assert split_prompt([1, 2, 3, 4, 5, 6, 7], [-100, 2, 3, -100, -100, 6, 7]) == ([1], [2, 3])
 
 
 @pytest.mark.parametrize("n,world", [(7, 2), (5, 4), (1, 3), (8, 8)])
