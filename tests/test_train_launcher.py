@@ -103,6 +103,27 @@ def test_launcher_refuses_more_than_100_new_tokens(capsys, monkeypatch):
         "got 128"]
 
 
+def test_launcher_refuses_mask_history_on_second_turn_rows(capsys, monkeypatch, tmp_path):
+    """mask_history would train the reason of a second_turn row and never its label."""
+    from mire_factory import train
+    from mire_factory.io import run_cli
+    from mire_factory.sharegpt import sharegpt_entry
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    reason = {**sharegpt_entry("r.json", "plain"), "mire_cot_layout": "second_turn"}
+    (tmp_path / "dataset_info.json").write_text(json.dumps({"mire_train": sharegpt_entry("t.json"), "r": reason}),
+                                                encoding="utf-8")
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(train.main, ["configs/qwen2_vl_lora_sft.yaml", f"dataset_dir={tmp_path}", "dataset=mire_train,r",
+                             "mask_history=true"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "error: configs/qwen2_vl_lora_sft.yaml: field 'mask_history': LLaMA-Factory then trains the last turn only: "
+        "the reason of r (tools.merge_cot --layout second_turn), never its label; leave mask_history off"]
+    for args in ({"mask_history": False, "dataset": "r"}, {"mask_history": True, "dataset": ["mire_train"]}):
+        train.check_layouts({**args, "dataset_dir": str(tmp_path)}, "c.yaml")  # no second_turn rows under it
+
+
 @pytest.mark.slow
 def test_launcher_logs_per_task_f1_into_trainer_state(tiny_model_dir, tmp_path):
     from mire_factory.convert import convert
