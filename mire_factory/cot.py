@@ -101,7 +101,9 @@ def fit_turns(
     answer = variant.answer(label)
     _check_label_fits(answer, count_tokens, max_tokens)
     reason, how = _fit_reason(reason, lambda r: r, count_tokens, max_tokens)
-    return answer, [(REASON_QUESTION, reason)] if reason else [], how if reason else "label_only"
+    if not reason:  # no sentence of it fits (or none given): the first exchange alone
+        return answer, [], "label_only"
+    return answer, [(REASON_QUESTION, reason)], how
 
 
 def source_variant(dataset_file: str | os.PathLike, layout: str = INLINE) -> tuple[str, PromptVariant]:

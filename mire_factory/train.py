@@ -63,7 +63,7 @@ def check_layouts(args: dict, config: str) -> None:
         return
     info = read_dataset_info(dataset_dir)
     value = args.get("dataset")
-    names = [str(n).strip() for n in value] if isinstance(value, list) else str(value or "").split(",")
+    names = [str(n) for n in value] if isinstance(value, list) else str(value or "").split(",")
     for name in (n.strip() for n in names):
         if isinstance(info.get(name), dict) and info[name].get(COT_LAYOUT_KEY) == SECOND_TURN:
             raise MireInputError(problem(config, None, "mask_history", f"LLaMA-Factory then trains the last turn only: "

@@ -14,8 +14,8 @@ python -m tools.merge_cot --layout second_turn --dataset_file data/mire_train.js
     --output_file data/mire_train_reason.json
 
 The train file must be converted with a label prompt variant (plain, screenshot_text); inference asks only the first
-exchange, so the model answers a bare label. Train without mask_history (LLaMA-Factory then trains the last turn, the
-reason, only).
+exchange, so the model answers a bare label. Train without mask_history: with it LLaMA-Factory trains the last turn
+only, the reason, and never the label.
 
 Either way convert the test file with the same variant. Turns are counted with the real Qwen2 tokenizer, <|im_end|>
 included. Registers the output (by its file stem) in the dataset_info.json beside it, with the same variant (and the
