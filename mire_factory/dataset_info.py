@@ -16,6 +16,9 @@ DATASET_INFO = "dataset_info.json"
 SPLITS = ("train", "val", "test")
 # Our key in a registration entry; LLaMA-Factory's DatasetAttr.join reads only the keys it knows and ignores it.
 PROMPT_VARIANT_KEY = "mire_prompt_variant"
+# tools.merge_cot's layout of a file whose rows carry the reason as a second exchange (cot.SECOND_TURN); absent for
+# single-exchange files. Inference needs only the prompt variant (the first exchange's); this says what the rows are.
+COT_LAYOUT_KEY = "mire_cot_layout"
 # A screenshot-text variant's source: the info file, its token budget and origin, and how many records it cut.
 SCREENSHOT_TEXT_KEY = "mire_screenshot_text"
 

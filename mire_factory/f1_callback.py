@@ -40,11 +40,14 @@ DROP_KEYS = ("labels", "position_ids", "rope_deltas", "has_dummy_image")
 
 
 def split_prompt(input_ids: Sequence[int], labels: Sequence[int]) -> tuple[list[int], list[int]] | None:
-    """(prompt ids, supervised answer ids) of a training sample; None when cutoff_len left no answer."""
+    """(prompt ids, answer ids) of a training sample: everything before its first supervised token, and the first
+    assistant turn (the first run of supervised tokens: what inference generates; a row of tools.merge_cot --layout
+    second_turn trains a second turn, the reason, after it); None when cutoff_len left no answer."""
     start = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), None)
     if start is None:
         return None
-    return list(input_ids[:start]), [t for t in labels[start:] if t != IGNORE_INDEX]
+    end = next((i for i in range(start, len(labels)) if labels[i] == IGNORE_INDEX), len(labels))
+    return list(input_ids[:start]), list(labels[start:end])
 
 
 def shard_indices(indices: Sequence[int], rank: int, world: int) -> tuple[list[int], int]:

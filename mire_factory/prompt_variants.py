@@ -7,7 +7,9 @@ Where a variant is chosen and read back:
 - `tools.convert --prompt_variant NAME` writes every split (train, val, test) with it and records NAME in the
   split's registration in dataset_info.json, under `mire_prompt_variant` (LLaMA-Factory reads only the keys it knows
   from an entry, so training is unaffected).
-- `tools.merge_cot` requires a CoT variant on its input file and writes reasons in that variant's answer format.
+- `tools.merge_cot` requires a CoT variant on its input file and writes reasons in that variant's answer format
+  (`--layout inline`), or a label variant, whose bare label it follows with the reason as a second exchange
+  (`--layout second_turn`; inference asks only the first). The output keeps the input's variant.
 - `tools.vllm_infer` renders the dataset file as written (token-identical to training), and takes the answer
   format for constrained decoding from the dataset's variant; it refuses a model trained with another variant.
 - The F1 callback generates from the validation prompts LLaMA-Factory tokenized from the same files.

@@ -8,6 +8,8 @@ from .taxonomy import DEFINITIONS, LABELS, Task
 
 REASON_KEY = "理由"
 LABEL_KEY = "所属类别"
+# The user's follow-up in tools.merge_cot's second_turn layout: after the bare label, "why?"; the reason answers it.
+REASON_QUESTION = "原因为何？"
 
 
 def definitions_text(task: Task) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from .answers import extract_answer
@@ -39,13 +40,16 @@ def sharegpt_entry(file_name: str, prompt_variant: str | None = DEFAULT_PROMPT_V
 
 
 def chat_row(user: str, assistant: str, images: list[str], system: str | None = None,
-             row_id: str | None = None) -> dict:
+             row_id: str | None = None, followup: Sequence[tuple[str, str]] = ()) -> dict:
     """One row of both formats: LLaMA-Factory's ShareGPT (registered with sharegpt_entry) and ms-swift's
     `messages`/`images`; `<image>` placeholders stay in the user turn, `images` are the paths as the file gives them
     (LLaMA-Factory: relative to its dataset_dir). A test row gets an empty assistant turn, so that LLaMA-Factory keeps
-    it (predict)."""
+    it (predict). `followup`: further (user, assistant) exchanges after the first, without images (tools.merge_cot's
+    second_turn layout)."""
     messages = [{"role": "system", "content": system}] if system else []
     messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+    for question, answer in followup:
+        messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
     row = {"id": row_id} if row_id is not None else {}
     return {**row, "messages": messages, "images": list(images)}
 

@@ -20,6 +20,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from .cot import SECOND_TURN
+from .dataset_info import COT_LAYOUT_KEY, DATASET_INFO, read_dataset_info
 from .f1_callback import F1Callback
 from .io import MireInputError, problem, run_cli, write_text_atomic
 from .rules import MAX_NEW_TOKENS
@@ -51,6 +53,22 @@ def make_callback(args: dict, config: str) -> F1Callback:
         raise MireInputError(problem(config, None, "mire_f1_max_new_tokens",
                                      f"must be in 1..{MAX_NEW_TOKENS} (competition rule), got {max_new_tokens}"))
     return F1Callback(max_new_tokens=max_new_tokens, max_samples=int(max_samples) if max_samples else None)
+
+
+def check_layouts(args: dict, config: str) -> None:
+    """mask_history trains the last turn only: on rows of tools.merge_cot --layout second_turn that is the reason,
+    never the label the model must answer. Refused, naming the dataset."""
+    dataset_dir = args.get("dataset_dir")
+    if not args.get("mask_history") or not dataset_dir or not (Path(dataset_dir) / DATASET_INFO).is_file():
+        return
+    info = read_dataset_info(dataset_dir)
+    value = args.get("dataset")
+    names = [str(n) for n in value] if isinstance(value, list) else str(value or "").split(",")
+    for name in (n.strip() for n in names):
+        if isinstance(info.get(name), dict) and info[name].get(COT_LAYOUT_KEY) == SECOND_TURN:
+            raise MireInputError(problem(config, None, "mask_history", f"LLaMA-Factory then trains the last turn only: "
+                                         f"the reason of {name} (tools.merge_cot --layout {SECOND_TURN}), never its "
+                                         "label; leave mask_history off"))
 
 
 def needs_torchrun() -> bool:
@@ -93,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     config, overrides = argv[0], argv[1:]
     args = read_config(config, overrides)
     callback = make_callback(args, config)
+    check_layouts(args, config)
 
     from llamafactory.train.tuner import run_exp
 

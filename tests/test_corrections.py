@@ -13,6 +13,7 @@ import pytest
 from conftest import run_tool
 from devtools import DevTools
 from mire_factory.corrections import CORRECTIONS_KEY, read_corrections
+from mire_factory.prompts import REASON_QUESTION
 from mire_factory.reasons import ReasonRecord
 from mire_factory.records import load_records
 from mire_factory.taxonomy import LABELS
@@ -168,20 +169,26 @@ def test_convert_refuses_a_bad_line_and_writes_nothing(analyzed, tmp_path, field
     assert not out.exists() or not any(out.iterdir())
 
 
-def test_merge_cot_takes_the_reviewed_reason(analyzed, tmp_path):
+@pytest.mark.parametrize("layout", ["inline", "second_turn"])
+def test_merge_cot_takes_the_reviewed_reason(layout, analyzed, tmp_path):
     first = next(iter(analyzed["suspects"]))
     reason = "复核后的理由：截图显示的是另一个页面。"
     path = edited(analyzed, tmp_path, {first: "accepted"}, **{first: {"reason": reason}})
     out = tmp_path / "data"
     run_tool("convert", "--input_file", analyzed["train"], "--image_dir", analyzed["images"], "--output_dir", out,
-             "--corrections_file", path, "--quick", "--prompt_variant", "cot", "--val_size", "0", check=True)
+             "--corrections_file", path, "--quick", "--prompt_variant", "cot" if layout == "inline" else "plain",
+             "--val_size", "0", check=True)
     # the teacher's reasons: its mode-2 line for the corrected record names the new label too, but comes second
-    proc = run_tool("merge_cot", "--dataset_file", out / "mire_train.json", "--reasons_file",
+    proc = run_tool("merge_cot", "--layout", layout, "--dataset_file", out / "mire_train.json", "--reasons_file",
                     analyzed["root"] / "reasons.jsonl", "--output_file", out / "mire_train_cot.json", check=True)
     assert "teacher label differs from gold: 2" in proc.stdout  # the two suspects left unreviewed
     rows = {r["id"]: r for r in json.loads((out / "mire_train_cot.json").read_text("utf-8"))}
-    answer = json.loads(rows[first]["messages"][1]["content"])
-    assert answer == {"理由": reason, "所属类别": analyzed["suspects"][first]}
+    if layout == "inline":
+        answer = json.loads(rows[first]["messages"][1]["content"])
+        assert answer == {"理由": reason, "所属类别": analyzed["suspects"][first]}
+    else:  # the corrected label, then the reviewed reason as the second turn
+        assert [m["content"] for m in rows[first]["messages"][1:]] == [analyzed["suspects"][first], REASON_QUESTION,
+                                                                      reason]
 
 
 @pytest.fixture

@@ -3,14 +3,16 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_tool
+from conftest import call_tool, run_tool
 from mire_factory.answers import extract_answer
 from mire_factory.convert import convert
 from mire_factory.cot import fit_answer, merge_cot, qwen2_token_counter, sentences
+from mire_factory.dataset_info import COT_LAYOUT_KEY
 from mire_factory.io import MireInputError
 from mire_factory.prompt_variants import get_prompt_variant
-from mire_factory.prompts import LABEL_KEY, REASON_KEY, cot_user_suffix
+from mire_factory.prompts import LABEL_KEY, REASON_KEY, REASON_QUESTION, cot_user_suffix
 from mire_factory.reasons import ReasonRecord
+from mire_factory.taxonomy import LABELS
 from mire_factory.tiny_model import load_qwen2_tokenizer
 
 SENTENCE = "截图里可以看到用户在询问商品的具体情况，客服的回复没有解决问题。"
@@ -176,3 +178,138 @@ def test_bad_input_exits_2_and_writes_nothing(case, converted, reasons, tmp_path
     if case in ("plain_variant", "unregistered"):
         assert "--prompt_variant cot" in proc.stderr and str(dataset) in proc.stderr
     assert not out.parent.exists() or not any(Path(out.parent).iterdir())
+
+
+# ---------------------------------------------------------------- layout second_turn: the reason as a second exchange
+
+
+@pytest.fixture(scope="module")
+def converted_plain(synthetic_train, tmp_path_factory):
+    """The same records as `converted`, with the label prompt variant plain (the same ids)."""
+    out = tmp_path_factory.mktemp("plain_data")
+    convert(*synthetic_train, out, val_size=0)
+    return out / "mire_train.json"
+
+
+def test_second_turn_rows_budget_and_registration(converted_plain, reasons, tmp_path, tokenizer):
+    first, second, plan = reasons
+    out = tmp_path / "elsewhere" / "mire_train_reason.json"
+    proc = call_tool("merge_cot", "--layout", "second_turn", "--dataset_file", converted_plain, "--reasons_file", first,
+                     "--reasons_file", second, "--output_file", out)
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["id"]: r for r in json.loads(converted_plain.read_text(encoding="utf-8"))}
+    merged = json.loads(out.read_text(encoding="utf-8"))
+    kinds = [plan[r["id"]] for r in merged]
+    assert sorted(set(kinds)) == ["endless", "long", "short"]  # the same records as the inline layout keeps
+    for row in merged:
+        src, kind = rows[row["id"]], plan[row["id"]]
+        gold = src["messages"][1]["content"]
+        assert gold in LABELS["image"] + LABELS["dialogue"]  # plain: the bare label
+        roles = [m["role"] for m in row["messages"]]
+        contents = [m["content"] for m in row["messages"]]
+        # the first exchange is the record's as convert wrote it: its user turn unchanged, the bare label
+        assert contents[:2] == [src["messages"][0]["content"], gold]
+        if kind == "endless":  # no whole sentence fits: the label alone, no second exchange
+            assert roles == ["user", "assistant"]
+            continue
+        assert roles == ["user", "assistant", "user", "assistant"]
+        assert contents[2] == REASON_QUESTION and REASON_QUESTION not in contents[0]
+        reason = contents[3]
+        assert len(tokenizer.encode(reason, add_special_tokens=False)) + 1 <= 100
+        assert "{" not in reason and LABEL_KEY not in reason  # the reason alone, not CoT JSON
+        if kind == "short":
+            assert reason == "用户问的是" + gold + "。"
+        else:  # long: shortened at a sentence boundary, from the first file only
+            assert reason and reason == SENTENCE * (len(reason) // len(SENTENCE)) and reason != SENTENCE * 12
+        for path, orig in zip(row["images"], src["images"], strict=True):
+            assert (out.parent / path).resolve() == (converted_plain.parent / orig).resolve()
+    assert "label then the reason as a second turn" in proc.stdout
+    assert f"shortened at a sentence boundary: {kinds.count('long')}, label only: {kinds.count('endless')}" \
+        in proc.stdout
+    entry = json.loads((out.parent / "dataset_info.json").read_text(encoding="utf-8"))["mire_train_reason"]
+    # what inference reads: the first exchange's variant (label answers); the layout says what the rows are
+    assert entry["mire_prompt_variant"] == "plain" and entry[COT_LAYOUT_KEY] == "second_turn"
+
+
+def test_second_turn_keeps_label_only_records_as_one_exchange(converted_plain, reasons, tmp_path, count_tokens):
+    first, _, plan = reasons
+    report = merge_cot(converted_plain, [first], tmp_path / "r.json", keep_mismatched=True, keep_unexplained=True,
+                       count_tokens=count_tokens, max_output_tokens=30, layout="second_turn")
+    merged = json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))
+    assert len(merged) == len(plan) == report.written
+    exchanges = {row["id"]: len(row["messages"]) // 2 for row in merged}
+    assert {exchanges[rid] for rid, kind in plan.items() if kind in ("endless", "failed", "absent")} == {1}
+    assert {exchanges[rid] for rid, kind in plan.items() if kind in ("short", "mismatch")} == {2}
+    assert report.label_only == sum(n == 1 for n in exchanges.values())
+    assert 0 < report.max_tokens_seen <= 30
+    assert all(count_tokens(row["messages"][3]["content"]) <= 30 for row in merged if len(row["messages"]) == 4)
+    with pytest.raises(MireInputError, match="below the label-only answer"):
+        merge_cot(converted_plain, [first], tmp_path / "x" / "r.json", max_output_tokens=2, count_tokens=count_tokens,
+                  layout="second_turn")
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("case", ["cot_variant", "already_merged", "bad_reasons", "unknown_layout"])
+def test_second_turn_bad_input_exits_2_and_writes_nothing(case, converted, converted_plain, reasons, tmp_path):
+    first, _, _ = reasons
+    dataset, layout = converted_plain, "second_turn"
+    if case == "cot_variant":  # CoT user turns ask for JSON: the bare label would not answer them
+        dataset = converted
+    elif case == "already_merged":
+        done = tmp_path / "done" / "merged.json"
+        assert call_tool("merge_cot", "--layout", "second_turn", "--dataset_file", converted_plain, "--reasons_file",
+                         first, "--output_file", done).returncode == 0
+        dataset = done
+    elif case == "bad_reasons":
+        first = tmp_path / "r.jsonl"
+        first.write_text('{"id": "x", "mode": 2, "model": "m", "status": "ok", "reason": 3}\n', encoding="utf-8")
+    elif case == "unknown_layout":
+        layout = "third_turn"
+    out = tmp_path / "out" / "reason.json"
+    proc = call_tool("merge_cot", "--layout", layout, "--dataset_file", dataset, "--reasons_file", first,
+                     "--output_file", out)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in proc.stderr
+    if case == "cot_variant":
+        assert str(dataset) in lines[0] and "--prompt_variant plain or screenshot_text" in lines[0]
+    elif case == "already_merged":
+        assert str(dataset) in lines[0] and "already merged" in lines[0]
+    elif case == "bad_reasons":
+        assert str(first) in lines[0] and "reason" in lines[0]
+    else:
+        assert "--layout" in lines[0] and "invalid choice" in lines[0] and "second_turn" in lines[0]
+    assert not out.parent.exists() or not any(out.parent.iterdir())
+
+
+def test_second_turn_on_the_real_sample(mire_sample, tmp_path):
+    """The 24 real records: converted plain, a reason per record (one teacher label wrong), merged second_turn by
+    the command line; rows and registration as LLaMA-Factory will read them."""
+    from mire_factory.records import read_mire_file
+
+    data = tmp_path / "data"
+    assert run_tool("convert", "--input_file", mire_sample / "train_sample.json", "--image_dir",
+                    mire_sample / "images", "--output_dir", data, "--val_size", "0", "--quick").returncode == 0
+    records = read_mire_file(mire_sample / "train_sample.json", mire_sample / "images", decode_images=False).records
+    wrong = records[0].id
+    lines = []
+    for r in records:
+        label = r.output if r.id != wrong else next(x for x in LABELS[r.task] if x != r.output)
+        lines.append({"id": r.id, "mode": 3, "model": "t", "status": "ok", "label": label, "gold": r.output,
+                      "reason": f"对话和截图都指向「{label}」。第二句理由。"})
+    reasons = write_reasons(tmp_path / "reasons.jsonl", lines)
+    proc = run_tool("merge_cot", "--layout", "second_turn", "--dataset_file", data / "mire_train.json",
+                    "--reasons_file", reasons, "--output_file", data / "mire_train_reason.json")
+    assert proc.returncode == 0, proc.stderr
+    merged = json.loads((data / "mire_train_reason.json").read_text(encoding="utf-8"))
+    source = {row["id"]: row for row in json.loads((data / "mire_train.json").read_text(encoding="utf-8"))}
+    assert [row["id"] for row in merged] == [r.id for r in records if r.id != wrong]
+    for row in merged:
+        src, gold = source[row["id"]], next(r.output for r in records if r.id == row["id"])
+        assert row["messages"] == [*src["messages"], {"role": "user", "content": REASON_QUESTION},
+                                   {"role": "assistant", "content": f"对话和截图都指向「{gold}」。第二句理由。"}]
+        assert row["images"] == src["images"] and all((data / p).is_file() for p in row["images"])
+    assert "teacher label differs from gold: 1 (left out)" in proc.stdout and wrong in proc.stdout
+    from mire_factory.sharegpt import read_sharegpt
+
+    assert len(read_sharegpt("mire_train", data)) == len(records)  # the source untouched, still single-turn

@@ -10,11 +10,15 @@ import json
 import pytest
 from test_lf_dataset import lf_datasets
 
+from mire_factory.answers import extract_answer
 from mire_factory.convert import convert
-from mire_factory.cot import merge_cot, qwen2_token_counter
+from mire_factory.cot import LABEL_VARIANTS, SECOND_TURN, merge_cot, qwen2_token_counter
+from mire_factory.dataset_info import COT_LAYOUT_KEY
 from mire_factory.f1_callback import split_prompt
 from mire_factory.image_info import InfoRecord, file_sha256
+from mire_factory.io import MireInputError
 from mire_factory.prompt_variants import PROMPT_VARIANTS, get_prompt_variant
+from mire_factory.prompts import REASON_QUESTION
 from mire_factory.reasons import ReasonRecord
 from mire_factory.screenshot_text import qwen2_counter
 from mire_factory.synthetic import make_records, write_dataset
@@ -48,7 +52,7 @@ def _reasons(data, path):
     rows = json.loads((data / "mire_train.json").read_text(encoding="utf-8"))
     lines = []
     for k, row in enumerate(rows):
-        gold = json.loads(row["messages"][1]["content"])["所属类别"]
+        gold = extract_answer(row["messages"][1]["content"])  # a CoT answer's label, or the bare label
         lines.append(ReasonRecord(id=row["id"], mode=3, model="t", status="ok", label=gold,
                                   reason=f"第{k}条：用户的问题符合「{gold}」的定义。").to_json())
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -152,3 +156,89 @@ def test_training_and_inference_prompts_are_token_identical(name, mire_files, ti
         else:
             assert "图片中的文字" not in prompt
     assert not variant.context or sum("订单编号" in block for block in blocks) > len(blocks) / 2
+
+
+def supervised_runs(labels):
+    """(start, end) of each run of trained (not IGNORE_INDEX) positions."""
+    from llamafactory.extras.constants import IGNORE_INDEX
+
+    runs, start = [], None
+    for k, label in enumerate([*labels, IGNORE_INDEX]):
+        if label != IGNORE_INDEX and start is None:
+            start = k
+        elif label == IGNORE_INDEX and start is not None:
+            runs.append((start, k))
+            start = None
+    return runs
+
+
+@pytest.mark.parametrize("name", LABEL_VARIANTS)
+def test_second_turn_first_exchange_is_the_inference_prompt(name, mire_files, tiny_model_dir, components,
+                                                            token_counter, tmp_path):
+    """tools.merge_cot --layout second_turn: LLaMA-Factory's training encoding of a merged row (its real template and
+    mm_plugin) starts with exactly the prompt tools.vllm_infer renders for the same record of the test file; both
+    assistant turns are trained, the follow-up question is not; with mask_history only the reason is."""
+    from mire_factory.infer.args import settings_from_yaml
+    from mire_factory.infer.pipeline import InferArgs, dataset_variant
+
+    variant = get_prompt_variant(name)
+    data = tmp_path / "data"
+    info = dict(info_file=mire_files / "info.jsonl", info_max_tokens=INFO_MAX_TOKENS) if variant.context else {}
+    convert(mire_files / "train.json", mire_files / "images", data, val_size=0.25, prompt_variant=name, **info)
+    report = merge_cot(data / "mire_train.json", [_reasons(data, tmp_path / "reasons.jsonl")],
+                       data / "mire_train_reason.json", count_tokens=token_counter, layout=SECOND_TURN)
+    assert report.full == report.written > 0
+    convert(mire_files / "test.json", mire_files / "images", data, prompt_variant=name, **info)
+    registrations = json.loads((data / "dataset_info.json").read_text(encoding="utf-8"))
+    assert {entry["mire_prompt_variant"] for entry in registrations.values()} == {name}
+    assert registrations["mire_train_reason"][COT_LAYOUT_KEY] == SECOND_TURN
+    # tools.vllm_infer --config on the training run: the model's variant is the first exchange's, a label one
+    trained = settings_from_yaml({"do_train": True, "output_dir": str(tmp_path / "saves"), "finetuning_type": "full",
+                                  "dataset": "mire_train_reason", "dataset_dir": str(data)}, "train.yaml")
+    assert trained["prompt_variant"] == name and variant.answer_format == "label"
+    args = dict(model_name_or_path=str(tiny_model_dir), dataset="mire_test", prompt_variant=trained["prompt_variant"])
+    assert dataset_variant(InferArgs(dataset_dir=str(data), **args)) == variant
+    cot = tmp_path / "cot"  # a test file converted for CoT answers is refused for this model
+    convert(mire_files / "test.json", mire_files / "images", cot, prompt_variant="cot")
+    with pytest.raises(MireInputError, match=f"trained with '{name}'"):
+        dataset_variant(InferArgs(dataset_dir=str(cot), **args))
+
+    module, tokenizer = lf_datasets(tiny_model_dir, data, tmp_path / "run", do_train=True,
+                                    dataset="mire_train_reason", eval_dataset="mire_val",
+                                    image_max_pixels=IMAGE_MAX_PIXELS)
+    rows, infer_ids, _ = inference_prompts(tiny_model_dir, components, data, tmp_path / "pred.jsonl")
+    image_pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    source = json.loads((data / "mire_train_reason.json").read_text(encoding="utf-8"))
+    dataset = module["train_dataset"]
+    assert len(dataset) == len(source) == report.written
+    images_seen = set()
+    for row, sample in zip(source, dataset, strict=True):
+        ids, labels = sample["input_ids"], sample["labels"]
+        label, question, reason = (row["messages"][k]["content"] for k in (1, 2, 3))
+        assert question == REASON_QUESTION
+        runs = supervised_runs(labels)
+        assert len(runs) == 2, (name, row["id"], runs)  # both assistant turns are trained
+        (a, b), (c, d) = runs
+        assert ids[:a] == infer_ids[row["id"]], (name, row["id"])  # the first exchange's prompt is inference's
+        assert tokenizer.decode(collapse_images(ids[:a], image_pad), skip_special_tokens=False) == \
+            rows[row["id"]]["prompt"]
+        assert tokenizer.decode(ids[a:b]) == label + "<|im_end|>\n"
+        assert tokenizer.decode(ids[b:c]) == f"<|im_start|>user\n{REASON_QUESTION}<|im_end|>\n<|im_start|>assistant\n"
+        assert tokenizer.decode(ids[c:d]) == reason + "<|im_end|>\n" and d == len(ids)
+        assert list(labels[a:b]) == list(ids[a:b]) and list(labels[c:d]) == list(ids[c:d])
+        # the F1 callback on such a row: inference's prompt, and the label turn as the gold
+        assert split_prompt(ids, labels) == (list(ids[:a]), list(ids[a:b]))
+        images_seen.add(len(row["images"]))
+    assert {0, 1} <= images_seen and max(images_seen) >= 2
+    for row, sample in zip(json.loads((data / "mire_val.json").read_text(encoding="utf-8")), module["eval_dataset"],
+                           strict=True):  # the F1 callback's prompts: single-turn, inference's too
+        assert split_prompt(sample["input_ids"], sample["labels"])[0] == infer_ids[row["id"]]
+    assert not any(REASON_QUESTION in row["prompt"] for row in rows.values())
+
+    # mask_history (LLaMA-Factory: "train on the last turn only") would train the reason and not the label
+    masked, _ = lf_datasets(tiny_model_dir, data, tmp_path / "masked", do_train=True, dataset="mire_train_reason",
+                            image_max_pixels=IMAGE_MAX_PIXELS, mask_history=True)
+    for row, sample, plain in zip(source, masked["train_dataset"], dataset, strict=True):
+        assert sample["input_ids"] == plain["input_ids"]
+        (start, end), = supervised_runs(sample["labels"])
+        assert tokenizer.decode(sample["input_ids"][start:end]) == row["messages"][3]["content"] + "<|im_end|>\n"

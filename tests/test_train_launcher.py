@@ -17,6 +17,8 @@ from mire_factory.f1_callback import f1_metrics, shard_indices, split_prompt
 def test_split_prompt_takes_the_unsupervised_prefix():
     assert split_prompt([1, 2, 3, 4, 5], [-100, -100, -100, 4, 5]) == ([1, 2, 3], [4, 5])
     assert split_prompt([1, 2], [-100, -100]) is None  # cutoff_len left no answer
+    # a second exchange (merge_cot --layout second_turn): the answer is the first assistant turn only
+    assert split_prompt([1, 2, 3, 4, 5, 6, 7], [-100, 2, 3, -100, -100, 6, 7]) == ([1], [2, 3])
 
 
 @pytest.mark.parametrize("n,world", [(7, 2), (5, 4), (1, 3), (8, 8)])
@@ -99,6 +101,27 @@ def test_launcher_refuses_more_than_100_new_tokens(capsys, monkeypatch):
     assert capsys.readouterr().err.splitlines() == [
         "error: configs/qwen2_vl_lora_sft.yaml: field 'mire_f1_max_new_tokens': must be in 1..100 (competition rule), "
         "got 128"]
+
+
+def test_launcher_refuses_mask_history_on_second_turn_rows(capsys, monkeypatch, tmp_path):
+    """mask_history would train the reason of a second_turn row and never its label."""
+    from mire_factory import train
+    from mire_factory.io import run_cli
+    from mire_factory.sharegpt import sharegpt_entry
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    reason = {**sharegpt_entry("r.json", "plain"), "mire_cot_layout": "second_turn"}
+    (tmp_path / "dataset_info.json").write_text(json.dumps({"mire_train": sharegpt_entry("t.json"), "r": reason}),
+                                                encoding="utf-8")
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(train.main, ["configs/qwen2_vl_lora_sft.yaml", f"dataset_dir={tmp_path}", "dataset=mire_train,r",
+                             "mask_history=true"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "error: configs/qwen2_vl_lora_sft.yaml: field 'mask_history': LLaMA-Factory then trains the last turn only: "
+        "the reason of r (tools.merge_cot --layout second_turn), never its label; leave mask_history off"]
+    for args in ({"mask_history": False, "dataset": "r"}, {"mask_history": True, "dataset": ["mire_train"]}):
+        train.check_layouts({**args, "dataset_dir": str(tmp_path)}, "c.yaml")  # no second_turn rows under it
 
 
 @pytest.mark.slow
