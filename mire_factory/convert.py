@@ -19,7 +19,17 @@ from .dataset_info import (
     entry_variant,
     read_dataset_info,
 )
-from .image_copies import DERIVED_DIR, ImageCopy, Op, write_copies
+from .image_copies import (
+    DERIVED_DIR,
+    MIN_CAP,
+    TASK_MAX_PIXELS_KEY,
+    ImageCopy,
+    Op,
+    cap_ops,
+    capped_size,
+    qwen2_vl_tokens,
+    write_copies,
+)
 from .io import MireInputError, OutputSet, output_lock, problem
 from .prompt_variants import (
     DEFAULT_PROMPT_VARIANT,
@@ -175,6 +185,7 @@ def convert(
     corrections_file: str | os.PathLike | None = None,
     augment: int = 0,
     augment_mask_ratio: float = DEFAULT_MASK_RATIO,
+    task_max_pixels: dict[str, int | None] | None = None,
 ) -> ConvertResult:
     """Checks everything first; on bad input raises MireInputError before writing any file.
 
@@ -184,7 +195,9 @@ def convert(
     accepted lines of `corrections_file` (corrections.py) relabel their records before the split; each split's
     registration lists those applied to it. `augment` N > 0 adds N augmented copies of every train-split record
     (augment.py: transformed images, a dialogue's customer turns masked at `augment_mask_ratio`), a train file only;
-    their images are image_copies files in output_dir/derived_images."""
+    their images are image_copies files in output_dir/derived_images. `task_max_pixels` {task: P} shrinks that task's
+    images over P pixels as LLaMA-Factory's image_max_pixels P would (image_copies `max_pixels`) into derived
+    copies, in every split: training and inference read the same files; registered per split."""
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
     if task not in TASK_CHOICES:
@@ -204,6 +217,13 @@ def convert(
         raise MireInputError(f"--augment: expected a number of copies >= 0, got {augment}")
     if not 0 <= augment_mask_ratio < 1:
         raise MireInputError(f"--augment_mask_ratio: expected a share in [0, 1), got {augment_mask_ratio}")
+    caps = {t: cap for t, cap in (task_max_pixels or {}).items() if cap is not None}
+    for t, cap in caps.items():
+        if t not in TASKS:
+            raise ValueError(f"task_max_pixels: unknown task {t!r}")
+        if cap < MIN_CAP:
+            raise MireInputError(f"--{CAP_FLAGS[t]}: expected at least {MIN_CAP} pixels (56x56, Qwen2-VL's "
+                                 f"smallest image), got {cap}")
     screenshot_text = ScreenshotText(info_file, info_max_tokens) if info_file is not None else None
     mire = read_mire_file(input_file, image_dir, kind=kind, decode_images=decode_images)
     if augment and mire.kind != "train":
@@ -245,6 +265,7 @@ def convert(
         splits = {dataset_name("test", task): records}
 
     warnings += _other_variants(existing, output_dir, variant, task, set(splits))
+    warnings += _other_caps(existing, output_dir, caps, task, set(splits))
     ext = "json" if fmt == "sharegpt" else "jsonl"
     files = {name: output_dir / f"{name}.{ext}" for name in splits}
     # Splits of this kind of file that this run no longer writes (a val split before, --val_size 0 now) go, with
@@ -254,7 +275,9 @@ def convert(
     source_dir = Path(os.path.abspath(image_dir))
 
     def plan(record: MireRecord, extra: list[tuple[Op, ...]] | None = None) -> list[ImageCopy | None]:
-        chains = [tuple(extra[i]) if extra else () for i in range(len(record.images))]
+        sizes = _sizes(record, source_dir)
+        chains = [cap_ops(sizes[i], caps.get(record.task)) + (tuple(extra[i]) if extra else ())
+                  for i in range(len(record.images))]
         return [ImageCopy(source_dir / name, ops) if ops else None for name, ops in zip(record.images, chains,
                                                                                           strict=True)]
 
@@ -297,6 +320,9 @@ def convert(
             if applied is not None:
                 for name, entry in entries.items():
                     entry[CORRECTIONS_KEY] = applied.registration({r.id for r in splits[name]})
+            if caps:
+                for entry in entries.values():
+                    entry[TASK_MAX_PIXELS_KEY] = {t: caps.get(t) for t in TASKS}
             if augmented:
                 entries[dataset_name("train", task)][AUGMENT_KEY] = augment_registration(
                     augment, len(augmented), seed, augment_mask_ratio)
@@ -314,10 +340,58 @@ def convert(
         summary += (f"\naugmented: {augment} copies of each of the {len(augmented) // augment} train records: "
                     f"{len(augmented)} more rows in {dataset_name('train', task)} ({masked} dialogues with masked "
                     f"customer turns; seed {seed})")
+    if caps:
+        summary += "\n" + _caps_summary(splits, caps, source_dir)
     if derived is not None:
         summary += (f"\nderived images in {output_dir / DERIVED_DIR}: {len(set(derived.paths.values()))} "
                     f"({derived.written} written, {derived.reused} of an earlier run kept)")
     return ConvertResult(splits, files, info, summary, warnings, removed, len(augmented))
+
+
+CAP_FLAGS = {"image": "scene_image_max_pixels", "dialogue": "dialogue_image_max_pixels"}
+
+
+def _sizes(record: MireRecord, source_dir: Path) -> list[tuple[int, int]]:
+    """(width, height) of each image: from the check's header reads, else read now."""
+    if len(record.image_sizes) == len(record.images):
+        return record.image_sizes
+    from .records import image_size
+
+    return [image_size(source_dir / name) for name in record.images]
+
+
+def _caps_summary(splits: dict[str, list[MireRecord]], caps: dict[str, int], source_dir: Path) -> str:
+    """Per capped task: how many images the cap shrank, and the image tokens of its largest image before and after
+    (Qwen2-VL's count before the recipe's image_max_pixels, which applies on top)."""
+    lines = []
+    for t in TASKS:
+        if t not in caps:
+            continue
+        sizes = [size for recs in splits.values() for r in recs if r.task == t for size in _sizes(r, source_dir)]
+        if not sizes:
+            continue
+        over = sum(1 for w, h in sizes if w * h > caps[t])
+        before = max(qwen2_vl_tokens(size) for size in sizes)
+        after = max(qwen2_vl_tokens(capped_size(*size, caps[t])) for size in sizes)
+        lines.append(f"--{CAP_FLAGS[t]} {caps[t]}: {over} of {len(sizes)} {t}-task images shrunk; image tokens of "
+                     f"the largest: {before} -> {after} (the recipe's image_max_pixels applies on top)")
+    return "\n".join(lines)
+
+
+def _other_caps(existing: dict, output_dir: Path, caps: dict[str, int], task: str, writing: set[str]) -> list[str]:
+    """Warnings for the other MIRE splits of the task selection registered in output_dir with other per-task pixel
+    caps: a model trained on one and asked the other sees images of other sizes than in training."""
+    ours = {dataset_name(split, task) for split in ("train", "val", "test")} - writing
+    mine = {t: caps.get(t) for t in TASKS}
+    out = []
+    for name in sorted(ours & set(existing)):
+        if isinstance(existing[name], dict):
+            other = existing[name].get(TASK_MAX_PIXELS_KEY) or {t: None for t in TASKS}
+            if other != mine:
+                out.append(f"{name} in {output_dir} was converted with per-task pixel caps {other}, this run uses "
+                           f"{mine}: convert every split with the same --scene_image_max_pixels and "
+                           "--dialogue_image_max_pixels, so that inference sees the pixels of training")
+    return out
 
 
 def _other_variants(existing: dict, output_dir: Path, variant: PromptVariant, task: str,

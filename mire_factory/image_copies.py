@@ -35,6 +35,9 @@ from .io import MireInputError, OutputSet, problem
 from .records import IMAGE_ERRORS, image_error
 
 DERIVED_DIR = "derived_images"
+# Per-task pixel caps (tools.convert --scene_image_max_pixels, --dialogue_image_max_pixels) in a split's registration
+TASK_MAX_PIXELS_KEY = "mire_image_max_pixels"
+MIN_CAP = 56 * 56  # Qwen2-VL's min_pixels: a smaller cap would be enlarged again by its image processor
 OPS = ("max_pixels", "scale", "gray", "brightness", "jpeg")
 _PNG_MODES = ("1", "L", "LA", "P", "RGB", "RGBA", "I", "I;16")
 MIN_SIDE = 28  # Qwen2-VL's patch: LLaMA-Factory's plugin pads smaller sides up to it
@@ -85,6 +88,23 @@ def capped_size(width: int, height: int, max_pixels: int) -> tuple[int, int]:
         return width, height
     factor = math.sqrt(max_pixels / (width * height))
     return int(width * factor), int(height * factor)
+
+
+def cap_ops(size: tuple[int, int], max_pixels: int | None) -> tuple[Op, ...]:
+    """The `max_pixels` operation when an image of this (width, height) is over the cap; () when it fits (the source
+    itself is then used: no copy)."""
+    if max_pixels is None or size[0] * size[1] <= max_pixels:
+        return ()
+    return (Op("max_pixels", int(max_pixels)),)
+
+
+def qwen2_vl_tokens(size: tuple[int, int]) -> int:
+    """Image tokens Qwen2-VL gives an image of this (width, height) that LLaMA-Factory does not shrink further:
+    smart_resize to 28-pixel multiples, one token per 28x28 (2x2 patches merged)."""
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+    height, width = smart_resize(size[1], size[0], factor=28, min_pixels=MIN_CAP, max_pixels=28 * 28 * 16384)
+    return height * width // (28 * 28)
 
 
 def apply_ops(image: Image.Image, ops: Iterable[Op]) -> Image.Image:
