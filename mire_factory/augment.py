@@ -11,7 +11,8 @@ depend on the other records or their order):
 - for a dialogue, text masking: `--augment_mask_ratio` (0.15) of the letters, digits and CJK characters of the
   customer's turns (`用户: ` lines inside the dialogue) become MASK_TOKEN; tags (`<image>`, `<http>`), punctuation
   and spaces stay, as do the agent's turns, the instruction around the dialogue and the label.
-A copy's id is `ID#augK` (K = 1..N); its images are image_copies files, written once.
+A copy's id is `ID#augK` (K = 1..N; `source_id` gives ID back: tools.merge_cot gives a copy its source's reason);
+its images are image_copies files, written once.
 """
 
 from __future__ import annotations
@@ -35,8 +36,16 @@ _PROBABILITY = {"scale": 0.5, "gray": 0.2, "brightness": 0.5, "jpeg": 0.5}
 _TAG = re.compile(r"<[^<>\n]*>")
 
 
+_COPY_ID = re.compile(r"#aug\d+$")
+
+
 def copy_id(record_id: str, k: int) -> str:
     return f"{record_id}#aug{k}"
+
+
+def source_id(row_id: str) -> str:
+    """The id of the record an augmented copy was made from (a row id that is no copy's: itself)."""
+    return _COPY_ID.sub("", row_id)
 
 
 def _op(kind: str, rng: random.Random) -> Op:

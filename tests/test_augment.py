@@ -159,3 +159,26 @@ def test_image_transforms_are_never_empty_and_cover_the_set():
         assert ops and [op.kind for op in ops] == sorted((op.kind for op in ops), key=OPS.index)
         kinds.update(op.kind for op in ops)
     assert set(kinds) == {"scale", "gray", "brightness", "jpeg"}
+
+
+def test_merge_cot_gives_a_copy_its_sources_reason(small_train, tmp_path):
+    from mire_factory.cot import merge_cot
+    from mire_factory.prompts import LABEL_KEY, REASON_KEY
+    from mire_factory.reasons import ReasonRecord
+
+    root, source = small_train
+    out = tmp_path / "out"
+    _convert("--input_file", root / "train.json", "--image_dir", root / "images", "--output_dir", out,
+             "--val_size", "0", "--augment", "1", "--prompt_variant", "cot")
+    reasons = tmp_path / "reasons.jsonl"
+    reasons.write_text("".join(ReasonRecord(rid, 2, "teacher", "ok", reason=f"理由{rid}", label=r["output"],
+                                            gold=r["output"]).to_json() + "\n" for rid, r in source.items()),
+                       encoding="utf-8")
+    report = merge_cot(out / "mire_train.json", [reasons], out / "mire_train_cot.json")
+    rows = {r["id"]: r for r in _load(out / "mire_train_cot.json")}
+    assert report.written == len(rows) == 2 * len(source) and not report.unexplained
+    train = {r["id"]: r for r in _load(out / "mire_train.json")}
+    for rid in source:
+        copy = rows[f"{rid}#aug1"]
+        assert json.loads(copy["messages"][1]["content"]) == {REASON_KEY: f"理由{rid}", LABEL_KEY: source[rid]["output"]}
+        assert copy["messages"][0] == train[f"{rid}#aug1"]["messages"][0] and copy["images"] == train[f"{rid}#aug1"]["images"]
