@@ -14,15 +14,17 @@ from .augment import registration as augment_registration
 from .corrections import CORRECTIONS_KEY, apply_corrections, read_corrections
 from .dataset_info import (
     SCREENSHOT_TEXT_KEY,
+    TASK_MAX_PIXELS_KEY,
     commit_registrations,
     dataset_name,
+    entry_caps,
     entry_variant,
+    format_caps,
     read_dataset_info,
 )
 from .image_copies import (
     DERIVED_DIR,
     MIN_CAP,
-    TASK_MAX_PIXELS_KEY,
     ImageCopy,
     Op,
     cap_ops,
@@ -337,7 +339,8 @@ def convert(
         summary += "\n" + applied.summary()
     if augmented:
         masked = sum(1 for a in augmented if a.record.task == "dialogue")
-        summary += (f"\naugmented: {augment} copies of each of the {len(augmented) // augment} train records: "
+        summary += (f"\naugmented: {augment} cop{'y' if augment == 1 else 'ies'} of each of the "
+                    f"{len(augmented) // augment} train records: "
                     f"{len(augmented)} more rows in {dataset_name('train', task)} ({masked} dialogues with masked "
                     f"customer turns; seed {seed})")
     if caps:
@@ -386,11 +389,11 @@ def _other_caps(existing: dict, output_dir: Path, caps: dict[str, int], task: st
     out = []
     for name in sorted(ours & set(existing)):
         if isinstance(existing[name], dict):
-            other = existing[name].get(TASK_MAX_PIXELS_KEY) or {t: None for t in TASKS}
+            other = entry_caps(existing[name], output_dir / "dataset_info.json", name)
             if other != mine:
-                out.append(f"{name} in {output_dir} was converted with per-task pixel caps {other}, this run uses "
-                           f"{mine}: convert every split with the same --scene_image_max_pixels and "
-                           "--dialogue_image_max_pixels, so that inference sees the pixels of training")
+                out.append(f"{name} in {output_dir} was converted with per-task pixel caps {format_caps(other)}, this "
+                           f"run with {format_caps(mine)}: convert every split with the same --scene_image_max_pixels "
+                           "and --dialogue_image_max_pixels, so that inference sees the pixels of training")
     return out
 
 

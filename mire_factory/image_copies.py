@@ -35,8 +35,6 @@ from .io import MireInputError, OutputSet, problem
 from .records import IMAGE_ERRORS, image_error
 
 DERIVED_DIR = "derived_images"
-# Per-task pixel caps (tools.convert --scene_image_max_pixels, --dialogue_image_max_pixels) in a split's registration
-TASK_MAX_PIXELS_KEY = "mire_image_max_pixels"
 MIN_CAP = 56 * 56  # Qwen2-VL's min_pixels: a smaller cap would be enlarged again by its image processor
 OPS = ("max_pixels", "scale", "gray", "brightness", "jpeg")
 _PNG_MODES = ("1", "L", "LA", "P", "RGB", "RGBA", "I", "I;16")

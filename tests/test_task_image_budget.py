@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from conftest import SAMPLE_DIR, call_main, call_tool
-from mire_factory.image_copies import DERIVED_DIR, TASK_MAX_PIXELS_KEY, capped_size, qwen2_vl_tokens
+from mire_factory.dataset_info import TASK_MAX_PIXELS_KEY
+from mire_factory.image_copies import DERIVED_DIR, capped_size, qwen2_vl_tokens
 from mire_factory.synthetic import make_records, write_dataset
 
 SCENE_CAP, DIALOGUE_CAP = 400_000, 100_000  # the synthetic images are 700x500 = 350,000 pixels
@@ -161,3 +162,37 @@ def test_sizing_under_the_caps_is_what_training_renders_from_the_converted_files
     assert proc.returncode == 0 and {(r[1], r[2]) for r in rows} == {
         ("-", "image"), ("-", "dialogue"), (str(SCENE_CAP), "image"), (str(DIALOGUE_CAP), "dialogue")}
     assert {r[5] for r in rows if r[1:3] == [str(DIALOGUE_CAP), "dialogue"]} == {str(per_image)}
+
+
+def test_inference_refuses_a_test_set_with_other_caps_than_training(data, tmp_path):
+    """A model trained on capped images, asked a test file converted without the caps (or the reverse): exit 2 with
+    the convert command that fixes it; with the same caps it goes on."""
+    import yaml
+
+    from conftest import REPO
+
+    out, model = tmp_path / "data", tmp_path / "saves"
+    flat = ["--image_dir", data / "images", "--output_dir", out]
+    _convert("--input_file", data / "train.json", *flat, *CAPS, "--val_size", "0")
+    _convert("--input_file", data / "test.json", *flat)  # without the caps: warned, and refused at inference
+    model.mkdir()
+    recipe = yaml.safe_load((REPO / "configs" / "qwen2_vl_full_sft.yaml").read_text(encoding="utf-8"))
+    recipe.update(dataset="mire_train", dataset_dir=str(out))
+    (model / "training_args.yaml").write_text(yaml.safe_dump(recipe), encoding="utf-8")
+    save = tmp_path / "p.jsonl"
+    proc = call_tool("vllm_infer", "--model_name_or_path", model, "--dataset", "mire_test", "--save_name", save)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stdout + proc.stderr
+    assert "converted with per-task pixel caps none" in errors[0]
+    assert f"--scene_image_max_pixels {SCENE_CAP} --dialogue_image_max_pixels {DIALOGUE_CAP}" in errors[0]
+    assert not save.exists()
+
+    from mire_factory.hparams import parse_args
+    from mire_factory.infer.args import InferArgs, config_values
+    from mire_factory.infer.pipeline import check_dataset_caps
+
+    _convert("--input_file", data / "test.json", *flat, *CAPS)
+    args = parse_args(InferArgs, ["--model_name_or_path", str(model), "--dataset", "mire_test"], None,
+                      config_values=config_values)
+    assert args.task_image_max_pixels == f"image={SCENE_CAP},dialogue={DIALOGUE_CAP}"
+    check_dataset_caps(args)  # the same caps: no refusal

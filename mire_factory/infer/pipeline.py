@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..dataset_info import DATASET_INFO, dataset_entry, entry_variant
+from ..dataset_info import DATASET_INFO, dataset_entry, entry_caps, entry_variant, format_caps, parse_caps
 from ..io import MireInputError, problem
 from ..prompt_variants import PROMPT_VARIANTS, PromptVariant
 from ..records import IMAGE_ERRORS, image_size
@@ -65,9 +65,34 @@ def dataset_variant(args: InferArgs) -> PromptVariant:
     return variant
 
 
+def check_dataset_caps(args: InferArgs) -> None:
+    """Refused when the dataset's images were shrunk to other per-task caps than the model's training data's
+    (tools.convert --scene_image_max_pixels / --dialogue_image_max_pixels): it would see other pixels than in
+    training."""
+    if args.task_image_max_pixels is None:
+        return
+    info_path = Path(args.dataset_dir) / DATASET_INFO
+    try:
+        trained = parse_caps(args.task_image_max_pixels)
+    except ValueError as exc:
+        raise MireInputError(f"--task_image_max_pixels: {exc}") from None
+    have = entry_caps(dataset_entry(args.dataset, args.dataset_dir), info_path, args.dataset)
+    if have != trained:
+        flags = " ".join(f"--{flag} {trained[t]}" for t, flag in (("image", "scene_image_max_pixels"),
+                                                                   ("dialogue", "dialogue_image_max_pixels"))
+                         if trained[t] is not None)
+        raise MireInputError(problem(
+            info_path, None, args.dataset,
+            f"converted with per-task pixel caps {format_caps(have)}, but the model was trained on images converted "
+            f"with {format_caps(trained)}{f' ({args.config})' if args.config else ''}: convert the test file with "
+            f"tools.convert {flags or 'without --scene_image_max_pixels and --dialogue_image_max_pixels'}, so that "
+            "its images are those of training"))
+
+
 def run(args: InferArgs) -> Path:
     check_args(args)
     variant = dataset_variant(args)
+    check_dataset_caps(args)
     records = read_sharegpt(args.dataset, args.dataset_dir)
     save_path = Path(args.save_name)
     if args.merge_shards:
