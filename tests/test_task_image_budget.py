@@ -195,4 +195,13 @@ def test_inference_refuses_a_test_set_with_other_caps_than_training(data, tmp_pa
     args = parse_args(InferArgs, ["--model_name_or_path", str(model), "--dataset", "mire_test"], None,
                       config_values=config_values)
     assert args.task_image_max_pixels == f"image={SCENE_CAP},dialogue={DIALOGUE_CAP}"
-    check_dataset_caps(args)  # the same caps: no refusal
+    assert check_dataset_caps(args) == args.task_image_max_pixels  # the same caps: no refusal
+
+    # the caps are part of the predictions' origin (a resume from images of other sizes is refused), when set
+    from mire_factory.infer.origin import make_origin
+    from mire_factory.prompt_variants import get_prompt_variant
+
+    plain = get_prompt_variant("plain")
+    assert make_origin(args, plain, args.task_image_max_pixels)["origin"]["task_image_max_pixels"] == \
+        f"image={SCENE_CAP},dialogue={DIALOGUE_CAP}"
+    assert "task_image_max_pixels" not in make_origin(args, plain)["origin"]

@@ -65,18 +65,18 @@ def dataset_variant(args: InferArgs) -> PromptVariant:
     return variant
 
 
-def check_dataset_caps(args: InferArgs) -> None:
-    """Refused when the dataset's images were shrunk to other per-task caps than the model's training data's
-    (tools.convert --scene_image_max_pixels / --dialogue_image_max_pixels): it would see other pixels than in
-    training."""
-    if args.task_image_max_pixels is None:
-        return
+def check_dataset_caps(args: InferArgs) -> str:
+    """The per-task pixel caps the dataset's images were shrunk to (tools.convert --scene_image_max_pixels /
+    --dialogue_image_max_pixels; format_caps); refused when they are not the model's training data's: it would see
+    other pixels than in training."""
     info_path = Path(args.dataset_dir) / DATASET_INFO
+    have = entry_caps(dataset_entry(args.dataset, args.dataset_dir), info_path, args.dataset)
+    if args.task_image_max_pixels is None:
+        return format_caps(have)
     try:
         trained = parse_caps(args.task_image_max_pixels)
     except ValueError as exc:
         raise MireInputError(f"--task_image_max_pixels: {exc}") from None
-    have = entry_caps(dataset_entry(args.dataset, args.dataset_dir), info_path, args.dataset)
     if have != trained:
         flags = " ".join(f"--{flag} {trained[t]}" for t, flag in (("image", "scene_image_max_pixels"),
                                                                    ("dialogue", "dialogue_image_max_pixels"))
@@ -87,12 +87,13 @@ def check_dataset_caps(args: InferArgs) -> None:
             f"with {format_caps(trained)}{f' ({args.config})' if args.config else ''}: convert the test file with "
             f"tools.convert {flags or 'without --scene_image_max_pixels and --dialogue_image_max_pixels'}, so that "
             "its images are those of training"))
+    return format_caps(have)
 
 
 def run(args: InferArgs) -> Path:
     check_args(args)
     variant = dataset_variant(args)
-    check_dataset_caps(args)
+    dataset_caps = check_dataset_caps(args)
     records = read_sharegpt(args.dataset, args.dataset_dir)
     save_path = Path(args.save_name)
     if args.merge_shards:
@@ -106,7 +107,7 @@ def run(args: InferArgs) -> Path:
         save_path = shard_path(save_path, args.shard_index, args.num_shards)
     log = PredictionsLog(save_path)
     with log.lock():
-        start_output(save_path, make_origin(args, variant), overwrite=args.overwrite)
+        start_output(save_path, make_origin(args, variant, dataset_caps), overwrite=args.overwrite)
         done = log.done()
         todo = [r for r in records if r.id not in done or (args.retry_failed and done[r.id].get("error"))]
         n_failed = sum(1 for r in records if r.id in done and done[r.id].get("error"))
