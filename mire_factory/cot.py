@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .augment import source_id
 from .corrections import registered_reason_fixes
 from .dataset_info import COT_LAYOUT_KEY, commit_registrations, entry_variant, file_registration, read_dataset_info
 from .io import MireInputError, OutputSet, problem
@@ -207,7 +208,9 @@ def merge_cot(
     out_rows = []
     for record in records:
         gold = record.output
-        usable = [r for r in by_id.get(record.id, []) if r.status == "ok" and (r.reason or "").strip()]
+        # an augmented copy (tools.convert --augment, id ID#augK) has its source's reasons: the same label
+        lines = by_id.get(record.id) or by_id.get(source_id(record.id), [])
+        usable = [r for r in lines if r.status == "ok" and (r.reason or "").strip()]
         chosen = next((r for r in usable if normalize_label(r.label or "") == gold), None)
         if chosen is None and usable:
             report.mismatched.append((record.id, usable[0].label or "", gold))

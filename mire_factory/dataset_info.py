@@ -21,6 +21,37 @@ PROMPT_VARIANT_KEY = "mire_prompt_variant"
 COT_LAYOUT_KEY = "mire_cot_layout"
 # A screenshot-text variant's source: the info file, its token budget and origin, and how many records it cut.
 SCREENSHOT_TEXT_KEY = "mire_screenshot_text"
+# Per-task pixel caps the split's images were shrunk to (tools.convert --scene_image_max_pixels and
+# --dialogue_image_max_pixels): {"image": P or null, "dialogue": P or null}; absent: none.
+TASK_MAX_PIXELS_KEY = "mire_image_max_pixels"
+CAP_TASKS = ("image", "dialogue")
+
+
+def entry_caps(entry: dict, where: str | os.PathLike, name: str) -> dict[str, int | None]:
+    """The per-task pixel caps a registration records, every task present (None: no cap)."""
+    caps = entry.get(TASK_MAX_PIXELS_KEY) or {}
+    if not isinstance(caps, dict) or not all(isinstance(caps.get(t), int | None) for t in CAP_TASKS):
+        raise MireInputError(problem(where, None, f"{name}.{TASK_MAX_PIXELS_KEY}",
+                                     f"expected {{task: pixels or null}}, got {caps!r}"))
+    return {t: caps.get(t) for t in CAP_TASKS}
+
+
+def format_caps(caps: dict[str, int | None]) -> str:
+    """'image=P,dialogue=P' (tasks without a cap left out), or 'none'."""
+    return ",".join(f"{t}={caps[t]}" for t in CAP_TASKS if caps.get(t) is not None) or "none"
+
+
+def parse_caps(text: str) -> dict[str, int | None]:
+    """format_caps' text back; ValueError naming what is wrong."""
+    caps: dict[str, int | None] = {t: None for t in CAP_TASKS}
+    if text.strip() == "none":
+        return caps
+    for part in text.split(","):
+        task, _, value = part.partition("=")
+        if task.strip() not in CAP_TASKS or not value.strip().isdigit():
+            raise ValueError(f"expected 'none' or 'image=P,dialogue=P' (either may be left out), got {text!r}")
+        caps[task.strip()] = int(value)
+    return caps
 
 
 def entry_variant(entry: dict, where: str | os.PathLike, name: str) -> PromptVariant:

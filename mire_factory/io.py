@@ -201,6 +201,8 @@ class OutputSet:
         self._staged: dict[Path, Path] = {}  # target -> temp
         self._removals: list[Path] = []
         self._made_dirs: list[Path] = []  # removed again (when still empty) if the set is discarded
+        self._cleaned: set[Path] = set()  # folders already rid of killed runs' temps (once per set: a set of
+        # thousands of files in one folder, derived images, must not rescan it per file)
         self.committed: list[Path] = []
         self.done = False
 
@@ -213,7 +215,9 @@ class OutputSet:
         missing = [p for p in (target.parent, *target.parent.parents) if not p.exists()]
         target.parent.mkdir(parents=True, exist_ok=True)
         self._made_dirs += missing
-        clean_stale_temps(target.parent)
+        if target.parent not in self._cleaned:
+            clean_stale_temps(target.parent)
+            self._cleaned.add(target.parent)
         self._staged[target] = tmp = _new_temp(target)
         return tmp
 

@@ -8,9 +8,12 @@ one token per 28x28 patch), the real Qwen2 tokenizer, the label as the assistant
     python -m mire_factory.recipe_sizing --input_file ../shared/mire_sample/train_sample.json \
         --image_dir ../shared/mire_sample/images --image_max_pixels 401408,589824,1003520
         [--prompt_variant screenshot_text --info_file info.jsonl [--info_max_tokens 256]]
+        [--scene_image_max_pixels P] [--dialogue_image_max_pixels P]
 
 With --prompt_variant the user turn is the variant's (a screenshot-text variant adds each record's image text, at
-most --info_max_tokens tokens of it), as tools.convert writes it.
+most --info_max_tokens tokens of it), as tools.convert writes it. With a per-task cap (tools.convert's flags of the
+same names) each budget is measured twice: without the caps, and with each task's images first shrunk to its cap as
+tools.convert writes them (image_copies), then to the budget as LLaMA-Factory does.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from .image_copies import MIN_CAP
 from .io import MireInputError, run_cli
 from .prompt_variants import PROMPT_VARIANTS
 from .records import MireRecord, load_records
@@ -61,10 +65,13 @@ def build_renderer(image_max_pixels: int, image_min_pixels: int = 32 * 32):
 
 
 def record_length(record: MireRecord, image_dir: str | os.PathLike, renderer, user: str | None = None,
-                  answer: str | None = None) -> RecordLength:
-    """The record's length with its turns as given (default: the instruction and the bare label)."""
+                  answer: str | None = None, max_pixels: int | None = None) -> RecordLength:
+    """The record's length with its turns as given (default: the instruction and the bare label); `max_pixels`: its
+    images shrunk first to that cap, as tools.convert's per-task caps write them."""
     template, tokenizer, processor = renderer
     images = [str(Path(image_dir) / name) for name in record.images]
+    if max_pixels is not None:
+        images = [_capped(path, max_pixels) for path in images]
     messages = [
         {"role": "user", "content": record.instruction if user is None else user},
         {"role": "assistant", "content": (record.output or "") if answer is None else answer},
@@ -81,15 +88,32 @@ def record_length(record: MireRecord, image_dir: str | os.PathLike, renderer, us
     )
 
 
+def _capped(path: str, max_pixels: int):
+    """The image as tools.convert's cap writes it (a PIL image; the source path when it fits)."""
+    from PIL import Image
+
+    from .image_copies import apply_ops, cap_ops
+
+    with Image.open(path) as image:
+        ops = cap_ops(image.size, max_pixels)
+        if not ops:
+            return path
+        image.load()
+        return apply_ops(image, ops)
+
+
 def measure(records: list[MireRecord], image_dir: str | os.PathLike, image_max_pixels: int,
             prompt_variant: str | None = None, info_file: str | os.PathLike | None = None,
-            info_max_tokens: int | None = None) -> list[RecordLength]:
+            info_max_tokens: int | None = None,
+            task_max_pixels: dict[str, int | None] | None = None) -> list[RecordLength]:
     """Each record's length as training renders it; with a prompt variant, its turns as tools.convert writes them
     (a screenshot-text variant's image text from `info_file`, within `info_max_tokens`; a CoT answer without its
-    reason: merge_cot's reasons add at most 100 tokens more)."""
+    reason: merge_cot's reasons add at most 100 tokens more); with `task_max_pixels` {task: P}, each task's images
+    shrunk to its cap first, as tools.convert's --scene_image_max_pixels / --dialogue_image_max_pixels write them."""
     renderer = build_renderer(image_max_pixels)
+    caps = task_max_pixels or {}
     if prompt_variant is None:
-        return [record_length(r, image_dir, renderer) for r in records]
+        return [record_length(r, image_dir, renderer, max_pixels=caps.get(r.task)) for r in records]
     from .convert import user_content
     from .prompt_variants import get_prompt_variant
     from .screenshot_text import ScreenshotText
@@ -101,7 +125,7 @@ def measure(records: list[MireRecord], image_dir: str | os.PathLike, image_max_p
                                                                                                 "records")
                 if variant.context else [None] * len(records))
     return [record_length(r, image_dir, renderer, variant.user_turn(user_content(r), r.task, context),
-                          variant.answer(r.output) if r.output else "")
+                          variant.answer(r.output) if r.output else "", caps.get(r.task))
             for r, context in zip(records, contexts, strict=True)]
 
 
@@ -140,16 +164,28 @@ def main(argv: list[str] | None = None) -> int:
                              "instruction and the label)")
     parser.add_argument("--info_file", help="a screenshot_text variant's image text (tools.extract_info)")
     parser.add_argument("--info_max_tokens", type=int, default=DEFAULT_INFO_MAX_TOKENS)
+    parser.add_argument("--scene_image_max_pixels", type=int,
+                        help="also measure with the image task's images shrunk to this cap (tools.convert's flag)")
+    parser.add_argument("--dialogue_image_max_pixels", type=int,
+                        help="also measure with the dialogues' images shrunk to this cap (tools.convert's flag)")
     args = parser.parse_args(argv)
+    caps = {t: cap for t, cap in (("image", args.scene_image_max_pixels),
+                                   ("dialogue", args.dialogue_image_max_pixels)) if cap is not None}
+    for name, cap in (("scene", args.scene_image_max_pixels), ("dialogue", args.dialogue_image_max_pixels)):
+        if cap is not None and cap < MIN_CAP:
+            raise MireInputError(f"--{name}_image_max_pixels: expected at least {MIN_CAP} pixels, got {cap}")
     records = load_records(args.input_file, args.image_dir, kind="train")
-    print("image_max_pixels | task | records | max images | tokens/image (max) | total min/median/max | "
+    print("image_max_pixels | task cap | task | records | max images | tokens/image (max) | total min/median/max | "
           "text-only max | smallest cutoff_len (x1024) holding all")
     for budget in (int(b) for b in args.image_max_pixels.split(",")):
-        lengths = measure(records, args.image_dir, budget, args.prompt_variant, args.info_file, args.info_max_tokens)
-        cutoff = smallest_cutoff(lengths)
-        for task, row in summary_rows(lengths).items():
-            print(f"{budget} | {task} | {row['records']} | {row['max_images']} | {row['tokens_per_image_max']} | "
-                  f"{row['total_min']}/{row['total_median']}/{row['total_max']} | {row['text_max']} | {cutoff}")
+        for task_caps in ({}, caps) if caps else ({},):
+            lengths = measure(records, args.image_dir, budget, args.prompt_variant, args.info_file,
+                              args.info_max_tokens, task_caps)
+            cutoff = smallest_cutoff(lengths)
+            for task, row in summary_rows(lengths).items():
+                print(f"{budget} | {task_caps.get(task, '-')} | {task} | {row['records']} | {row['max_images']} | "
+                      f"{row['tokens_per_image_max']} | {row['total_min']}/{row['total_median']}/{row['total_max']} "
+                      f"| {row['text_max']} | {cutoff}")
     return 0
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..dataset_info import DATASET_INFO, PROMPT_VARIANT_KEY, read_dataset_info
+from ..dataset_info import DATASET_INFO, PROMPT_VARIANT_KEY, entry_caps, format_caps, read_dataset_info
 from ..hparams import read_yaml
 from ..io import MireInputError, problem
 from ..prompt_variants import PROMPT_VARIANTS
@@ -47,6 +47,10 @@ class InferArgs:
         "help": "the prompt variant the model was trained with (from --config: its training data's registration); "
                 "must equal the dataset's. Default: the dataset's registered variant. Choices: "
                 + ", ".join(PROMPT_VARIANTS)})
+    task_image_max_pixels: str | None = field(default=None, metadata={
+        "help": "the per-task pixel caps the model's training data was converted with (tools.convert "
+                "--scene_image_max_pixels / --dialogue_image_max_pixels), as 'image=P,dialogue=P' or 'none'; from "
+                "--config: its training data's registration; must equal the dataset's. Default: the dataset's"})
     backend: str | None = field(default=None, metadata={
         "help": "generation backend (infer/backends.py); default: hf, measured faster than vllm on an H200 "
                 "(BENCHMARKS.md, vLLM)",
@@ -109,6 +113,18 @@ def variant_of(dataset_dir: str | os.PathLike, names: list[str]) -> str | None:
     return found.pop() if len(found) == 1 and len(names) == len([n for n in names if n in info]) else None
 
 
+def caps_of(dataset_dir: str | os.PathLike, names: list[str]) -> str | None:
+    """The per-task pixel caps (format_caps) shared by the registrations of `names` in dataset_dir; None when unknown
+    or when they differ."""
+    if not names or not (Path(dataset_dir) / DATASET_INFO).is_file():
+        return None
+    info = read_dataset_info(dataset_dir)
+    if not all(isinstance(info.get(n), dict) for n in names):
+        return None
+    found = {format_caps(entry_caps(info[n], Path(dataset_dir) / DATASET_INFO, n)) for n in names}
+    return found.pop() if len(found) == 1 else None
+
+
 def settings_from_yaml(data: dict, source: str, model_dir: str | None = None) -> dict[str, Any]:
     """InferArgs values from a LLaMA-Factory YAML (predict or training) or a trained model's saved arguments."""
     out: dict[str, Any] = {}
@@ -136,6 +152,9 @@ def settings_from_yaml(data: dict, source: str, model_dir: str | None = None) ->
         variant = variant_of(data["dataset_dir"], train_sets)
         if variant:
             out["prompt_variant"] = variant
+        caps = caps_of(data["dataset_dir"], train_sets)
+        if caps:
+            out["task_image_max_pixels"] = caps
     for key in ("cutoff_len", "image_max_pixels", "image_min_pixels", "max_new_tokens"):
         if key in out and not isinstance(out[key], int):
             raise MireInputError(problem(source, None, key, f"expected an integer, got {out[key]!r}"))

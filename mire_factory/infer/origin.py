@@ -48,8 +48,9 @@ def _where(model: str | None) -> str | None:
     return str(Path(model).resolve()) if model and Path(model).exists() else model
 
 
-def make_origin(args, variant) -> dict:
-    """The identity of a run's predictions (compared on resume) and how it ran (recorded only)."""
+def make_origin(args, variant, dataset_caps: str = "none") -> dict:
+    """The identity of a run's predictions (compared on resume) and how it ran (recorded only). `dataset_caps`: the
+    per-task pixel caps the dataset was converted with (dataset_info.format_caps), part of the identity when any."""
     return {
         "origin": {
             "model_name_or_path": _where(args.model_name_or_path),
@@ -57,6 +58,8 @@ def make_origin(args, variant) -> dict:
             "adapter_name_or_path": _where(args.adapter_name_or_path),
             "adapter_weights": weights_fingerprint(args.adapter_name_or_path),
             "prompt_variant": variant.name,
+            # only when set, so that predictions from before the caps existed still resume
+            **({"task_image_max_pixels": dataset_caps} if dataset_caps != "none" else {}),
             **{name: getattr(args, name) for name in IDENTITY_SETTINGS},
         },
         "run": {name: getattr(args, name) for name in RUN_SETTINGS},

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..dataset_info import DATASET_INFO, dataset_entry, entry_variant
+from ..dataset_info import DATASET_INFO, dataset_entry, entry_caps, entry_variant, format_caps, parse_caps
 from ..io import MireInputError, problem
 from ..prompt_variants import PROMPT_VARIANTS, PromptVariant
 from ..records import IMAGE_ERRORS, image_size
@@ -65,9 +65,35 @@ def dataset_variant(args: InferArgs) -> PromptVariant:
     return variant
 
 
+def check_dataset_caps(args: InferArgs) -> str:
+    """The per-task pixel caps the dataset's images were shrunk to (tools.convert --scene_image_max_pixels /
+    --dialogue_image_max_pixels; format_caps); refused when they are not the model's training data's: it would see
+    other pixels than in training."""
+    info_path = Path(args.dataset_dir) / DATASET_INFO
+    have = entry_caps(dataset_entry(args.dataset, args.dataset_dir), info_path, args.dataset)
+    if args.task_image_max_pixels is None:
+        return format_caps(have)
+    try:
+        trained = parse_caps(args.task_image_max_pixels)
+    except ValueError as exc:
+        raise MireInputError(f"--task_image_max_pixels: {exc}") from None
+    if have != trained:
+        flags = " ".join(f"--{flag} {trained[t]}" for t, flag in (("image", "scene_image_max_pixels"),
+                                                                   ("dialogue", "dialogue_image_max_pixels"))
+                         if trained[t] is not None)
+        raise MireInputError(problem(
+            info_path, None, args.dataset,
+            f"converted with per-task pixel caps {format_caps(have)}, but the model was trained on images converted "
+            f"with {format_caps(trained)}{f' ({args.config})' if args.config else ''}: convert the test file with "
+            f"tools.convert {flags or 'without --scene_image_max_pixels and --dialogue_image_max_pixels'}, so that "
+            "its images are those of training"))
+    return format_caps(have)
+
+
 def run(args: InferArgs) -> Path:
     check_args(args)
     variant = dataset_variant(args)
+    dataset_caps = check_dataset_caps(args)
     records = read_sharegpt(args.dataset, args.dataset_dir)
     save_path = Path(args.save_name)
     if args.merge_shards:
@@ -81,7 +107,7 @@ def run(args: InferArgs) -> Path:
         save_path = shard_path(save_path, args.shard_index, args.num_shards)
     log = PredictionsLog(save_path)
     with log.lock():
-        start_output(save_path, make_origin(args, variant), overwrite=args.overwrite)
+        start_output(save_path, make_origin(args, variant, dataset_caps), overwrite=args.overwrite)
         done = log.done()
         todo = [r for r in records if r.id not in done or (args.retry_failed and done[r.id].get("error"))]
         n_failed = sum(1 for r in records if r.id in done and done[r.id].get("error"))
