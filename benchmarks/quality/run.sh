@@ -32,8 +32,9 @@ case $cmd in
   install)
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
       .whl/*.whl || exit 1
-    PYTHONPATH=$SITE python3 -c "import transformers, llamafactory, gguf; print('transformers', \
-      transformers.__version__, 'llamafactory', llamafactory.__version__, 'gguf', gguf.__version__)" ;;
+    # gguf has no __version__: its version comes from the installed metadata
+    PYTHONPATH=$SITE python3 -c "import transformers, llamafactory, importlib.metadata as m; print('transformers', \
+      transformers.__version__, 'llamafactory', llamafactory.__version__, 'gguf', m.version('gguf'))" ;;
   keep)
     python3 benchmarks/gpu/chunks.py keep "$@" --dest "$STAGE" ;;
   start)
