@@ -107,14 +107,61 @@ def test_screenshot_text_hook(split, tmp_path):
     assert all((tmp_path / "data_ocr" / image).is_file() for r in rows for image in r["images"])
 
 
+@pytest.mark.parametrize(("spec", "message"), [
+    ("augment", 'expected NAME="TOOLS.CONVERT ARGS", e.g. augment="--augment 1"'),
+    ("Aug-1=--augment 1", "the name 'Aug-1' must be a lower-case identifier (a-z, 0-9, _; a letter first; at most 32)"),
+    ("ocr=--augment 1", "the name 'ocr' is the harness's own; choose another"),
+    ("a=", "no tools.convert arguments (the plain data is the fine_tuned row already)"),
+    ("a=--aug 1", "tools.convert has no flag --aug (give flags in full; python -m tools.convert --help lists them)"),
+    ("a=--augment x", "tools.convert refuses it: argument --augment: invalid int value: 'x'"),
+    ("a=--dialogue_image_max_pixels 100", "tools.convert refuses it: --dialogue_image_max_pixels must be at least "
+                                          "3136 pixels (56x56, Qwen2-VL's smallest image), got 100"),
+    ("a=--val_size 0.2", "--val_size is set by the harness for each conversion; leave it out"),
+    ("a=--info_file {info_file}", "{info_file} needs --info_file"),
+])
+def test_bad_variant_is_one_line(split, tmp_path, spec, message):
+    from benchmarks.quality.run import main
+
+    proc = call_main(main, "--train_file", split / "train.json", "--test_file", split / "test.json", "--image_dir",
+                     split / "images", "--out", "t", "--workdir", tmp_path / "w", "--device", "cpu",
+                     "--variant", "ok=--augment 1", "--variant", spec)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"error: --variant {spec!r}: {message}"]
+    assert not (tmp_path / "w").exists()  # refused before any stage
+
+
+def test_variant_name_given_twice_is_one_line(split, tmp_path):
+    from benchmarks.quality.run import main
+
+    proc = call_main(main, "--train_file", split / "train.json", "--test_file", split / "test.json", "--image_dir",
+                     split / "images", "--out", "t", "--workdir", tmp_path / "w", "--device", "cpu",
+                     "--variant", "aug=--augment 1", "--variant", "aug=--augment 2")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["error: --variant: the name 'aug' is given twice"]
+
+
+def test_variant_test_conversions_leave_train_only_flags_out():
+    from benchmarks.quality.run import parse_variant
+
+    v = parse_variant("both=--augment=2 --augment-mask-ratio 0.2 --dialogue_image_max_pixels 175616", None)
+    assert v.train_args == ["--augment=2", "--augment-mask-ratio", "0.2", "--dialogue_image_max_pixels", "175616"]
+    assert v.test_args == ["--dialogue_image_max_pixels", "175616"]  # tools.convert refuses --augment on a test file
+    assert parse_variant("augment=--augment 1", None).test_args == []
+
+
 @pytest.mark.slow
 def test_harness_smoke_every_stage_then_resumes(split, tiny_model_dir, tmp_path):
-    """--smoke with the tiny model: every stage runs through the project's tools for two seeds, then the report
-    and the plot; a rerun skips every stage, and a lost output reruns its stage alone."""
+    """--smoke with the tiny model: every stage runs through the project's tools for two seeds, the plain data and
+    a --variant (augmented copies, dialogue images capped), then the report and the plot; a rerun skips every
+    stage, a lost output reruns its stage alone, and the variant under other arguments is refused."""
+    from mire_factory.augment import AUGMENT_KEY
+    from mire_factory.dataset_info import TASK_MAX_PIXELS_KEY
+
     work, results = tmp_path / "work", tmp_path / "results"
+    variant = "aug_cap=--augment 1 --dialogue_image_max_pixels 3136"
     args = [HARNESS, "--train_file", split / "train.json", "--test_file", split / "test.json", "--image_dir",
             split / "images", "--seeds", 0, 1, "--out", "t", "--smoke", "--model_dir", tiny_model_dir,
-            "--workdir", work, "--results_dir", results, "--device", "cpu", "--parallel", 2]
+            "--workdir", work, "--results_dir", results, "--device", "cpu", "--parallel", 2, "--variant", variant]
     proc = script(*args)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((results / "t.json").read_text(encoding="utf-8"))
@@ -133,9 +180,38 @@ def test_harness_smoke_every_stage_then_resumes(split, tiny_model_dir, tmp_path)
     assert (results / "t_eval_f1.png").stat().st_size > 10_000
     assert {"untrained", "train_label_s1", "infer_label_s1"} <= set(result["timings_s"])
 
+    # the variant: its own data (train split with one augmented copy each, every split's dialogue images capped;
+    # the test and evaluation splits without copies), trained and inferred per seed, reported against fine_tuned
+    data = work / "data_aug_cap"
+    info = json.loads((data / "dataset_info.json").read_text(encoding="utf-8"))
+    assert len(json.loads((data / "mire_train.json").read_text(encoding="utf-8"))) == 32  # 16 records + 16 copies
+    assert info["mire_train"][AUGMENT_KEY]["rows"] == 16
+    for name in ("mire_train", "mire_test", "mire_quality_eval"):
+        assert info[name][TASK_MAX_PIXELS_KEY] == {"image": None, "dialogue": 3136}, name
+        assert AUGMENT_KEY not in info[name] or name == "mire_train"
+    evald = json.loads((work / "eval_aug_cap" / "mire_train.json").read_text(encoding="utf-8"))
+    assert len(evald) == 8  # the labelled test split, without copies
+    assert all((data / image).is_file() for row in evald for image in row["images"])  # resolve from data_aug_cap
+    part = result["variants"]["aug_cap"]
+    assert part["convert_args"] == "--augment 1 --dialogue_image_max_pixels 3136"
+    assert part["test_convert_args"] == "--dialogue_image_max_pixels 3136" and part["train_rows"] == 32
+    for task in ("image", "dialogue", "overall"):
+        assert set(part[task]["per_seed"]) == {"0", "1"} and 0 <= part[task]["mean"] <= 1, task
+        assert part["vs_fine_tuned"][task]["mean"] == round(part[task]["mean"] - result["fine_tuned"][task]["mean"],
+                                                            4)
+    for seed in (0, 1):
+        assert (work / f"aug_cap_s{seed}" / "infer" / "predictions.jsonl").is_file()
+    assert {"data_aug_cap", "train_aug_cap_s0", "infer_aug_cap_s1"} <= set(result["timings_s"])
+    assert [p["step"] for p in result["eval_f1_curves"]["seed 1, aug_cap"]] == [2]
+    assert "variant aug_cap" in proc.stdout and "minus fine_tuned" in proc.stdout
+
     proc = script(*args)
-    assert proc.returncode == 0 and proc.stdout.count("done earlier") == 9, proc.stdout
+    assert proc.returncode == 0 and proc.stdout.count("done earlier") == 14, proc.stdout
     (work / "label_s1" / "infer" / "metrics.json").unlink()
     proc = script(*args)
-    assert proc.returncode == 0 and proc.stdout.count("done earlier") == 8, proc.stdout
+    assert proc.returncode == 0 and proc.stdout.count("done earlier") == 13, proc.stdout
     assert "[infer_label_s1] ..." in proc.stdout
+    proc = script(*args[:-1], "aug_cap=--augment 2")
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"error: {work}: --variant aug_cap: this work folder converted it with '--augment 1 "
+        "--dialogue_image_max_pixels 3136', not '--augment 2'; use another name or --workdir"]

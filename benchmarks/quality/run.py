@@ -2,6 +2,7 @@
 
     python benchmarks/quality/run.py --train_file T.json --test_file S.json --image_dir IMAGES --seeds 0 1 \
         --out NAME (--model_dir M | --gguf G.gguf) [--workdir W] [--info_file OCR.jsonl] [--smoke]
+    [--variant NAME="TOOLS.CONVERT ARGS" ...]
 
 Every stage goes through the project's own tools, as a user would run them:
   model      tools.make_tiny_model --preset real-0.5b --gguf G (real Qwen2.5-Coder-0.5B-Instruct language model,
@@ -15,8 +16,11 @@ Every stage goes through the project's own tools, as a user would run them:
   infer      tools.vllm_infer --backend hf and tools.cal_acc on the fine-tuned model, per seed
   ocr        the same train and infer on `tools.convert --prompt_variant` data with screenshot text, when tools.convert
              offers the variant and --info_file is given; else recorded as not run
+  variants   per --variant NAME="ARGS": the same train and infer on data converted with those tools.convert
+             arguments (train, test and evaluation split; train-only flags such as --augment on the train file only)
   report     benchmarks/quality/results/NAME.json (per-task weighted F1, mean and per seed, under `untrained`,
-             `fine_tuned`, `fine_tuned_ocr`, `tfidf_anchor`), NAME_eval_f1.png (the callback's eval_f1 curves)
+             `fine_tuned`, `fine_tuned_ocr`, `tfidf_anchor`, and `variants` with each one's difference against
+             `fine_tuned`), NAME_eval_f1.png (the callback's eval_f1 curves)
 
 Resumable: a stage whose outputs exist is skipped (a rerun after a kill redoes only what is missing); one harness
 at a time per work folder. Each stage prints its wall time; the subprocesses' output goes to W/logs/.
@@ -30,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import shutil
 import statistics
@@ -56,6 +61,14 @@ TASKS = ("image", "dialogue", "overall")
 # The screenshot-text variant (the extraction issue's): the arguments tools.convert takes for it. {info_file} is
 # replaced by --info_file (an info file of tools.extract_info; images are found by their bytes).
 OCR_CONVERT_ARGS = "--prompt_variant screenshot_text --info_file {info_file}"
+# tools.convert flags that act on a train file's train split only: a variant's test and evaluation conversions leave
+# them out (tools.convert refuses --augment on a test file, and the labelled test split must not get copies).
+TRAIN_ONLY_CONVERT_FLAGS = ("--augment", "--augment_mask_ratio")
+# tools.convert flags the harness sets for each conversion itself
+HARNESS_CONVERT_FLAGS = ("--input_file", "--image_dir", "--output_dir", "--val_size", "--kind")
+# run and data folders, stage and report names the harness uses itself
+RESERVED_VARIANTS = ("label", "ocr", "untrained", "fine_tuned", "model", "anchor", "smoke", "logs")
+VARIANT_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
 
 
 @dataclass
@@ -82,6 +95,23 @@ class Recipe:
 
 
 @dataclass
+class Variant:
+    """--variant NAME="ARGS": a data variant, tools.convert with ARGS added (train_args: the train file's conversion;
+    test_args: the test and evaluation conversions, ARGS less TRAIN_ONLY_CONVERT_FLAGS)."""
+
+    name: str
+    convert_args: str  # as given ({info_file} kept: the results name no machine's paths)
+    train_args: list[str]
+    test_args: list[str]
+
+    def data(self, work: Path) -> Path:
+        return work / f"data_{self.name}"
+
+    def evald(self, work: Path) -> Path:
+        return work / f"eval_{self.name}"
+
+
+@dataclass
 class Plan:
     train_file: Path
     test_file: Path
@@ -98,6 +128,7 @@ class Plan:
     smoke: bool
     recipe: Recipe = field(default_factory=Recipe)
     parallel: int = 1  # fine-tuning runs at a time
+    variants: list[Variant] = field(default_factory=list)  # --variant, in the order given
     timings: dict = field(default_factory=dict)
 
 
@@ -173,12 +204,16 @@ def build_model(plan: Plan) -> None:
                                           "--gguf", plan.gguf, "--device", plan.device))
 
 
-def convert_data(plan: Plan, data: Path, evald: Path, extra: list[str], tag: str) -> None:
+def convert_data(plan: Plan, data: Path, evald: Path, extra: list[str], tag: str,
+                 test_extra: list[str] | None = None) -> None:
     """tools.convert into `data` (mire_train, mire_test) and `evald` (the labelled test split), which `data`'s
-    dataset_info.json registers as EVAL_DATASET. The two folders are siblings, so the image paths that
-    tools.convert writes relative to each resolve the same from `data` (LLaMA-Factory's media_dir)."""
-    from mire_factory.dataset_info import register
-    from mire_factory.sharegpt import sharegpt_entry
+    dataset_info.json registers as EVAL_DATASET (with the evaluation split's own registration: prompt variant, caps).
+    The two folders are siblings, so the image paths that tools.convert writes relative to each resolve the same from
+    `data` (LLaMA-Factory's media_dir; a derived image of the evaluation split is the test split's, by name).
+    `extra` goes to every conversion, `test_extra` (default `extra`) instead to the test and evaluation ones."""
+    from mire_factory.dataset_info import read_dataset_info, register
+
+    test_extra = extra if test_extra is None else test_extra
 
     for path in (data, evald):
         shutil.rmtree(path, ignore_errors=True)
@@ -187,10 +222,11 @@ def convert_data(plan: Plan, data: Path, evald: Path, extra: list[str], tag: str
     run_in_process(plan, f"convert_train{tag}", "tools.convert", "--input_file", plan.train_file, "--image_dir",
                    plan.image_dir, "--output_dir", data, "--val_size", 0, *extra)
     run_in_process(plan, f"convert_test{tag}", "tools.convert", "--input_file", unlabelled, "--image_dir",
-                   plan.test_image_dir, "--output_dir", data, *extra)
+                   plan.test_image_dir, "--output_dir", data, *test_extra)
     run_in_process(plan, f"convert_eval{tag}", "tools.convert", "--input_file", plan.test_file, "--image_dir",
-                   plan.test_image_dir, "--output_dir", evald, "--val_size", 0, *extra)
-    register(data, {EVAL_DATASET: sharegpt_entry(f"../{evald.name}/mire_train.json")})
+                   plan.test_image_dir, "--output_dir", evald, "--val_size", 0, *test_extra)
+    register(data, {EVAL_DATASET: {**read_dataset_info(evald)["mire_train"],
+                                   "file_name": f"../{evald.name}/mire_train.json"}})
 
 
 def data_ready(data: Path) -> bool:
@@ -212,16 +248,23 @@ def infer_and_score(plan: Plan, model: Path, data: Path, out: Path, label: str) 
     os.replace(out / "metrics.json.tmp", out / "metrics.json")  # the stage's done-marker comes last
 
 
-def train_steps(plan: Plan) -> int:
+def train_steps(plan: Plan, rows: int | None = None) -> int:
+    """Optimizer steps of a run on `rows` training rows (default: the train file's records; an augmented variant
+    has more rows, so more steps an epoch)."""
     r = plan.recipe
-    per_epoch = -(-len(read_json(plan.train_file)) // (r.batch_size * r.grad_accum))
+    rows = len(read_json(plan.train_file)) if rows is None else rows
+    per_epoch = -(-rows // (r.batch_size * r.grad_accum))
     return max(1, int(per_epoch * r.epochs)) if not plan.smoke else 2
+
+
+def train_rows(data: Path) -> int:
+    return len(read_json(data / "mire_train.json"))
 
 
 def train_overrides(plan: Plan, data: Path, out: Path, seed: int) -> list[str]:
     """configs/qwen2_vl_2b_full_sft.yaml as shipped, except these (Recipe says why for each)."""
     r = plan.recipe
-    steps = train_steps(plan)
+    steps = train_steps(plan, train_rows(data))
     o = {
         "model_name_or_path": plan.model_dir, "dataset_dir": data, "dataset": "mire_train",
         "eval_dataset": EVAL_DATASET, "output_dir": out, "seed": seed,
@@ -282,6 +325,97 @@ def ocr_available(plan: Plan) -> str | None:
     if flag not in help_text.getvalue():
         return f"tools.convert has no {flag} yet (the extraction issue's prompt variant)"
     return None
+
+
+def parse_variant(spec: str, info_file: Path | None) -> Variant:
+    """--variant NAME=ARGS, checked before any stage runs: NAME a lower-case identifier the harness does not use
+    itself, ARGS tools.convert flags (exact names) that its parser and checks accept. Bad: one line, exit 2."""
+    from mire_factory.hparams import make_parser
+    from tools.convert import ConvertArguments
+
+    def refuse(message: str):
+        raise MireInputError(f"--variant {spec!r}: {message}")
+
+    name, sep, given = spec.partition("=")
+    text = given
+    if not sep:
+        refuse('expected NAME="TOOLS.CONVERT ARGS", e.g. augment="--augment 1"')
+    if not VARIANT_NAME.fullmatch(name):
+        refuse(f"the name {name!r} must be a lower-case identifier (a-z, 0-9, _; a letter first; at most 32)")
+    if name in RESERVED_VARIANTS:
+        refuse(f"the name {name!r} is the harness's own; choose another")
+    if "{info_file}" in text:
+        if info_file is None:
+            refuse("{info_file} needs --info_file")
+        text = text.replace("{info_file}", shlex.quote(str(info_file)))
+    try:
+        tokens = shlex.split(text)
+    except ValueError as exc:
+        refuse(f"cannot split the arguments ({exc})")
+    if not tokens:
+        refuse("no tools.convert arguments (the plain data is the fine_tuned row already)")
+    parser = make_parser(ConvertArguments, add_help=False, exit_on_error=False)
+    known = {o for a in parser._actions for o in a.option_strings}
+    for token in tokens:
+        flag = token.split("=", 1)[0]
+        if token.startswith("-") and flag not in known and not _number(token):
+            refuse(f"tools.convert has no flag {flag} (give flags in full; python -m tools.convert --help lists them)")
+        if flag.replace("-", "_").replace("__", "--", 1) in HARNESS_CONVERT_FLAGS:
+            refuse(f"{flag} is set by the harness for each conversion; leave it out")
+    fields = {f.name for f in ConvertArguments.__dataclass_fields__.values()}
+    try:
+        namespace, unknown = parser.parse_known_args(["--input_file", "-", "--image_dir", "-", "--output_dir", "-",
+                                                      *tokens])
+        if not unknown:
+            ConvertArguments(**{k: v for k, v in vars(namespace).items() if k in fields})
+    except (argparse.ArgumentError, MireInputError, ValueError) as exc:
+        refuse(f"tools.convert refuses it: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+    if unknown:
+        refuse(f"tools.convert does not take {' '.join(unknown)}")
+    test_tokens, skip = [], False
+    for token in tokens:
+        flag = token.split("=", 1)[0].replace("-", "_").replace("__", "--", 1)
+        if skip:
+            skip = False
+        elif flag in TRAIN_ONLY_CONVERT_FLAGS:
+            skip = "=" not in token  # its value is the next token
+        else:
+            test_tokens.append(token)
+    return Variant(name, given, tokens, test_tokens)
+
+
+def _number(token: str) -> bool:
+    try:
+        float(token)
+    except ValueError:
+        return False
+    return True
+
+
+VARIANT_SPEC = "harness_variant.json"  # in a variant's data folder: the arguments it was converted with
+
+
+def check_variant_specs(plan: Plan) -> None:
+    """A variant's finished stages are reused on rerun only for the same arguments: another ARGS under a NAME the
+    work folder already has is refused (its runs would mix two data variants)."""
+    for v in plan.variants:
+        path = v.data(plan.work) / VARIANT_SPEC
+        if path.is_file():
+            before = json.loads(path.read_text(encoding="utf-8")).get("convert_args")
+            if before != v.convert_args:
+                raise MireInputError(problem(plan.work, None, None, f"--variant {v.name}: this work folder converted "
+                                             f"it with {before!r}, not {v.convert_args!r}; use another name or "
+                                             "--workdir"))
+
+
+def convert_variant(plan: Plan, v: Variant) -> None:
+    convert_data(plan, v.data(plan.work), v.evald(plan.work), v.train_args, f"_{v.name}", v.test_args)
+    write_json_atomic(v.data(plan.work) / VARIANT_SPEC, {"convert_args": v.convert_args, "train_args": v.train_args,
+                                                         "test_args": v.test_args})
+
+
+def variant_ready(plan: Plan, v: Variant) -> bool:
+    return data_ready(v.data(plan.work)) and (v.data(plan.work) / VARIANT_SPEC).is_file()
 
 
 def run_anchor(plan: Plan, seed: int) -> None:
@@ -366,9 +500,14 @@ def report(plan: Plan, ocr_reason: str | None, results_dir: Path) -> dict:
             tfidf[task] = spread({s: round(p["f1"], 4) if "f1" in p else None for s, p in parts.items()})
     tfidf["settings"] = next(iter(anchors.values()))["settings"]
 
+    variants = {v.name: variant_report(plan, v, fine_tuned) for v in plan.variants}
+
     curves = {f"seed {s}": eval_curve(run_dir(plan, "label", s) / "ft" / "trainer_state.json") for s in seeds}
     if not ocr_reason:
         curves.update({f"seed {s}, screenshot text": eval_curve(run_dir(plan, "ocr", s) / "ft" / "trainer_state.json")
+                       for s in seeds})
+    for v in plan.variants:
+        curves.update({f"seed {s}, {v.name}": eval_curve(run_dir(plan, v.name, s) / "ft" / "trainer_state.json")
                        for s in seeds})
     lines = {"dialogue: untrained": untrained["dialogue"]["mean"], "image: untrained": untrained["image"]["mean"],
              "dialogue: TF-IDF anchor": tfidf["dialogue"].get("mean")}
@@ -383,7 +522,8 @@ def report(plan: Plan, ocr_reason: str | None, results_dir: Path) -> dict:
             "dialogue_vs_untrained": {"need": round(untrained_d + 0.30, 4), "got": ft_d,
                                       "met": ft_d >= untrained_d + 0.30},
         }
-    per_seed_stages = ("train_label_s{s}", "infer_label_s{s}", "train_ocr_s{s}", "infer_ocr_s{s}")
+    per_seed_stages = tuple(f"{step}_{name}_s{{s}}" for name in ("label", "ocr", *(v.name for v in plan.variants))
+                            for step in ("train", "infer"))
     seed_s = [sum(plan.timings.get(k.format(s=s), 0.0) for k in per_seed_stages) for s in seeds]
     shared = sum(plan.timings.get(k, 0.0) for k in ("model", "untrained"))
     split = {name: _split_counts(path) for name, path in (("train", plan.train_file), ("test", plan.test_file))}
@@ -395,6 +535,7 @@ def report(plan: Plan, ocr_reason: str | None, results_dir: Path) -> dict:
         "recipe": {"config": str(RECIPE.relative_to(REPO)), "overrides": asdict(plan.recipe),
                    "train_steps": train_steps(plan)},
         "untrained": untrained, "fine_tuned": fine_tuned, "fine_tuned_ocr": fine_tuned_ocr, "tfidf_anchor": tfidf,
+        "variants": variants,
         "targets": targets,
         "eval_f1_curves": curves,
         "callback_vs_tools": {s: callback_agreement(plan, run_dir(plan, "label", s) / "ft",
@@ -407,6 +548,25 @@ def report(plan: Plan, ocr_reason: str | None, results_dir: Path) -> dict:
     }
     write_json_atomic(results_dir / f"{plan.name}.json", result)
     return result
+
+
+def variant_report(plan: Plan, v: Variant, fine_tuned: dict) -> dict:
+    """A --variant's F1 per task (as `fine_tuned`), its arguments, and its difference against `fine_tuned`: of the
+    means, and seed by seed (the same seed, the other data)."""
+    seeds = [str(s) for s in plan.seeds]
+    scores = summarize({s: run_dir(plan, v.name, s) / "infer" / "metrics.json" for s in seeds})
+    diff = {}
+    for task in TASKS:
+        mine, base = scores[task], fine_tuned[task]
+        per_seed = {s: round(mine["per_seed"][s] - base["per_seed"][s], 4)
+                    for s in seeds if mine["per_seed"].get(s) is not None and base["per_seed"].get(s) is not None}
+        mean = None if None in (mine["mean"], base["mean"]) else round(mine["mean"] - base["mean"], 4)
+        diff[task] = {"mean": mean, "per_seed": per_seed}
+    data = v.data(plan.work)
+    rows = train_rows(data) if (data / "mire_train.json").is_file() else None
+    return {**scores, "convert_args": v.convert_args, "test_convert_args": shlex.join(v.test_args),
+            "train_rows": rows, "train_steps": train_steps(plan, rows) if rows is not None else None,
+            "vs_fine_tuned": diff}
 
 
 def shown(path: Path) -> str:
@@ -442,17 +602,27 @@ def print_table(result: dict) -> None:
             s = part.get(task) or {}
             if "unavailable" in s:
                 cells.append(f"{'unavailable':>16}")
-            elif s.get("mean") is None:
-                cells.append(f"{'-':>16}")
             else:
-                cells.append(f"{s['mean']:>8.4f} ±{s.get('std', 0):.3f}".rjust(16))
+                cells.append(_cell(s))
         log(f"{key:32} " + " ".join(cells))
+    for name, part in result["variants"].items():
+        log(f"{'variant ' + name:32} " + " ".join(_cell(part.get(task) or {}) for task in TASKS))
+        log(f"{'  minus fine_tuned':32} " + " ".join(
+            f"{'-':>16}" if part["vs_fine_tuned"][task]["mean"] is None else
+            f"{part['vs_fine_tuned'][task]['mean']:>+8.4f}".ljust(13).rjust(16) for task in TASKS))
+        log(f"{'':32} ({part['convert_args']})")
     for name, t in result["targets"].items():
         log(f"target {name}: need {t['need']:.4f}, got {t['got']:.4f}: {'met' if t['met'] else 'MISSED'}")
     for seed, agreement in result["callback_vs_tools"].items():
         if agreement:
             log(f"seed {seed}: F1 callback (training prompts) and tools.vllm_infer agree on "
                 f"{agreement['same_label']}/{agreement['records']} labels")
+
+
+def _cell(s: dict) -> str:
+    if s.get("mean") is None:
+        return f"{'-':>16}"
+    return f"{s['mean']:>8.4f} ±{s.get('std', 0):.3f}".rjust(16)
 
 
 # ------------------------------------------------------------------------------------------------------------ main
@@ -509,6 +679,7 @@ def fine_tune_all(plan: Plan, runs: list[tuple[str, Path, int]]) -> None:
 
 
 def _run(plan: Plan, results_dir: Path) -> dict:
+    check_variant_specs(plan)
     timings_path = plan.work / "timings.json"
     plan.timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
     if plan.smoke:
@@ -531,6 +702,9 @@ def _run(plan: Plan, results_dir: Path) -> dict:
         stage(plan, "data_ocr", data_ready(data_ocr), convert_data, plan, data_ocr, plan.work / "eval_ocr", extra,
               "_ocr")
         runs += [("ocr", data_ocr, seed) for seed in plan.seeds]
+    for v in plan.variants:
+        stage(plan, f"data_{v.name}", variant_ready(plan, v), convert_variant, plan, v)
+        runs += [(v.name, v.data(plan.work), seed) for seed in plan.seeds]
     fine_tune_all(plan, runs)
     result = report(plan, ocr_reason, results_dir)
     print_table(result)
@@ -554,6 +728,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--info_file", type=Path, help="JSON lines {\"image\": name, \"text\": screenshot text}")
     p.add_argument("--ocr_convert_args", default=OCR_CONVERT_ARGS,
                    help="tools.convert's arguments for the screenshot-text variant ({info_file} is replaced)")
+    p.add_argument("--variant", action="append", default=[], metavar='NAME="ARGS"',
+                   help="a data variant, repeatable: tools.convert with ARGS added (train, test and evaluation split; "
+                        f"{', '.join(TRAIN_ONLY_CONVERT_FLAGS)} on the train file only), trained per seed and reported "
+                        "under variants.NAME, e.g. augment=\"--augment 1\" ({info_file} is replaced)")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     p.add_argument("--results_dir", type=Path, default=RESULTS)
     p.add_argument("--parallel", type=int, default=1,
@@ -568,6 +746,11 @@ def main(argv: list[str] | None = None) -> int:
     for path in (args.train_file, args.test_file):
         if not path.is_file():
             raise MireInputError(problem(path, None, None, "file not found"))
+    info_file = args.info_file.absolute() if args.info_file else None
+    variants = [parse_variant(spec, info_file) for spec in args.variant]
+    names = [v.name for v in variants]
+    if len(set(names)) < len(names):
+        raise MireInputError(f"--variant: the name {next(n for n in names if names.count(n) > 1)!r} is given twice")
     if args.device == "auto":
         import torch
 
@@ -582,9 +765,8 @@ def main(argv: list[str] | None = None) -> int:
                 seeds=args.seeds, name=args.out, work=work,
                 model_dir=(args.model_dir or work.parent / "model").absolute(),
                 gguf=args.gguf.absolute() if args.gguf else None,
-                info_file=args.info_file.absolute() if args.info_file else None,
-                ocr_convert_args=args.ocr_convert_args, device=args.device, smoke=args.smoke, recipe=recipe,
-                parallel=max(1, args.parallel))
+                info_file=info_file, ocr_convert_args=args.ocr_convert_args, device=args.device, smoke=args.smoke,
+                recipe=recipe, parallel=max(1, args.parallel), variants=variants)
     try:
         run(plan, args.results_dir)
     except StageFailed as exc:

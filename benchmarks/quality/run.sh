@@ -58,10 +58,12 @@ case $cmd in
     rm -rf "$STAGE/repo" && mkdir -p "$STAGE/repo" && cp -r mire_factory tools configs benchmarks pyproject.toml \
       "$STAGE/repo/" || exit 1
     : > "$STAGE/$name.log"
+    # run.py's arguments quoted for the inner shell: a --variant NAME="ARGS" stays one argument
+    args=""; if [ $# -gt 0 ]; then args=$(printf ' %q' "$@"); fi
     ( cd "$STAGE/repo" && PYTHONPATH=$SITE:$STAGE/repo setsid nohup bash -c "python3 benchmarks/quality/run.py \
         --train_file $STAGE/quality/train.json --test_file $STAGE/quality/test.json \
         --image_dir $STAGE/quality/images --out $name --workdir $STAGE/work/$name --model_dir $STAGE/model \
-        --gguf $STAGE/$GGUF_NAME --results_dir $STAGE/results --device $DEVICE $*; echo harness-exit \$?" \
+        --gguf $STAGE/$GGUF_NAME --results_dir $STAGE/results --device $DEVICE$args; echo harness-exit \$?" \
         >> "$STAGE/$name.log" 2>&1 < /dev/null & )
     echo "started $name (log $STAGE/$name.log)"; follow "$name" ;;
   wait)
