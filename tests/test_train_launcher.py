@@ -102,6 +102,18 @@ def test_launcher_refuses_more_than_100_new_tokens(capsys, monkeypatch):
         "got 128"]
 
 
+def test_launcher_refuses_an_own_switch_that_is_not_true_or_false(capsys, monkeypatch):
+    from mire_factory import train
+    from mire_factory.io import run_cli
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(train.main, ["configs/qwen2_vl_lora_sft.yaml", "mire_nan_guard=maybe"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "error: configs/qwen2_vl_lora_sft.yaml: field 'mire_nan_guard': must be true or false, got 'maybe'"]
+
+
 @pytest.mark.slow
 def test_launcher_logs_per_task_f1_into_trainer_state(tiny_model_dir, tmp_path):
     from mire_factory.convert import convert
@@ -247,7 +259,10 @@ def test_launcher_stops_a_diverging_training_with_one_line(tiny_model_dir, tiny_
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: training diverged: grad_norm is nan at step 2;"), proc.stderr[-4000:]
     assert "no final model saved" in last and "mire_cudnn_sdp" in last and "flash_attn=disabled" in last
-    assert "Traceback" not in proc.stderr
+    # no traceback: an exception escaping run_cli would propagate out of call_main; the guard's own is caught.
+    # (Not `"Traceback" not in stderr`: in this process a logging handler of an earlier test's closed capture
+    # stream may print "--- Logging error ---" with one; run as a command, stderr has none.)
+    assert "TrainingDiverged" not in proc.stderr
     assert not (tmp_path / "out" / "model.safetensors").exists()
     assert not (tmp_path / "out" / "checkpoint-2").exists()  # the checkpoint of the step that diverged
 
