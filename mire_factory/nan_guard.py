@@ -6,7 +6,9 @@ The trainer's `logging_nan_inf_filter` (on by default) replaces a NaN or inf ste
 ones, so after divergence the logged `loss` reads 0.0 (at the first logged step: 0.0 from the start) while
 `grad_norm` (the norm of the last step's gradients, computed before clipping) shows NaN: grad_norm is the reliable
 signal, the loss the fallback where no grad_norm is logged. NaN gradients make NaN weights at the optimizer step, so
-every later grad_norm is NaN too and the first log after the event catches it, whatever `logging_steps` is.
+every later grad_norm is NaN too and the first log after the event catches it, whatever `logging_steps` is. The
+first step is always logged (as `logging_first_step` would): a run broken from its first step, as on the H200,
+stops after one optimizer step instead of `logging_steps`.
 
 On a non-finite value: the callback stops training, cancels the evaluation and checkpoint of that step, and raises
 `TrainingDiverged` at the end of `trainer.train()`, before LLaMA-Factory saves the final model; `mire_factory.train`
@@ -64,6 +66,10 @@ class NanGuardCallback(TrainerCallback):
         control.should_training_stop = True
         control.should_save = False  # not this step's checkpoint of broken weights
         control.should_evaluate = False
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 1:  # after the trainer's own flow callback, which only logs it with logging_first_step
+            control.should_log = True
 
     def on_epoch_end(self, args, state, control, **kwargs):
         if self.failure is not None:  # an epoch-strategy save or evaluation after the stop

@@ -203,9 +203,19 @@ def test_nan_guard_lets_finite_training_go_on():
     assert guard_step({"loss": float("nan"), "grad_norm": 1.0}, fp16=True)[1].should_training_stop
 
 
-def test_nan_guard_names_the_first_logged_step():
+def test_nan_guard_names_the_first_logged_step_and_logs_step_1():
+    from types import SimpleNamespace
+
+    from transformers import TrainerControl
+
     guard, _ = guard_step({"loss": 0.0, "grad_norm": float("nan")})
     assert "grad_norm is nan at step 7 (the first logged step)" in guard.failure
+    logged = []
+    for step in (1, 2, 10):  # logging_steps=10, no logging_first_step: the trainer itself would log step 10 only
+        control = TrainerControl()
+        guard.on_step_end(SimpleNamespace(logging_first_step=False), SimpleNamespace(global_step=step), control)
+        logged.append(control.should_log)
+    assert logged == [True, False, False]
 
 
 @pytest.fixture(scope="module")
