@@ -296,3 +296,19 @@ def test_launcher_options_keep_cudnn_sdp_and_train_on(tiny_model_dir, tiny_train
     assert (out / "model.safetensors").is_file()
     saved = (out / "training_args.yaml").read_text()
     assert "mire_cudnn_sdp" not in saved and "mire_nan_guard" not in saved  # our keys never reach LLaMA-Factory
+
+
+def test_cudnn_sdp_switch_says_why_where_it_matters(monkeypatch, caplog, cudnn_sdp_restored):
+    import torch
+
+    from mire_factory.train import set_cudnn_sdp
+
+    set_cudnn_sdp(False)  # a CPU build accepts it; nothing to say without CUDA
+    assert torch.backends.cuda.cudnn_sdp_enabled() is False and not caplog.records
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    set_cudnn_sdp(False)
+    assert [r.getMessage() for r in caplog.records] == [
+        "mire_factory.train: cuDNN SDPA backend disabled (NaN gradients on Hopper, pytorch/pytorch#196678); "
+        "mire_cudnn_sdp=true keeps it"]
+    set_cudnn_sdp(True)
+    assert torch.backends.cuda.cudnn_sdp_enabled() is True and len(caplog.records) == 1
