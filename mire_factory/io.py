@@ -1,7 +1,8 @@
 """Reading inputs, writing output sets atomically, locks on outputs, and the exit codes every tool shares.
 
 Exit codes: 0 done; 2 bad input or refused (one line per problem naming the file, the record and the field, and
-no output changed); 3 finished, but with failures that a rerun may retry (e.g. teacher requests that failed).
+no output changed); 3 finished, but with failures that a rerun may retry (e.g. teacher requests that failed); 4
+training stopped because it diverged (a non-finite loss or gradient norm: mire_factory.nan_guard).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2
 EXIT_FAILURES = 3
+EXIT_DIVERGED = 4
 # Temp files are named .NAME.PID.RANDOM.mire-tmp, so that a later run can tell ours (and whether their writer is
 # still alive) from anybody else's hidden files.
 TMP_SUFFIX = ".mire-tmp"

@@ -3,7 +3,12 @@ per-task F1 callback, so that every evaluation logs eval_f1, eval_f1_image, eval
 
 Arguments are read as `llamafactory-cli train` reads them (the YAML merged with key=value overrides through
 OmegaConf), plus our own keys, removed before LLaMA-Factory sees them:
-  mire_f1_max_new_tokens (default 100, at most 100), mire_f1_max_samples (default: the whole validation set).
+  mire_f1_max_new_tokens (default 100, at most 100), mire_f1_max_samples (default: the whole validation set);
+  mire_cudnn_sdp (default false): keep PyTorch's cuDNN attention backend, which the launcher turns off (its backward
+    gave NaN gradients from the first step on an H200, pytorch/pytorch#196678);
+  mire_nan_guard (default true): stop at the first logged non-finite grad_norm or loss, save no final model, and
+    exit 4 with one line naming the step, the value and the likely fixes (nan_guard.py).
+Plain `llamafactory-cli train` gets neither protection.
 Set `metric_for_best_model=eval_f1` to keep the best checkpoint by the official metric.
 The arguments trained with are saved as OUTPUT_DIR/training_args.yaml (LLaMA-Board's name), where tools.vllm_infer
 reads the settings inference must share (cutoff_len, image pixels, template, the data's prompt variant).
@@ -15,6 +20,7 @@ itself under torchrun with NNODES, NODE_RANK, NPROC_PER_NODE, MASTER_ADDR, MASTE
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -23,10 +29,13 @@ from pathlib import Path
 from .cot import SECOND_TURN
 from .dataset_info import COT_LAYOUT_KEY, DATASET_INFO, read_dataset_info
 from .f1_callback import F1Callback
-from .io import MireInputError, problem, run_cli, write_text_atomic
+from .io import EXIT_DIVERGED, MireInputError, problem, run_cli, write_text_atomic
+from .nan_guard import NanGuardCallback, TrainingDiverged
 from .rules import MAX_NEW_TOKENS
 
-OWN_KEYS = ("mire_f1_max_new_tokens", "mire_f1_max_samples")
+logger = logging.getLogger(__name__)
+
+OWN_KEYS = ("mire_f1_max_new_tokens", "mire_f1_max_samples", "mire_cudnn_sdp", "mire_nan_guard")
 F1_PLOT_KEYS = ("eval_f1", "eval_f1_image", "eval_f1_dialogue")
 
 
@@ -71,6 +80,36 @@ def check_layouts(args: dict, config: str) -> None:
                                          "label; leave mask_history off"))
 
 
+def own_flag(args: dict, key: str, default: bool, config: str) -> bool:
+    """A true/false key of ours, removed from the arguments LLaMA-Factory gets."""
+    value = args.pop(key, default)
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        value = value.lower() == "true"
+    if not isinstance(value, bool):
+        raise MireInputError(problem(config, None, key, f"must be true or false, got {value!r}"))
+    return value
+
+
+def set_cudnn_sdp(enabled: bool) -> None:
+    """PyTorch's cuDNN backend of scaled_dot_product_attention, on or off for this process (every rank runs it).
+
+    Off by default: on the lent H200 (torch 2.11.0+cu130, transformers 5.6.0, LLaMA-Factory 0.9.5) full SFT of a
+    Qwen2-VL (Qwen2.5-0.5B language model, bf16, configs/qwen2_vl_2b_full_sft.yaml) with the default sdpa attention
+    had grad_norm NaN from the first optimizer step (batch 1 and 2 alike), then logged loss 0.0, and the model
+    answered "!!!!!!"; eager attention (`flash_attn=disabled`) or `bf16=false` trained with finite gradients. This
+    is pytorch/pytorch#196678: the cuDNN SDPA backward returns NaN grad_q on H100/H200 when seq_len % 128 == 64
+    with an attention mask, the default backend since 2.11. Without it SDPA runs the flash or memory-efficient
+    kernels, reported clean and as fast in that issue (training with this switch on the H200 is not measured here
+    yet). The switch only affects CUDA tensors, so it is set on every machine (a CPU build accepts it and ignores
+    it), and the training process carries the same state everywhere."""
+    import torch
+
+    torch.backends.cuda.enable_cudnn_sdp(enabled)
+    if not enabled and torch.cuda.is_available():
+        logger.warning("mire_factory.train: cuDNN SDPA backend disabled (NaN gradients on Hopper, "
+                       "pytorch/pytorch#196678); mire_cudnn_sdp=true keeps it")
+
+
 def needs_torchrun() -> bool:
     """As llamafactory-cli decides it, unless we already run under torchrun."""
     if "LOCAL_RANK" in os.environ:
@@ -110,12 +149,21 @@ def main(argv: list[str] | None = None) -> int:
         return subprocess.run(torchrun_command(argv), check=False).returncode
     config, overrides = argv[0], argv[1:]
     args = read_config(config, overrides)
-    callback = make_callback(args, config)
+    callbacks = [make_callback(args, config)]
     check_layouts(args, config)
+    set_cudnn_sdp(own_flag(args, "mire_cudnn_sdp", False, config))
+    if own_flag(args, "mire_nan_guard", True, config):
+        callbacks.append(NanGuardCallback())
 
     from llamafactory.train.tuner import run_exp
 
-    run_exp(args=args, callbacks=[callback])
+    try:
+        run_exp(args=args, callbacks=callbacks)
+    except TrainingDiverged as exc:
+        if int(os.getenv("RANK", "0")) == 0:  # every rank stops at the same step; one line says it
+            sys.stdout.flush()  # the last line also where stdout and stderr go to one log (tools.kfold shows it)
+            print(f"error: {exc}", file=sys.stderr)
+        return EXIT_DIVERGED
     if int(os.getenv("RANK", "0")) == 0 and args.get("output_dir"):
         save_training_args(args["output_dir"], args)
         if args.get("plot_loss"):

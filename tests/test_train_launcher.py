@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -10,7 +11,7 @@ from collections import Counter
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, call_main
 from mire_factory.f1_callback import f1_metrics, shard_indices, split_prompt
 
 
@@ -124,6 +125,18 @@ def test_launcher_refuses_mask_history_on_second_turn_rows(capsys, monkeypatch, 
         train.check_layouts({**args, "dataset_dir": str(tmp_path)}, "c.yaml")  # no second_turn rows under it
 
 
+def test_launcher_refuses_an_own_switch_that_is_not_true_or_false(capsys, monkeypatch):
+    from mire_factory import train
+    from mire_factory.io import run_cli
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(train.main, ["configs/qwen2_vl_lora_sft.yaml", "mire_nan_guard=maybe"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "error: configs/qwen2_vl_lora_sft.yaml: field 'mire_nan_guard': must be true or false, got 'maybe'"]
+
+
 @pytest.mark.slow
 def test_launcher_logs_per_task_f1_into_trainer_state(tiny_model_dir, tmp_path):
     from mire_factory.convert import convert
@@ -172,3 +185,153 @@ def test_launcher_logs_per_task_f1_into_trainer_state(tiny_model_dir, tmp_path):
                       config_values=config_values)
     assert (args.model_name_or_path, args.image_max_pixels, args.cutoff_len) == (str(out), 12544, 10240)
     assert args.dataset_dir == str(tmp_path / "data") and args.prompt_variant == "plain"
+
+
+def guard_step(logs: dict, fp16: bool = False, history: list | None = None):
+    from types import SimpleNamespace
+
+    from transformers import TrainerControl
+
+    from mire_factory.nan_guard import NanGuardCallback
+
+    guard, control = NanGuardCallback(), TrainerControl(should_save=True, should_evaluate=True)
+    state = SimpleNamespace(global_step=7, log_history=[*(history or []), {**logs, "step": 7}])
+    guard.on_log(SimpleNamespace(fp16=fp16), state, control, logs=logs)
+    return guard, control
+
+
+@pytest.mark.parametrize("logs", [{"loss": 0.0, "grad_norm": float("nan")}, {"loss": float("inf"), "grad_norm": 1.0},
+                                  {"loss": float("nan")}])
+def test_nan_guard_stops_at_a_non_finite_grad_norm_or_loss(logs):
+    from mire_factory.nan_guard import TrainingDiverged
+
+    guard, control = guard_step(logs, history=[{"loss": 1.2, "grad_norm": 3.0, "step": 5}])
+    assert control.should_training_stop and not control.should_save and not control.should_evaluate
+    with pytest.raises(TrainingDiverged) as info:  # at the end of trainer.train(), before the final model is saved
+        guard.on_train_end(None, None, control)
+    message = str(info.value)
+    assert "\n" not in message and "at step 7;" in message and "first logged step" not in message
+    assert "mire_cudnn_sdp" in message and "flash_attn=disabled" in message and "learning_rate" in message
+    assert "bf16" in message
+
+
+def test_nan_guard_lets_finite_training_go_on():
+    guard, control = guard_step({"loss": 0.0, "grad_norm": 12.5, "learning_rate": 1e-5})
+    assert not control.should_training_stop and control.should_save and control.should_evaluate
+    guard.on_train_end(None, None, control)  # no exception
+    guard, control = guard_step({"eval_loss": 1.0, "eval_f1": 0.5})  # an eval entry: nothing to check
+    assert not control.should_training_stop
+    # fp16: the loss scaler skips overflowing steps, an inf grad_norm there is expected; a NaN loss is not
+    assert not guard_step({"loss": 1.0, "grad_norm": float("inf")}, fp16=True)[1].should_training_stop
+    assert guard_step({"loss": float("nan"), "grad_norm": 1.0}, fp16=True)[1].should_training_stop
+
+
+def test_nan_guard_names_the_first_logged_step_and_logs_step_1():
+    from types import SimpleNamespace
+
+    from transformers import TrainerControl
+
+    guard, _ = guard_step({"loss": 0.0, "grad_norm": float("nan")})
+    assert "grad_norm is nan at step 7 (the first logged step)" in guard.failure
+    logged = []
+    for step in (1, 2, 10):  # logging_steps=10, no logging_first_step: the trainer itself would log step 10 only
+        control = TrainerControl()
+        guard.on_step_end(SimpleNamespace(logging_first_step=False), SimpleNamespace(global_step=step), control)
+        logged.append(control.should_log)
+    assert logged == [True, False, False]
+
+
+@pytest.fixture(scope="module")
+def tiny_train_data(tmp_path_factory):
+    from mire_factory.convert import convert
+    from mire_factory.synthetic import DEFAULT_IMAGE_CLASSES, make_records, write_dataset
+    from mire_factory.taxonomy import DIALOGUE_LABELS
+
+    root = tmp_path_factory.mktemp("nan_guard")
+    records = make_records(4, 4, root / "images", seed=3, image_classes=DEFAULT_IMAGE_CLASSES[:2],
+                           dialogue_classes=DIALOGUE_LABELS[:2], max_dialogue_images=1)
+    write_dataset(root / "train.json", records)
+    convert(root / "train.json", root / "images", root / "data", val_size=0.25, seed=0)
+    return root / "data"
+
+
+def diverging_training(tiny_model_dir, data_dir, out, *extra):
+    """A real short training of the tiny model with an absurd learning rate: the first update (step 1's gradients
+    are finite) makes the weights overflow, so step 2's loss and gradient norm are NaN (checked with the guard off)."""
+    from mire_factory import train
+
+    return call_main(train.main, "configs/qwen2_vl_full_sft.yaml", f"model_name_or_path={tiny_model_dir}",
+                     f"dataset_dir={data_dir}", f"output_dir={out}", "deepspeed=null", "bf16=false",
+                     "image_max_pixels=12544", "preprocessing_num_workers=1", "dataloader_num_workers=0",
+                     "max_steps=4", "gradient_accumulation_steps=1", "logging_steps=1", "save_steps=2",
+                     "eval_strategy='no'", "plot_loss=false", "learning_rate=1e30",
+                     "lr_scheduler_type=constant", *extra)
+
+
+@pytest.fixture
+def cudnn_sdp_restored():
+    import torch
+
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    yield
+    torch.backends.cuda.enable_cudnn_sdp(before)
+
+
+@pytest.mark.slow
+def test_launcher_stops_a_diverging_training_with_one_line(tiny_model_dir, tiny_train_data, tmp_path, monkeypatch,
+                                                          cudnn_sdp_restored):
+    """`python -m mire_factory.train` is run_cli(train.main): run here, in the training process, with real
+    LLaMA-Factory training; the launcher has turned the cuDNN SDPA backend off before run_exp."""
+    import torch
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    torch.backends.cuda.enable_cudnn_sdp(True)
+    proc = diverging_training(tiny_model_dir, tiny_train_data, tmp_path / "out")
+    assert torch.backends.cuda.cudnn_sdp_enabled() is False
+    assert proc.returncode == 4, proc.stderr[-4000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: training diverged: grad_norm is nan at step 2;"), proc.stderr[-4000:]
+    assert "no final model saved" in last and "mire_cudnn_sdp" in last and "flash_attn=disabled" in last
+    # no traceback: an exception escaping run_cli would propagate out of call_main; the guard's own is caught.
+    # (Not `"Traceback" not in stderr`: in this process a logging handler of an earlier test's closed capture
+    # stream may print "--- Logging error ---" with one; run as a command, stderr has none.)
+    assert "TrainingDiverged" not in proc.stderr
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+    assert not (tmp_path / "out" / "checkpoint-2").exists()  # the checkpoint of the step that diverged
+
+
+@pytest.mark.slow
+def test_launcher_options_keep_cudnn_sdp_and_train_on(tiny_model_dir, tiny_train_data, tmp_path, monkeypatch,
+                                                      cudnn_sdp_restored):
+    """mire_cudnn_sdp=true leaves the backend on; mire_nan_guard=false trains the same run to the end (so the
+    divergence the guard stops above is real)."""
+    import torch
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    torch.backends.cuda.enable_cudnn_sdp(True)
+    out = tmp_path / "out"
+    proc = diverging_training(tiny_model_dir, tiny_train_data, out, "mire_cudnn_sdp=true", "mire_nan_guard=false")
+    assert torch.backends.cuda.cudnn_sdp_enabled() is True
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    grad_norms = [e["grad_norm"] for e in history if "grad_norm" in e]
+    assert len(grad_norms) == 4 and math.isfinite(grad_norms[0]) and math.isnan(grad_norms[1])
+    assert (out / "model.safetensors").is_file()
+    saved = (out / "training_args.yaml").read_text()
+    assert "mire_cudnn_sdp" not in saved and "mire_nan_guard" not in saved  # our keys never reach LLaMA-Factory
+
+
+def test_cudnn_sdp_switch_says_why_where_it_matters(monkeypatch, caplog, cudnn_sdp_restored):
+    import torch
+
+    from mire_factory.train import set_cudnn_sdp
+
+    set_cudnn_sdp(False)  # a CPU build accepts it; nothing to say without CUDA
+    assert torch.backends.cuda.cudnn_sdp_enabled() is False and not caplog.records
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    set_cudnn_sdp(False)
+    assert [r.getMessage() for r in caplog.records] == [
+        "mire_factory.train: cuDNN SDPA backend disabled (NaN gradients on Hopper, pytorch/pytorch#196678); "
+        "mire_cudnn_sdp=true keeps it"]
+    set_cudnn_sdp(True)
+    assert torch.backends.cuda.cudnn_sdp_enabled() is True and len(caplog.records) == 1
