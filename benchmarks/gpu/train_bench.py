@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from transformers import TrainerCallback  # noqa: E402
 
-from mire_factory.train import read_config  # noqa: E402
+from mire_factory.train import own_flag, read_config, set_cudnn_sdp  # noqa: E402
 
 DENSE_BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
@@ -76,6 +76,9 @@ def main() -> int:
     ns = parser.parse_args()
     args = read_config(ns.config, ns.overrides)
     args["include_num_input_tokens_seen"] = "non_padding"
+    # timed as mire_factory.train trains: the cuDNN SDPA backend off (NaN gradients on Hopper) unless the
+    # overrides say mire_cudnn_sdp=true; the figures in results/ before 2026-12-02's second lease ran with it on
+    set_cudnn_sdp(own_flag(args, "mire_cudnn_sdp", False, ns.config))
     timer = StepTimer()
 
     import torch
