@@ -52,6 +52,13 @@ def call_main(main, *args) -> subprocess.CompletedProcess:
                                        err.getvalue())
 
 
+def convert_ok(*args) -> subprocess.CompletedProcess:
+    """tools.convert in this process (call_tool), asserting it succeeded."""
+    proc = call_tool("convert", *args)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     from mire_factory.tiny_model import make_tiny_model

@@ -9,21 +9,12 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageChops
 
-from conftest import call_tool
+from conftest import call_tool, convert_ok
 from mire_factory.augment import MASK_TOKEN, draw_image_ops, mask_user_turns
 from mire_factory.image_copies import DERIVED_DIR, OPS
+from mire_factory.io import read_json
 from mire_factory.synthetic import make_records, write_dataset
 from mire_factory.taxonomy import AGENT_PREFIX, DIALOGUE_END, DIALOGUE_START, USER_PREFIX, build_dialogue_instruction
-
-
-def _load(path):
-    return json.loads(Path(path).read_text(encoding="utf-8"))
-
-
-def _convert(*args):
-    proc = call_tool("convert", *args)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +34,8 @@ def test_augment_adds_copies_to_train_only_and_writes_images_once(small_train, t
     root, source = small_train
     out = tmp_path / "out"
     args = ["--input_file", root / "train.json", "--image_dir", root / "images", "--val_size", "0.25", "--augment", "2"]
-    proc = _convert(*args, "--output_dir", out)
-    train, val = _load(out / "mire_train.json"), _load(out / "mire_val.json")
+    proc = convert_ok(*args, "--output_dir", out)
+    train, val = read_json(out / "mire_train.json"), read_json(out / "mire_val.json")
     originals = [r for r in train if "#aug" not in r["id"]]
     copies = [r for r in train if "#aug" in r["id"]]
     assert len(val) == 4 and len(originals) == 12 and len(copies) == 24
@@ -53,7 +44,7 @@ def test_augment_adds_copies_to_train_only_and_writes_images_once(small_train, t
     assert not any("#aug" in r["id"] or DERIVED_DIR in p for r in val for p in r["images"])
     val_ids = {r["id"] for r in val}
     assert not any(r["id"].split("#")[0] in val_ids for r in copies)  # no copy of a validation record anywhere
-    info = _load(out / "dataset_info.json")
+    info = read_json(out / "dataset_info.json")
     assert info["mire_train"]["mire_augment"]["rows"] == 24 and info["mire_train"]["mire_augment"]["copies"] == 2
     assert "mire_augment" not in info["mire_val"]
     assert "24 more rows in mire_train" in proc.stdout
@@ -85,16 +76,16 @@ def test_augment_adds_copies_to_train_only_and_writes_images_once(small_train, t
     # Written once: a rerun rewrites no derived image (same inode, same mtime) and gives the same rows
     before = _files(out / DERIVED_DIR)
     assert len(before) == sum(len(r["images"]) for r in copies)
-    proc = _convert(*args, "--output_dir", out)
+    proc = convert_ok(*args, "--output_dir", out)
     assert _files(out / DERIVED_DIR) == before
     assert f"({0} written, {len(before)} of an earlier run kept)" in proc.stdout
-    assert _load(out / "mire_train.json") == train
+    assert read_json(out / "mire_train.json") == train
     # Seeded: another folder, the same bytes; another seed, other copies
-    _convert(*args, "--output_dir", tmp_path / "again")
+    convert_ok(*args, "--output_dir", tmp_path / "again")
     assert (tmp_path / "again" / "mire_train.json").read_bytes() == (out / "mire_train.json").read_bytes()
     assert {p.name for p in (tmp_path / "again" / DERIVED_DIR).iterdir()} == set(before)
-    _convert(*args, "--output_dir", tmp_path / "other", "--seed", "7")
-    assert _load(tmp_path / "other" / "mire_train.json") != train
+    convert_ok(*args, "--output_dir", tmp_path / "other", "--seed", "7")
+    assert read_json(tmp_path / "other" / "mire_train.json") != train
     # the derived images are what LLaMA-Factory's training reader resolves
     from mire_factory.sharegpt import read_sharegpt
 
@@ -168,16 +159,16 @@ def test_merge_cot_gives_a_copy_its_sources_reason(small_train, tmp_path):
 
     root, source = small_train
     out = tmp_path / "out"
-    _convert("--input_file", root / "train.json", "--image_dir", root / "images", "--output_dir", out,
+    convert_ok("--input_file", root / "train.json", "--image_dir", root / "images", "--output_dir", out,
              "--val_size", "0", "--augment", "1", "--prompt_variant", "cot")
     reasons = tmp_path / "reasons.jsonl"
     reasons.write_text("".join(ReasonRecord(rid, 2, "teacher", "ok", reason=f"理由{rid}", label=r["output"],
                                             gold=r["output"]).to_json() + "\n" for rid, r in source.items()),
                        encoding="utf-8")
     report = merge_cot(out / "mire_train.json", [reasons], out / "mire_train_cot.json")
-    rows = {r["id"]: r for r in _load(out / "mire_train_cot.json")}
+    rows = {r["id"]: r for r in read_json(out / "mire_train_cot.json")}
     assert report.written == len(rows) == 2 * len(source) and not report.unexplained
-    train = {r["id"]: r for r in _load(out / "mire_train.json")}
+    train = {r["id"]: r for r in read_json(out / "mire_train.json")}
     for rid in source:
         copy = rows[f"{rid}#aug1"]
         assert json.loads(copy["messages"][1]["content"]) == {REASON_KEY: f"理由{rid}", LABEL_KEY: source[rid]["output"]}

@@ -1,20 +1,16 @@
 import json
 import os
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
 from conftest import run_tool
 from mire_factory.convert import stratified_split
+from mire_factory.io import read_json
 from mire_factory.records import load_records
 from mire_factory.sharegpt import sharegpt_entry
 from mire_factory.synthetic import make_records, write_dataset
 from mire_factory.taxonomy import normalize_label
-
-
-def _load(path):
-    return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
 def _convert(*args):
@@ -27,8 +23,8 @@ def test_real_sample_all_24_intact(mire_sample, tmp_path):
     out = tmp_path / "deep" / "out"  # not beside the images: paths must climb with ../
     proc = _convert("--input_file", mire_sample / "train_sample.json", "--image_dir", mire_sample / "images",
                     "--output_dir", out, "--val_size", "0")
-    raw = {r["id"]: r for r in _load(mire_sample / "train_sample.json")}
-    rows = _load(out / "mire_train.json")
+    raw = {r["id"]: r for r in read_json(mire_sample / "train_sample.json")}
+    rows = read_json(out / "mire_train.json")
     assert len(rows) == 24 and [r["id"] for r in rows] == list(raw)
     for row in rows:
         src = raw[row["id"]]
@@ -43,7 +39,7 @@ def test_real_sample_all_24_intact(mire_sample, tmp_path):
     counts = Counter(len(r["images"]) for r in rows)
     assert counts[0] == 1 and counts[4] == 1
     assert "images per record: 0: 1, 1: 19, 3: 3, 4: 1" in proc.stdout
-    assert _load(out / "dataset_info.json") == {"mire_train": sharegpt_entry("mire_train.json")}
+    assert read_json(out / "dataset_info.json") == {"mire_train": sharegpt_entry("mire_train.json")}
 
 
 def test_real_sample_split_is_stratified_and_deterministic(mire_sample, tmp_path):
@@ -52,11 +48,11 @@ def test_real_sample_split_is_stratified_and_deterministic(mire_sample, tmp_path
     _convert(*args, "--output_dir", tmp_path / "b")
     for name in ("mire_train.json", "mire_val.json", "dataset_info.json"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
-    train, val = _load(tmp_path / "a" / "mire_train.json"), _load(tmp_path / "a" / "mire_val.json")
+    train, val = read_json(tmp_path / "a" / "mire_train.json"), read_json(tmp_path / "a" / "mire_val.json")
     assert len(val) == round(24 * 0.1) and len(train) + len(val) == 24
     train_labels = Counter(r["messages"][1]["content"] for r in train)
     assert all(train_labels[r["messages"][1]["content"]] >= 1 for r in val)
-    assert set(_load(tmp_path / "a" / "dataset_info.json")) == {"mire_train", "mire_val"}
+    assert set(read_json(tmp_path / "a" / "dataset_info.json")) == {"mire_train", "mire_val"}
 
 
 def test_stratified_split_properties(synthetic_train):
@@ -85,9 +81,9 @@ def test_test_file_task_filter_and_merge(tmp_path):
     (out / "dataset_info.json").write_text(json.dumps({"other": {"file_name": "x.json"}}), encoding="utf-8")
     _convert("--input_file", tmp_path / "test.json", "--image_dir", tmp_path / "images", "--output_dir", out,
              "--task", "dialogue")
-    info = _load(out / "dataset_info.json")
+    info = read_json(out / "dataset_info.json")
     assert set(info) == {"other", "mire_dialogue_test"} and info["other"] == {"file_name": "x.json"}
-    rows = _load(out / "mire_dialogue_test.json")
+    rows = read_json(out / "mire_dialogue_test.json")
     dialogues = [r for r in records if "多轮对话" in r["instruction"]]
     assert [r["id"] for r in rows] == [r["id"] for r in dialogues]
     for row, src in zip(rows, dialogues, strict=True):
@@ -97,8 +93,8 @@ def test_test_file_task_filter_and_merge(tmp_path):
         assert row["messages"][0]["content"] == expected
     _convert("--input_file", tmp_path / "test.json", "--image_dir", tmp_path / "images", "--output_dir", out,
              "--task", "image")
-    assert set(_load(out / "dataset_info.json")) == {"other", "mire_dialogue_test", "mire_image_test"}
-    assert len(_load(out / "mire_image_test.json")) == 4
+    assert set(read_json(out / "dataset_info.json")) == {"other", "mire_dialogue_test", "mire_image_test"}
+    assert len(read_json(out / "mire_image_test.json")) == 4
 
 
 def test_swift_format(synthetic_train, tmp_path):
@@ -171,8 +167,8 @@ def test_a_test_file_with_empty_outputs_converts_as_a_test_set(tmp_path):
     write_dataset(tmp_path / "test.json", records)
     proc = _convert("--input_file", tmp_path / "test.json", "--image_dir", tmp_path / "images", "--output_dir",
                     tmp_path / "out")
-    assert set(_load(tmp_path / "out" / "dataset_info.json")) == {"mire_test"}
-    rows = _load(tmp_path / "out" / "mire_test.json")
+    assert set(read_json(tmp_path / "out" / "dataset_info.json")) == {"mire_test"}
+    rows = read_json(tmp_path / "out" / "mire_test.json")
     assert [r["id"] for r in rows] == [r["id"] for r in records]
     assert all(r["messages"][1]["content"] == "" for r in rows)
     assert "mire_test: 7 records" in proc.stdout
@@ -189,8 +185,8 @@ def test_a_mixed_file_is_refused_and_kind_test_keeps_every_record_in_the_test_se
     assert not out.exists()
     _convert("--input_file", tmp_path / "train.json", "--image_dir", tmp_path / "images", "--output_dir", out,
              "--kind", "test")
-    assert set(_load(out / "dataset_info.json")) == {"mire_test"}  # --kind test: one test split, labels kept
-    rows = {r["id"]: r for r in _load(out / "mire_test.json")}
+    assert set(read_json(out / "dataset_info.json")) == {"mire_test"}  # --kind test: one test split, labels kept
+    rows = {r["id"]: r for r in read_json(out / "mire_test.json")}
     assert len(rows) == 7 and rows[records[2]["id"]]["messages"][1]["content"] == ""
     assert rows[records[0]["id"]]["messages"][1]["content"] == records[0]["output"]
 
@@ -208,13 +204,13 @@ def test_prompt_variant_writes_every_split_and_is_recorded(tmp_path):
     for name in ("train", "test"):
         _convert("--input_file", tmp_path / f"{name}.json", "--image_dir", tmp_path / "images", "--output_dir", out,
                  "--prompt_variant", "cot", "--val_size", "0.25")
-    info = _load(out / "dataset_info.json")
+    info = read_json(out / "dataset_info.json")
     assert {name: entry["mire_prompt_variant"] for name, entry in info.items()} == {
         "mire_train": "cot", "mire_val": "cot", "mire_test": "cot"}
     assert info["mire_test"] == sharegpt_entry("mire_test.json", "cot")
     source = {r["id"]: r for r in train + test}
     for split in ("train", "val", "test"):
-        for row in _load(out / f"mire_{split}.json"):
+        for row in read_json(out / f"mire_{split}.json"):
             src = source[row["id"]]
             task = "dialogue" if "多轮对话" in src["instruction"] else "image"
             assert row["messages"][0]["content"] == src["instruction"] + cot_user_suffix(task, "last")
@@ -227,4 +223,4 @@ def test_prompt_variant_writes_every_split_and_is_recorded(tmp_path):
     # a later split in another variant: converted, with a warning naming the other splits
     proc = _convert("--input_file", tmp_path / "test.json", "--image_dir", tmp_path / "images", "--output_dir", out)
     assert "mire_train in" in proc.stderr and "registered with prompt variant 'cot'" in proc.stderr
-    assert _load(out / "dataset_info.json")["mire_test"]["mire_prompt_variant"] == "plain"
+    assert read_json(out / "dataset_info.json")["mire_test"]["mire_prompt_variant"] == "plain"

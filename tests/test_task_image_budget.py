@@ -2,29 +2,19 @@
 images at conversion (mire_factory/image_copies.py), in every split alike, as LLaMA-Factory's own image_max_pixels
 would; recipe_sizing measures under them."""
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import SAMPLE_DIR, call_main, call_tool
+from conftest import SAMPLE_DIR, call_main, call_tool, convert_ok
 from mire_factory.dataset_info import TASK_MAX_PIXELS_KEY
 from mire_factory.image_copies import DERIVED_DIR, capped_size, qwen2_vl_tokens
+from mire_factory.io import read_json
 from mire_factory.synthetic import make_records, write_dataset
 
 SCENE_CAP, DIALOGUE_CAP = 400_000, 100_000  # the synthetic images are 700x500 = 350,000 pixels
-
-
-def _load(path):
-    return json.loads(Path(path).read_text(encoding="utf-8"))
-
-
-def _convert(*args):
-    proc = call_tool("convert", *args)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc
 
 
 @pytest.fixture(scope="module")
@@ -46,17 +36,17 @@ def test_caps_shrink_each_tasks_images_alike_in_every_split(data, tmp_path):
     out = tmp_path / "out"
     source = {"--image_dir": data / "images", "--output_dir": out}
     flat = [str(x) for kv in source.items() for x in kv]
-    proc = _convert("--input_file", data / "train.json", *flat, *CAPS, "--val_size", "0.25", "--augment", "1")
+    proc = convert_ok("--input_file", data / "train.json", *flat, *CAPS, "--val_size", "0.25", "--augment", "1")
     assert f"--dialogue_image_max_pixels {DIALOGUE_CAP}: " in proc.stdout
-    _convert("--input_file", data / "test.json", *flat, *CAPS)
-    info = _load(out / "dataset_info.json")
+    convert_ok("--input_file", data / "test.json", *flat, *CAPS)
+    info = read_json(out / "dataset_info.json")
     for name in ("mire_train", "mire_val", "mire_test"):
         assert info[name][TASK_MAX_PIXELS_KEY] == {"image": SCENE_CAP, "dialogue": DIALOGUE_CAP}
 
     by_source: dict[str, set[str]] = {}  # source image name -> the paths every split's original rows point at
     dialogue_images = 0
     for split in ("train", "val", "test"):
-        for row in _load(out / f"mire_{split}.json"):
+        for row in read_json(out / f"mire_{split}.json"):
             dialogue = "多轮对话" in row["messages"][0]["content"]
             for path in row["images"]:
                 with Image.open(out / path) as image:
@@ -77,15 +67,15 @@ def test_caps_shrink_each_tasks_images_alike_in_every_split(data, tmp_path):
                 by_source.setdefault(name, set()).add(path)
     assert dialogue_images >= 4
     # a test record's image is the very file its train copy uses: same size, same pixels at inference
-    test_paths = {p for r in _load(out / "mire_test.json") for p in r["images"]}
-    train_paths = {p for s in ("train", "val") for r in _load(out / f"mire_{s}.json") if "#aug" not in r["id"]
+    test_paths = {p for r in read_json(out / "mire_test.json") for p in r["images"]}
+    train_paths = {p for s in ("train", "val") for r in read_json(out / f"mire_{s}.json") if "#aug" not in r["id"]
                    for p in r["images"]}
     assert test_paths == train_paths
 
     # a split converted without the caps beside splits with them: warned
-    proc = _convert("--input_file", data / "test.json", *flat)
+    proc = convert_ok("--input_file", data / "test.json", *flat)
     assert "per-task pixel caps" in proc.stderr and "mire_train" in proc.stderr
-    assert TASK_MAX_PIXELS_KEY not in _load(out / "dataset_info.json")["mire_test"]
+    assert TASK_MAX_PIXELS_KEY not in read_json(out / "dataset_info.json")["mire_test"]
 
 
 def _variants(tmp_path) -> list[Path]:
@@ -140,7 +130,7 @@ def test_sizing_under_the_caps_is_what_training_renders_from_the_converted_files
     from mire_factory.sharegpt import read_sharegpt
 
     out = tmp_path / "out"
-    _convert("--input_file", data / "test.json", "--image_dir", data / "images", "--output_dir", out, *CAPS)
+    convert_ok("--input_file", data / "test.json", "--image_dir", data / "images", "--output_dir", out, *CAPS)
     records = load_records(data / "test.json", data / "images")
     caps = {"image": SCENE_CAP, "dialogue": DIALOGUE_CAP}
     sized = recipe_sizing.measure(records, data / "images", 589_824, task_max_pixels=caps)
@@ -173,8 +163,8 @@ def test_inference_refuses_a_test_set_with_other_caps_than_training(data, tmp_pa
 
     out, model = tmp_path / "data", tmp_path / "saves"
     flat = ["--image_dir", data / "images", "--output_dir", out]
-    _convert("--input_file", data / "train.json", *flat, *CAPS, "--val_size", "0")
-    _convert("--input_file", data / "test.json", *flat)  # without the caps: warned, and refused at inference
+    convert_ok("--input_file", data / "train.json", *flat, *CAPS, "--val_size", "0")
+    convert_ok("--input_file", data / "test.json", *flat)  # without the caps: warned, and refused at inference
     model.mkdir()
     recipe = yaml.safe_load((REPO / "configs" / "qwen2_vl_full_sft.yaml").read_text(encoding="utf-8"))
     recipe.update(dataset="mire_train", dataset_dir=str(out))
@@ -191,7 +181,7 @@ def test_inference_refuses_a_test_set_with_other_caps_than_training(data, tmp_pa
     from mire_factory.infer.args import InferArgs, config_values
     from mire_factory.infer.pipeline import check_dataset_caps
 
-    _convert("--input_file", data / "test.json", *flat, *CAPS)
+    convert_ok("--input_file", data / "test.json", *flat, *CAPS)
     args = parse_args(InferArgs, ["--model_name_or_path", str(model), "--dataset", "mire_test"], None,
                       config_values=config_values)
     assert args.task_image_max_pixels == f"image={SCENE_CAP},dialogue={DIALOGUE_CAP}"
