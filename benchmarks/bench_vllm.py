@@ -130,12 +130,13 @@ def cpu_render_fn(args, comp, kwargs):
     import asyncio
     from concurrent.futures import ThreadPoolExecutor
 
-    from mire_factory.infer.vllm_backend import RunStats, render_request
+    from mire_factory.infer.vllm_backend import FirstAlone, RunStats, render_request
     from mire_factory.infer.vllm_inputs import image_uuids, regularized_images
 
     renderer, model_config = cpu_renderer(kwargs)
     loop = asyncio.new_event_loop()
     pool = ThreadPoolExecutor(args.image_workers)
+    first_render = FirstAlone()
 
     def images(paths):
         return (regularized_images(comp.template.mm_plugin, paths, args.image_max_pixels, 32 * 32),
@@ -145,8 +146,9 @@ def cpu_render_fn(args, comp, kwargs):
         stats = RunStats()
 
         async def go():
-            return await asyncio.gather(*(render_request(renderer, model_config, loop, pool, images, req, stats)
-                                          for req in requests))
+            return await asyncio.gather(*(first_render(
+                lambda req=req: render_request(renderer, model_config, loop, pool, images, req, stats))
+                for req in requests))
 
         start = time.perf_counter()
         rendered = loop.run_until_complete(go())

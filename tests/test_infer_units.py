@@ -356,3 +356,53 @@ def test_length_sorted_batches_cover_every_index_once_longest_first():
         assert len(batches[0]) == min(first or 4, 4) and all(len(b) <= 4 for b in batches)
     assert length_sorted_batches([], 4, first=1) == []
 
+
+
+def _overlap_probe():
+    """(work, peaks): work(i) records how many calls were running when it started."""
+    import asyncio
+
+    state = {"active": 0}
+    peaks: list[int] = []
+
+    async def work(i, fail=False):
+        state["active"] += 1
+        peaks.append(state["active"])
+        await asyncio.sleep(0.01)
+        state["active"] -= 1
+        if fail:
+            raise OSError("bad image")
+        return i
+
+    return work, peaks
+
+
+def test_vllm_first_render_runs_alone_then_the_rest_concurrently():
+    """vLLM's processor cache is filled by the first render: it must run alone (FirstAlone), the rest together."""
+    import asyncio
+
+    from mire_factory.infer.vllm_backend import FirstAlone
+
+    gate, (work, peaks) = FirstAlone(), _overlap_probe()
+
+    async def go():
+        return await asyncio.gather(*(gate(lambda i=i: work(i)) for i in range(6)))
+
+    assert asyncio.run(go()) == list(range(6))
+    assert peaks[0] == 1 and max(peaks) == 5  # the first alone; the other five overlapped
+
+
+def test_vllm_first_render_that_fails_leaves_the_next_one_alone():
+    import asyncio
+
+    from mire_factory.infer.vllm_backend import FirstAlone
+
+    gate, (work, peaks) = FirstAlone(), _overlap_probe()
+
+    async def go():
+        return await asyncio.gather(gate(lambda: work(0, fail=True)), *(gate(lambda i=i: work(i)) for i in (1, 2, 3)),
+                                    return_exceptions=True)
+
+    out = asyncio.run(go())
+    assert isinstance(out[0], OSError) and out[1:] == [1, 2, 3]
+    assert peaks[:2] == [1, 1] and max(peaks) == 2  # the failed first, then the next alone, then the last two

@@ -86,6 +86,28 @@ def sampling_params(fields: dict):
     return SamplingParams(**fields)
 
 
+class FirstAlone:
+    """Runs the first awaited call alone; the calls after it run concurrently.
+
+    vLLM builds its HF processor lazily, through an unlocked functools.lru_cache, when a renderer thread serves its
+    first request: N threads starting together build N processors, each deep-copying the 151,643-token tokenizer
+    under the GIL. On the CPU, 16 concurrent first renders took 295 s; 0.83 s once one had run alone
+    (BENCHMARKS.md, vLLM). On the H200 the same herd left 120 records at 0/120 for 6 minutes."""
+
+    def __init__(self):
+        self.done = False
+        self.lock = asyncio.Lock()
+
+    async def __call__(self, make_awaitable: Callable):
+        if not self.done:
+            async with self.lock:
+                if not self.done:
+                    result = await make_awaitable()
+                    self.done = True
+                    return result
+        return await make_awaitable()
+
+
 async def render_request(renderer, model_config, loop, pool, images_fn, req: VllmRequest, stats: RunStats):
     """vLLM's engine input for one request, as `vllm serve` makes it: images_fn(paths) -> (images, uuids) on `pool`,
     then the renderer (vLLM's multimodal processor, on its own threads)."""
@@ -110,6 +132,7 @@ class VllmEngine:
         self.adapter = adapter
         self.plugin = plugin
         self.image_max_pixels, self.image_min_pixels = image_max_pixels, image_min_pixels
+        self.first_render = FirstAlone()
         start = time.perf_counter()
         self.engine = self.loop.run_until_complete(self._make(engine_kwargs))
         self.start_s = time.perf_counter() - start
@@ -136,8 +159,8 @@ class VllmEngine:
 
     async def render(self, req: VllmRequest, stats: RunStats):
         """The engine input of one request: our image step on our threads, then vLLM's processor on its own."""
-        return await render_request(self.engine.renderer, self.engine.model_config, self.loop, self.pool,
-                                    self.images, req, stats)
+        return await self.first_render(lambda: render_request(self.engine.renderer, self.engine.model_config,
+                                                              self.loop, self.pool, self.images, req, stats))
 
     def render_all(self, requests: Sequence[VllmRequest]) -> tuple[list, RunStats]:
         """Every request's engine input, rendered as `run` renders them (benchmarks: phases, identity checks)."""
