@@ -363,6 +363,7 @@ def tokenize(plan: Plan, data: Path, variant: str) -> None:
     write_json_atomic(partial / TOKENIZE_SPEC, {"overrides": tokenize_spec(plan, data)})
     os.replace(partial, target)
     shutil.rmtree(scratch, ignore_errors=True)
+    log(f"    tokenized_path of every {variant} run: {target}")  # (the log names the .partial folder it was saved in)
 
 
 def trained(out: Path) -> bool:
