@@ -7,7 +7,9 @@ OmegaConf), plus our own keys, removed before LLaMA-Factory sees them:
   mire_cudnn_sdp (default false): keep PyTorch's cuDNN attention backend, which the launcher turns off (its backward
     gave NaN gradients from the first step on an H200, pytorch/pytorch#196678);
   mire_nan_guard (default true): stop at the first logged non-finite grad_norm or loss, save no final model, and
-    exit 4 with one line naming the step, the value and the likely fixes (nan_guard.py).
+    exit 4 with one line naming the step, the value and the likely fixes (nan_guard.py);
+  mire_tokenize_only (default false): with tokenized_path, only tokenize the train and evaluation datasets (no
+    model loaded, nothing trained) and save them there; runs given that tokenized_path then load them.
 Plain `llamafactory-cli train` gets neither protection.
 Set `metric_for_best_model=eval_f1` to keep the best checkpoint by the official metric.
 The arguments trained with are saved as OUTPUT_DIR/training_args.yaml (LLaMA-Board's name), where tools.vllm_infer
@@ -35,7 +37,8 @@ from .rules import MAX_NEW_TOKENS
 
 logger = logging.getLogger(__name__)
 
-OWN_KEYS = ("mire_f1_max_new_tokens", "mire_f1_max_samples", "mire_cudnn_sdp", "mire_nan_guard")
+OWN_KEYS = ("mire_f1_max_new_tokens", "mire_f1_max_samples", "mire_cudnn_sdp", "mire_nan_guard",
+            "mire_tokenize_only")
 F1_PLOT_KEYS = ("eval_f1", "eval_f1_image", "eval_f1_dialogue")
 
 
@@ -110,6 +113,26 @@ def set_cudnn_sdp(enabled: bool) -> None:
                        "pytorch/pytorch#196678); mire_cudnn_sdp=true keeps it")
 
 
+def tokenize_only(args: dict, config: str) -> None:
+    """LLaMA-Factory's own preprocessing, as its sft workflow calls it (get_train_args, load_tokenizer,
+    get_template_and_fix_tokenizer, get_dataset), on the arguments a training run with this YAML and these overrides
+    parses: the same template, cutoff_len, image pixels, dataset/eval_dataset, dataset_dir and workers, so the saved
+    data is exactly what that run would build. get_dataset saves it to tokenized_path (or loads it when it is
+    there already); a run given that tokenized_path then loads it and ignores its other data arguments. Neither
+    the model nor a trainer is built, so it costs the tokenization alone."""
+    if not args.get("tokenized_path"):
+        raise MireInputError(problem(config, None, "mire_tokenize_only",
+                                     "needs tokenized_path (the folder the tokenized datasets are saved to)"))
+    from llamafactory.data import get_dataset, get_template_and_fix_tokenizer
+    from llamafactory.hparams import get_train_args
+    from llamafactory.model import load_tokenizer
+
+    model_args, data_args, training_args, finetuning_args, _ = get_train_args(args)
+    tokenizer_module = load_tokenizer(model_args)
+    template = get_template_and_fix_tokenizer(tokenizer_module["tokenizer"], data_args)
+    get_dataset(template, model_args, data_args, training_args, stage=finetuning_args.stage, **tokenizer_module)
+
+
 def needs_torchrun() -> bool:
     """As llamafactory-cli decides it, unless we already run under torchrun."""
     if "LOCAL_RANK" in os.environ:
@@ -154,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     set_cudnn_sdp(own_flag(args, "mire_cudnn_sdp", False, config))
     if own_flag(args, "mire_nan_guard", True, config):
         callbacks.append(NanGuardCallback())
+    if own_flag(args, "mire_tokenize_only", False, config):
+        tokenize_only(args, config)
+        return 0
 
     from llamafactory.train.tuner import run_exp
 

@@ -178,7 +178,11 @@ def test_harness_smoke_every_stage_then_resumes(split, tiny_model_dir, tmp_path)
         assert [p["step"] for p in result["eval_f1_curves"][f"seed {seed}"]] == [2]
         assert result["callback_vs_tools"][seed]["records"] == 8
     assert (results / "t_eval_f1.png").stat().st_size > 10_000
-    assert {"untrained", "train_label_s1", "infer_label_s1"} <= set(result["timings_s"])
+    assert {"untrained", "tokenize_label", "train_label_s1", "infer_label_s1"} <= set(result["timings_s"])
+    for seed in (0, 1):  # each data variant tokenized once (its stage), every run loaded it
+        for variant, data in (("label", "data"), ("aug_cap", "data_aug_cap")):
+            log = (work / "logs" / f"train_{variant}_s{seed}.log").read_text(encoding="utf-8")
+            assert f"Loaded tokenized dataset from {work / data / 'tokenized'}" in log, (variant, seed)
 
     # the variant: its own data (train split with one augmented copy each, every split's dialogue images capped;
     # the test and evaluation splits without copies), trained and inferred per seed, reported against fine_tuned
@@ -201,17 +205,71 @@ def test_harness_smoke_every_stage_then_resumes(split, tiny_model_dir, tmp_path)
                                                             4)
     for seed in (0, 1):
         assert (work / f"aug_cap_s{seed}" / "infer" / "predictions.jsonl").is_file()
-    assert {"data_aug_cap", "train_aug_cap_s0", "infer_aug_cap_s1"} <= set(result["timings_s"])
+    assert {"data_aug_cap", "tokenize_aug_cap", "train_aug_cap_s0", "infer_aug_cap_s1"} <= set(result["timings_s"])
     assert [p["step"] for p in result["eval_f1_curves"]["seed 1, aug_cap"]] == [2]
     assert "variant aug_cap" in proc.stdout and "minus fine_tuned" in proc.stdout
 
     proc = script(*args)
-    assert proc.returncode == 0 and proc.stdout.count("done earlier") == 14, proc.stdout
+    assert proc.returncode == 0 and proc.stdout.count("done earlier") == 16, proc.stdout
+    assert "[tokenize_label] done earlier" in proc.stdout and "[tokenize_aug_cap] done earlier" in proc.stdout
     (work / "label_s1" / "infer" / "metrics.json").unlink()
     proc = script(*args)
-    assert proc.returncode == 0 and proc.stdout.count("done earlier") == 13, proc.stdout
+    assert proc.returncode == 0 and proc.stdout.count("done earlier") == 15, proc.stdout
     assert "[infer_label_s1] ..." in proc.stdout
     proc = script(*args[:-1], "aug_cap=--augment 2")
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         f"error: {work}: --variant aug_cap: this work folder converted it with '--augment 1 "
         "--dialogue_image_max_pixels 3136', not '--augment 2'; use another name or --workdir"]
+
+
+@pytest.mark.slow
+def test_each_data_variant_is_tokenized_once_and_its_runs_load_it(split, tiny_model_dir, tmp_path):
+    """The tokenize stage saves a data folder's train and evaluation datasets once (LLaMA-Factory's get_dataset on
+    the runs' own arguments); two seeds' real tiny trainings load them (LLaMA-Factory's own log line), tokenize
+    nothing themselves, and the F1 callback still evaluates every record. Done-marker: the saved dataset made with
+    the runs' current overrides."""
+    from benchmarks.quality.run import (
+        Plan,
+        Recipe,
+        convert_data,
+        run_dir,
+        smoke_files,
+        stage,
+        tokenize,
+        tokenized,
+        tokenized_dir,
+        train,
+    )
+
+    recipe = Recipe(batch_size=2, eval_batch_size=4, evals=1, max_new_tokens=16, image_max_pixels=224 * 224)
+    work = tmp_path / "work"
+    plan = Plan(train_file=split / "train.json", test_file=split / "test.json", image_dir=split / "images",
+                test_image_dir=split / "images", seeds=[0, 1], name="t", work=work, model_dir=tiny_model_dir,
+                gguf=None, info_file=None, ocr_convert_args="", device="cpu", smoke=True, recipe=recipe)
+    smoke_files(plan)
+    data = work / "data"
+    convert_data(plan, data, work / "eval", [], "")
+    assert not tokenized(plan, data)
+    stage(plan, "tokenize_label", tokenized(plan, data), tokenize, plan, data, "label")
+    saved = tokenized_dir(data)
+    assert tokenized(plan, data) and sorted(p.name for p in saved.iterdir() if p.is_dir()) == ["train", "validation"]
+    assert not (data / "tokenized.partial").exists() and not (work / "tokenize_label").exists()
+    assert "tokenize_label" in json.loads((work / "timings.json").read_text(encoding="utf-8"))
+    made = (saved / "dataset_dict.json").stat().st_mtime_ns
+
+    for seed in plan.seeds:
+        train(plan, data, "label", seed)
+        log = (work / "logs" / f"train_label_s{seed}.log").read_text(encoding="utf-8")
+        assert f"Loaded tokenized dataset from {saved}" in log, log[-3000:]
+        assert "Running tokenizer on dataset" not in log
+        ft = run_dir(plan, "label", seed) / "ft"
+        rows = (ft / "f1_eval" / "eval_step2.jsonl").read_text(encoding="utf-8").splitlines()
+        assert len(rows) == 8  # the labelled test split, every record evaluated by the F1 callback
+        history = json.loads((ft / "trainer_state.json").read_text(encoding="utf-8"))["log_history"]
+        assert any("eval_f1" in h and "eval_loss" in h for h in history)
+    assert (saved / "dataset_dict.json").stat().st_mtime_ns == made  # loaded, never saved again
+
+    stage(plan, "tokenize_label", tokenized(plan, data), tokenize, plan, data, "label")  # done: skipped
+    assert (saved / "dataset_dict.json").stat().st_mtime_ns == made
+    plan.recipe.image_max_pixels = 112 * 112  # other overrides than the saved data's: tokenized anew
+    assert not tokenized(plan, data)

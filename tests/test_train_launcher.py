@@ -137,6 +137,19 @@ def test_launcher_refuses_an_own_switch_that_is_not_true_or_false(capsys, monkey
         "error: configs/qwen2_vl_lora_sft.yaml: field 'mire_nan_guard': must be true or false, got 'maybe'"]
 
 
+
+def test_tokenize_only_needs_a_tokenized_path(capsys, monkeypatch):
+    from mire_factory import train
+    from mire_factory.io import run_cli
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(train.main, ["configs/qwen2_vl_lora_sft.yaml", "mire_tokenize_only=true"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "error: configs/qwen2_vl_lora_sft.yaml: field 'mire_tokenize_only': needs tokenized_path (the folder the "
+        "tokenized datasets are saved to)"]
+
 @pytest.mark.slow
 def test_launcher_logs_per_task_f1_into_trainer_state(tiny_model_dir, tmp_path):
     from mire_factory.convert import convert

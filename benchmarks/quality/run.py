@@ -11,6 +11,10 @@ Every stage goes through the project's own tools, as a user would run them:
              them (the F1 callback's evaluation set)
   anchor     benchmarks/quality/tfidf_anchor.py: TF-IDF character n-grams + a linear classifier, per seed
   untrained  tools.vllm_infer --backend hf, then tools.cal_acc (greedy: one run serves every seed)
+  tokenize   per data variant, before any run: python -m mire_factory.train ... mire_tokenize_only=true with the
+             runs' overrides saves the train and evaluation datasets as LLaMA-Factory tokenizes them
+             (DATA/tokenized); every run of that data loads them (tokenized_path): one tokenization, not one
+             per run
   train      python -m mire_factory.train configs/qwen2_vl_2b_full_sft.yaml (LLaMA-Factory's run_exp plus the
              per-task F1 callback) with the overrides of `train_overrides`, per seed
   infer      tools.vllm_infer --backend hf and tools.cal_acc on the fine-tuned model, per seed
@@ -261,13 +265,17 @@ def train_rows(data: Path) -> int:
     return len(read_json(data / "mire_train.json"))
 
 
-def train_overrides(plan: Plan, data: Path, out: Path, seed: int) -> list[str]:
-    """configs/qwen2_vl_2b_full_sft.yaml as shipped, except these (Recipe says why for each)."""
+def train_overrides(plan: Plan, data: Path, out: Path, seed: int, tokenized: Path | None = None) -> list[str]:
+    """configs/qwen2_vl_2b_full_sft.yaml as shipped, except these (Recipe says why for each). The one list both the
+    tokenize stage and the training runs use, so the data the runs load is tokenized with their own cutoff_len,
+    template, image pixels, datasets and workers. `tokenized`: LLaMA-Factory's tokenized_path (default: the data
+    folder's, see tokenized_dir)."""
     r = plan.recipe
     steps = train_steps(plan, train_rows(data))
     o = {
         "model_name_or_path": plan.model_dir, "dataset_dir": data, "dataset": "mire_train",
-        "eval_dataset": EVAL_DATASET, "output_dir": out, "seed": seed,
+        "eval_dataset": EVAL_DATASET, "tokenized_path": tokenized or tokenized_dir(data), "output_dir": out,
+        "seed": seed,
         "learning_rate": r.learning_rate, "num_train_epochs": r.epochs,
         "per_device_train_batch_size": r.batch_size, "gradient_accumulation_steps": r.grad_accum,
         "disable_gradient_checkpointing": str(not r.gradient_checkpointing).lower(),
@@ -292,17 +300,70 @@ def run_dir(plan: Plan, variant: str, seed: int) -> Path:
     return plan.work / f"{variant}_s{seed}"
 
 
+def train_env(plan: Plan) -> dict:
+    if plan.device == "cpu":
+        from mire_factory.demo import CPU_TRAIN_ENV
+
+        return dict(CPU_TRAIN_ENV)
+    return {}
+
+
 def train(plan: Plan, data: Path, variant: str, seed: int) -> None:
     run = run_dir(plan, variant, seed)
     shutil.rmtree(run, ignore_errors=True)  # a new model: the old run's predictions and scores are stale
     run.mkdir(parents=True)
-    env = {}
-    if plan.device == "cpu":
-        from mire_factory.demo import CPU_TRAIN_ENV
-
-        env.update(CPU_TRAIN_ENV)
     run_logged(plan, f"train_{variant}_s{seed}", python_tool("mire_factory.train", RECIPE,
-                                                             *train_overrides(plan, data, run / "ft", seed)), env)
+                                                             *train_overrides(plan, data, run / "ft", seed)),
+               train_env(plan))
+
+
+def tokenized_dir(data: Path) -> Path:
+    """A data folder's train and evaluation datasets as LLaMA-Factory tokenized them (its save_to_disk folder).
+    Inside the data folder, so that converting the data anew (which empties the folder) also drops them."""
+    return data / "tokenized"
+
+
+TOKENIZE_SPEC = "harness_tokenize.json"  # in tokenized_dir: the overrides it was tokenized with
+
+
+def tokenize_spec(plan: Plan, data: Path) -> list[str]:
+    """The overrides that made tokenized_dir(data): a training run's, less what differs between runs (output_dir,
+    seed: the seed does not enter LLaMA-Factory's preprocessing of one train and one evaluation dataset without
+    val_size or streaming) and tokenized_path itself."""
+    skip = ("output_dir=", "seed=", "tokenized_path=")
+    return [o for o in train_overrides(plan, data, plan.work, 0) if not o.startswith(skip)]
+
+
+def tokenized(plan: Plan, data: Path) -> bool:
+    """tokenize's done-marker: a saved dataset, made with the overrides the runs have now."""
+    path = tokenized_dir(data)
+    if not (path / "dataset_dict.json").is_file() or not (path / TOKENIZE_SPEC).is_file():
+        return False
+    return read_json(path / TOKENIZE_SPEC).get("overrides") == tokenize_spec(plan, data)
+
+
+def tokenize(plan: Plan, data: Path, variant: str) -> None:
+    """A data variant's train and evaluation datasets tokenized once, for all its runs: each run would otherwise
+    tokenize the same data itself (on the H200 four runs side by side did, 3 minutes each at load 105, the GPU
+    idle). `python -m mire_factory.train ... mire_tokenize_only=true` calls LLaMA-Factory's get_dataset on exactly
+    the arguments a run parses (train_overrides, the one list), rather than a short training run (max_steps), which
+    would also load the model and take other arguments than the runs. Written to a .partial folder and renamed
+    when complete: LLaMA-Factory loads any non-empty tokenized_path, half-written or not."""
+    target = tokenized_dir(data)
+    partial = target.with_name(target.name + ".partial")
+    scratch = plan.work / f"tokenize_{variant}"  # the output_dir the arguments need; nothing is written there
+    for path in (target, partial, scratch):
+        shutil.rmtree(path, ignore_errors=True)
+    overrides = train_overrides(plan, data, scratch, plan.seeds[0], tokenized=partial)
+    run_logged(plan, f"tokenize_{variant}", python_tool("mire_factory.train", RECIPE, *overrides,
+                                                        "mire_tokenize_only=true"), train_env(plan))
+    if not (partial / "dataset_dict.json").is_file():
+        raise StageFailed(f"tokenize_{variant}: no tokenized dataset in {partial}; see "
+                          f"{plan.work / 'logs' / f'tokenize_{variant}.log'}")
+    write_json_atomic(partial / TOKENIZE_SPEC, {"overrides": tokenize_spec(plan, data)})
+    os.replace(partial, target)
+    shutil.rmtree(scratch, ignore_errors=True)
+    log(f"    tokenized_path of every {variant} run: {target}")  # (the log names the .partial folder it was saved in)
 
 
 def trained(out: Path) -> bool:
@@ -705,6 +766,8 @@ def _run(plan: Plan, results_dir: Path) -> dict:
     for v in plan.variants:
         stage(plan, f"data_{v.name}", variant_ready(plan, v), convert_variant, plan, v)
         runs += [(v.name, v.data(plan.work), seed) for seed in plan.seeds]
+    for variant, variant_data in dict.fromkeys((v, d) for v, d, _ in runs):
+        stage(plan, f"tokenize_{variant}", tokenized(plan, variant_data), tokenize, plan, variant_data, variant)
     fine_tune_all(plan, runs)
     result = report(plan, ocr_reason, results_dir)
     print_table(result)
