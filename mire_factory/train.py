@@ -28,6 +28,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from transformers import TrainerCallback
+
 from .cot import SECOND_TURN
 from .dataset_info import COT_LAYOUT_KEY, DATASET_INFO, read_dataset_info
 from .f1_callback import F1Callback
@@ -133,6 +135,16 @@ def tokenize_only(args: dict, config: str) -> None:
     get_dataset(template, model_args, data_args, training_args, stage=finetuning_args.stage, **tokenizer_module)
 
 
+class TrainingStarted(TrainerCallback):
+    """Whether the Trainer got as far as its first step (errors before it are the configuration's)."""
+
+    def __init__(self):
+        self.started = False
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started = True
+
+
 def needs_torchrun() -> bool:
     """As llamafactory-cli decides it, unless we already run under torchrun."""
     if "LOCAL_RANK" in os.environ:
@@ -177,14 +189,22 @@ def main(argv: list[str] | None = None) -> int:
     set_cudnn_sdp(own_flag(args, "mire_cudnn_sdp", False, config))
     if own_flag(args, "mire_nan_guard", True, config):
         callbacks.append(NanGuardCallback())
-    if own_flag(args, "mire_tokenize_only", False, config):
-        tokenize_only(args, config)
-        return 0
-
+    started = TrainingStarted()
+    callbacks.append(started)
     from llamafactory.train.tuner import run_exp
 
     try:
+        if own_flag(args, "mire_tokenize_only", False, config):
+            tokenize_only(args, config)
+            return 0
         run_exp(args=args, callbacks=callbacks)
+    except ValueError as exc:
+        # LLaMA-Factory's argument and data checks raise ValueError (an undefined dataset, a missing file, options
+        # that do not go together): before the first step that is the user's configuration, said in one line. A
+        # ValueError once training runs is a fault, and keeps its traceback.
+        if started.started:
+            raise
+        raise MireInputError(problem(config, None, None, f"LLaMA-Factory refused it: {exc}")) from None
     except TrainingDiverged as exc:
         if int(os.getenv("RANK", "0")) == 0:  # every rank stops at the same step; one line says it
             sys.stdout.flush()  # the last line also where stdout and stderr go to one log (tools.kfold shows it)

@@ -348,3 +348,25 @@ def test_cudnn_sdp_switch_says_why_where_it_matters(monkeypatch, caplog, cudnn_s
         "mire_cudnn_sdp=true keeps it"]
     set_cudnn_sdp(True)
     assert torch.backends.cuda.cudnn_sdp_enabled() is True and len(caplog.records) == 1
+
+
+def test_launcher_says_llamafactory_refusals_in_one_line(tiny_model_dir, tmp_path):
+    """LLaMA-Factory's own checks (here an undefined dataset) raise ValueError before training: one line, exit 2,
+    no traceback, and no output folder written."""
+    from mire_factory.sharegpt import sharegpt_entry
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "dataset_info.json").write_text(json.dumps({"mire_val": sharegpt_entry("v.json")}),
+                                                         encoding="utf-8")
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "mire_factory.train", "configs/qwen2_vl_full_sft.yaml",
+         f"model_name_or_path={tiny_model_dir}", f"dataset_dir={tmp_path / 'data'}", f"output_dir={out}",
+         "dataset=mire_nope", "deepspeed=null", "bf16=false", "preprocessing_num_workers=1"],
+        cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: configs/qwen2_vl_full_sft.yaml: LLaMA-Factory refused it: Undefined dataset mire_nope in "
+        "dataset_info.json.")
+    assert not (out / "trainer_state.json").exists()
