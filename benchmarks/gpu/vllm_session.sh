@@ -122,17 +122,30 @@ print('vllm', vllm.__version__, 'transformers', transformers.__version__, 'token
       --max-model-len 16384 --limit-mm-per-prompt '{"image": 11, "video": 0}' --renderer-num-workers 8 \
       --mm-processor-cache-gb 0 ${SERVE_EXTRA:-} > "$OUT/serve.log" 2>&1 < /dev/null &
     server=$!
-    $PY - "$PORT" <<'EOF' || { tail -30 "$OUT/serve.log"; kill -- -"$server"; exit 1; }
-import sys, time, urllib.request
+    # up when /health answers; given up at once when the server has exited (a missing module, a bad argument)
+    $PY - "$PORT" "$server" <<'EOF' || { tail -30 "$OUT/serve.log"; kill -- -"$server" 2>/dev/null; exit 1; }
+import os, sys, time, urllib.request
+port, pid = sys.argv[1], int(sys.argv[2])
 for _ in range(300):
     try:
-        urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/health", timeout=2)
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
         sys.exit(0)
     except OSError:
+        try:
+            os.kill(pid, 0)
+        except OSError:
+            print("vllm serve exited before it answered /health")
+            sys.exit(1)
         time.sleep(1)
 sys.exit(1)
 EOF
     echo "server up in $((SECONDS - start)) s"
+    # one request alone first: vLLM builds its processor per renderer thread on first use, through an unlocked
+    # cache, so concurrent first requests each build one (mire_factory.infer.vllm_backend.FirstAlone)
+    rm -f "$RES/warmup.jsonl"
+    timed warmup $PY -m tools.distill --input_file "$DATA/labelled.json" --image_dir "$DATA/images" \
+      --base_url "http://127.0.0.1:$PORT/v1" --model teacher --mode 1 --limit 1 \
+      --output_file "$RES/warmup.jsonl" --max_tokens 8 --no_progress
     reasons="$RES/reasons.jsonl"; rm -f "$reasons"
     distill=($PY -m tools.distill --input_file "$DATA/labelled.json" --image_dir "$DATA/images"
              --base_url "http://127.0.0.1:$PORT/v1" --model teacher --mode 1 2 3 --output_file "$reasons"
