@@ -138,26 +138,47 @@ def plot_histograms(values: Mapping[str, Sequence[int]], path: str | os.PathLike
 
 
 def plot_eval_f1_curves(curves: Mapping[str, Sequence[Mapping]], lines: Mapping[str, float | None],
-                        path: str | os.PathLike) -> None:
+                        path: str | os.PathLike, losses: Mapping[str, Sequence[Mapping]] | None = None) -> None:
     """The F1 callback's eval_f1_dialogue / eval_f1_image per optimizer step, one curve per run, side by side;
-    `lines` ("dialogue: NAME" or "image: NAME" -> value) are drawn as horizontal references."""
+    `lines` ("dialogue: NAME" or "image: NAME" -> value) are drawn as horizontal references. With `losses` (run ->
+    [{"step", "loss"}], a loss of None: not finite, left as a gap) a third panel shows each run's training loss, in
+    the run's colour of the F1 panels. Every panel's x-axis starts at step 0, so that a single evaluation (at the
+    last step) sits in the run's context."""
+    losses = {label: curve for label, curve in (losses or {}).items() if curve}
+    runs = list(dict.fromkeys([*curves, *losses]))
     with style() as plt:
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+        palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        colour = {label: palette[k % len(palette)] for k, label in enumerate(runs)}
+        steps = [c["step"] for curve in [*curves.values(), *losses.values()] for c in curve]
+        right = max(steps, default=1) * 1.04 or 1
+        fig, axes = plt.subplots(1, 3 if losses else 2, figsize=(16.5 if losses else 11, 4.2))
         for ax, key, task in ((axes[0], "eval_f1_dialogue", "dialogue"), (axes[1], "eval_f1_image", "image")):
             for label, curve in curves.items():
                 points = [(c["step"], c[key]) for c in curve if key in c]
                 if points:
-                    ax.plot(*zip(*points, strict=True), marker="o", label=label)
+                    ax.plot(*zip(*points, strict=True), marker="o", color=colour[label], label=label)
             for name, value in lines.items():
                 if name.startswith(task) and value is not None:
                     ax.axhline(value, linestyle="--", color="grey" if "untrained" in name else "black", linewidth=1,
                                label=name.split(": ", 1)[1])
-            ax.set_title(f"{task}: weighted F1 on the test split (F1 callback)")
+            ax.set_title(f"{task}: weighted F1 on the test split (F1 callback)", fontsize=10)
+            ax.set_ylabel("weighted F1")
+            ax.set_ylim(0, 1)
+        if losses:
+            ax = axes[2]
+            gaps = 0
+            for label, curve in losses.items():
+                gaps += sum(c["loss"] is None for c in curve)
+                ax.plot([c["step"] for c in curve], [np.nan if c["loss"] is None else c["loss"] for c in curve],
+                        color=colour[label], linewidth=1.2, label=label)
+            ax.set_title("training loss (logged steps)" + (f"; {gaps} not finite (gaps)" if gaps else ""), fontsize=10)
+            ax.set_ylabel("loss")
+            ax.set_ylim(bottom=0)
+        for ax in axes:
+            ax.set_xlim(0, right)
             ax.set_xlabel("optimizer step")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
-        axes[0].set_ylabel("weighted F1")
-        axes[0].set_ylim(0, 1)
         fig.tight_layout()
         fig.savefig(path, format="png", dpi=120)
         plt.close(fig)

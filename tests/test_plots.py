@@ -63,3 +63,45 @@ def test_label_codes_follow_the_official_order(task):
     prefix = "I" if task == "image" else "D"
     assert plots.label_codes(task, labels) == {LABELS[task][2]: f"{prefix}3", LABELS[task][0]: f"{prefix}1",
                                                "not a label": "x1", "also not": "x2"}
+
+
+def _eval_f1_figure(tmp_path: Path, monkeypatch, losses) -> tuple:
+    """plot_eval_f1_curves' figure (caught at savefig) and the PNG it wrote."""
+    from matplotlib.figure import Figure
+
+    figures, savefig = [], Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: (figures.append(fig), savefig(fig, *a, **k))[1])
+    curves = {"seed 0": [{"step": 180, "eval_f1_dialogue": 0.6, "eval_f1_image": 0.1}],
+              "seed 0, 截图文字": [{"step": 90, "eval_f1_dialogue": 0.5}, {"step": 180, "eval_f1_dialogue": 0.7,
+                                                                       "eval_f1_image": 0.66}]}
+    path = tmp_path / "curves"  # a staged temp path: no .png suffix
+    plots.plot_eval_f1_curves(curves, {"dialogue: untrained": 0.01, "image: untrained": None}, path, losses)
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        size = image.size
+    return figures[0], size
+
+
+def test_eval_f1_curves_with_loss_panel_start_at_step_0_and_share_colours(tmp_path, monkeypatch):
+    losses = {"seed 0": [{"step": 1, "loss": 2.0}, {"step": 5, "loss": None}, {"step": 180, "loss": 0.4}],
+              "seed 0, 截图文字": [{"step": 1, "loss": 1.9}, {"step": 180, "loss": 0.1}]}
+    fig, (width, _) = _eval_f1_figure(tmp_path, monkeypatch, losses)
+    dialogue, image, loss = fig.axes
+    assert width == 1980  # three panels at 16.5 in x 120 dpi
+    for ax in (dialogue, image, loss):
+        assert ax.get_xlim()[0] == 0 and ax.get_xlim()[1] >= 180
+    assert dialogue.get_ylim() == (0, 1) and image.get_ylim() == (0, 1)
+    colours = {ax: {line.get_label(): line.get_color() for line in ax.get_lines()} for ax in (dialogue, loss)}
+    assert colours[loss] == {k: colours[dialogue][k] for k in losses}  # a run's colour is the same in every panel
+    assert colours[loss]["seed 0"] != colours[loss]["seed 0, 截图文字"]
+    seed0 = next(line for line in loss.get_lines() if line.get_label() == "seed 0")
+    assert list(seed0.get_xdata()) == [1, 5, 180] and np.isnan(seed0.get_ydata()[1])  # a gap, not a zero
+    assert "1 not finite" in loss.get_title()
+    assert "untrained" in [t.get_text() for t in dialogue.get_legend().get_texts()]  # the reference line stays
+
+
+@pytest.mark.parametrize("losses", [None, {}, {"seed 0": []}])
+def test_eval_f1_curves_without_loss_curves_keep_two_panels(tmp_path, monkeypatch, losses):
+    fig, (width, _) = _eval_f1_figure(tmp_path, monkeypatch, losses)
+    assert len(fig.axes) == 2 and width == 1320
+    assert all(ax.get_xlim()[0] == 0 for ax in fig.axes)

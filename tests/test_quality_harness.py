@@ -176,6 +176,8 @@ def test_harness_smoke_every_stage_then_resumes(split, tiny_model_dir, tmp_path)
     assert result["targets"] == {}  # a smoke run's scores measure nothing
     for seed in ("0", "1"):
         assert [p["step"] for p in result["eval_f1_curves"][f"seed {seed}"]] == [2]
+        assert [p["step"] for p in result["loss_curves"][f"seed {seed}"]] == [1, 2]  # logging_steps 1
+        assert all(p["loss"] > 0 for p in result["loss_curves"][f"seed {seed}"])
         assert result["callback_vs_tools"][seed]["records"] == 8
     assert (results / "t_eval_f1.png").stat().st_size > 10_000
     assert {"untrained", "tokenize_label", "train_label_s1", "infer_label_s1"} <= set(result["timings_s"])
@@ -207,6 +209,7 @@ def test_harness_smoke_every_stage_then_resumes(split, tiny_model_dir, tmp_path)
         assert (work / f"aug_cap_s{seed}" / "infer" / "predictions.jsonl").is_file()
     assert {"data_aug_cap", "tokenize_aug_cap", "train_aug_cap_s0", "infer_aug_cap_s1"} <= set(result["timings_s"])
     assert [p["step"] for p in result["eval_f1_curves"]["seed 1, aug_cap"]] == [2]
+    assert list(result["loss_curves"]) == list(result["eval_f1_curves"])
     assert "variant aug_cap" in proc.stdout and "minus fine_tuned" in proc.stdout
 
     proc = script(*args)
@@ -273,3 +276,72 @@ def test_each_data_variant_is_tokenized_once_and_its_runs_load_it(split, tiny_mo
     assert (saved / "dataset_dict.json").stat().st_mtime_ns == made
     plan.recipe.image_max_pixels = 112 * 112  # other overrides than the saved data's: tokenized anew
     assert not tokenized(plan, data)
+
+
+def _finished_run(root):
+    """A finished result (two runs: seed 0 and a variant 'aug'; no screenshot text) and its runs' trainer states,
+    written as transformers writes them (json.dump: a NaN loss is the bare token NaN)."""
+    result = {"name": "r", "seeds": [0], "untrained": {"dialogue": {"mean": 0.01}, "image": {"mean": 0.02}},
+              "fine_tuned": {"dialogue": {"mean": 0.6543, "per_seed": {"0": 0.6543}}},
+              "fine_tuned_ocr": {"not_run": "no --info_file (screenshot text per image)"},
+              "tfidf_anchor": {"dialogue": {"mean": 0.5}, "image": {"unavailable": "no"}},
+              "variants": {"aug": {"dialogue": {"mean": 0.7}}},
+              "eval_f1_curves": {"seed 0": [{"step": 4, "eval_f1_dialogue": 0.6, "eval_f1_image": 0.1}],
+                                 "seed 0, aug": [{"step": 6, "eval_f1_dialogue": 0.7, "eval_f1_image": 0.2}]},
+              "plot": "/elsewhere/r_eval_f1.png"}
+    (root / "r.json").write_text(json.dumps(result, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    histories = {"label_s0": [{"loss": 2.5, "step": 1}, {"loss": float("nan"), "step": 2}, {"loss": 1.0, "step": 4},
+                              {"eval_f1": 0.35, "eval_f1_dialogue": 0.6, "eval_loss": 0.4, "step": 4},
+                              {"train_loss": 1.7, "step": 4}],
+                 "aug_s0": [{"loss": float("inf"), "step": 3}, {"loss": 0.123456, "step": 6}]}
+    for run, history in histories.items():
+        (root / "runs" / run / "ft").mkdir(parents=True)
+        (root / "runs" / run / "ft" / "trainer_state.json").write_text(json.dumps({"log_history": history}))
+    return result
+
+
+def test_replot_adds_loss_curves_and_leaves_every_other_key(tmp_path):
+    """--replot: each run's logged losses (not the eval or the train_loss summary entries; a NaN or inf loss as
+    null) stored as loss_curves under the result's run names, every other key as it was, and the png redrawn."""
+    from PIL import Image
+
+    from benchmarks.quality.run import main
+
+    before = _finished_run(tmp_path)
+    proc = call_main(main, "--replot", tmp_path / "r.json", "--runs_dir", tmp_path / "runs")
+    assert proc.returncode == 0, proc.stderr
+    text = (tmp_path / "r.json").read_text(encoding="utf-8")
+    after = json.loads(text, parse_constant=lambda token: pytest.fail(f"{token} in the JSON"))  # strict JSON
+    assert after.pop("loss_curves") == {
+        "seed 0": [{"step": 1, "loss": 2.5}, {"step": 2, "loss": None}, {"step": 4, "loss": 1.0}],
+        "seed 0, aug": [{"step": 3, "loss": None}, {"step": 6, "loss": 0.1235}]}
+    assert after == before and list(after) == list(before)  # F1 figures, plot path, key order: untouched
+    with Image.open(tmp_path / "r_eval_f1.png") as image:
+        assert image.format == "PNG" and image.width == 1980  # three panels: the loss beside the two F1 ones
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp left behind
+
+    proc = call_main(main, "--replot", tmp_path / "r.json", "--runs_dir", tmp_path / "runs")  # again: the same
+    assert proc.returncode == 0 and (tmp_path / "r.json").read_text(encoding="utf-8") == text
+
+
+def test_replot_refusals_are_one_line_and_change_nothing(tmp_path):
+    from benchmarks.quality.run import main
+
+    _finished_run(tmp_path)
+    text = (tmp_path / "r.json").read_text(encoding="utf-8")
+    state = tmp_path / "runs" / "aug_s0" / "ft" / "trainer_state.json"
+    state.unlink()
+    proc = call_main(main, "--replot", tmp_path / "r.json", "--runs_dir", tmp_path / "runs")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"error: {state}: not found (--runs_dir holds RUN/ft/trainer_state.json per run)"]
+    assert (tmp_path / "r.json").read_text(encoding="utf-8") == text and not (tmp_path / "r_eval_f1.png").exists()
+    proc = call_main(main, "--replot", tmp_path / "r.json")
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].endswith("error: --replot needs --runs_dir")
+    (tmp_path / "other.json").write_text('{"name": "x"}', encoding="utf-8")
+    proc = call_main(main, "--replot", tmp_path / "other.json", "--runs_dir", tmp_path / "runs")
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'other.json'}: field 'eval_f1_curves': missing: not a quality harness result"]
+    proc = call_main(main, "--out", "t")  # a run still needs its files
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].endswith(
+        "the following arguments are required: --train_file, --test_file, --image_dir")

@@ -24,7 +24,10 @@ Every stage goes through the project's own tools, as a user would run them:
              arguments (train, test and evaluation split; train-only flags such as --augment on the train file only)
   report     benchmarks/quality/results/NAME.json (per-task weighted F1, mean and per seed, under `untrained`,
              `fine_tuned`, `fine_tuned_ocr`, `tfidf_anchor`, and `variants` with each one's difference against
-             `fine_tuned`), NAME_eval_f1.png (the callback's eval_f1 curves)
+             `fine_tuned`; `eval_f1_curves` and `loss_curves` per run), NAME_eval_f1.png (the callback's eval_f1
+             curves and each run's training loss)
+  --replot   python benchmarks/quality/run.py --replot results/NAME.json --runs_dir results/NAME/runs: no run;
+             adds `loss_curves` from the runs' trainer states to a finished result and redraws its png
 
 Resumable: a stage whose outputs exist is skipped (a rerun after a kill redoes only what is missing); one harness
 at a time per work folder. Each stage prints its wall time; the subprocesses' output goes to W/logs/.
@@ -37,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import shlex
@@ -53,7 +57,15 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from mire_factory.io import MireInputError, problem, read_json, run_cli, write_json_atomic  # noqa: E402
+from mire_factory.io import (  # noqa: E402
+    MireInputError,
+    OutputSet,
+    atomic_path,
+    problem,
+    read_json,
+    run_cli,
+    write_json_atomic,
+)
 from mire_factory.plots import plot_eval_f1_curves  # noqa: E402
 from mire_factory.rules import MAX_NEW_TOKENS  # noqa: E402
 
@@ -508,12 +520,33 @@ def summarize(per_seed: dict[str, Path]) -> dict:
     return {task: spread({seed: s[task] for seed, s in scores.items()}) for task in TASKS}
 
 
+def run_labels(seeds: list, ocr: bool, variants: list[str]) -> dict[str, str]:
+    """The report's run names ("seed 0", "seed 0, screenshot text", "seed 0, NAME") -> their run folders
+    (`run_dir`'s names: label_s0, ocr_s0, NAME_s0), in the report's order."""
+    runs = {f"seed {s}": f"label_s{s}" for s in seeds}
+    if ocr:
+        runs.update({f"seed {s}, screenshot text": f"ocr_s{s}" for s in seeds})
+    for name in variants:
+        runs.update({f"seed {s}, {name}": f"{name}_s{s}" for s in seeds})
+    return runs
+
+
 def eval_curve(trainer_state: Path) -> list[dict]:
     if not trainer_state.is_file():
         return []
     history = json.loads(trainer_state.read_text(encoding="utf-8")).get("log_history", [])
     keys = ("eval_f1", "eval_f1_dialogue", "eval_f1_image", "eval_loss")
     return [{"step": h["step"], **{k: h[k] for k in keys if k in h}} for h in history if "eval_f1" in h]
+
+
+def loss_curve(trainer_state: Path) -> list[dict]:
+    """The training loss at each logged optimizer step ({"step", "loss"}; a loss that is not finite is None, JSON's
+    null); [] when the run has no trainer state."""
+    if not trainer_state.is_file():
+        return []
+    history = read_json(trainer_state).get("log_history", [])
+    return [{"step": h["step"], "loss": round(h["loss"], 4) if math.isfinite(h["loss"]) else None}
+            for h in history if "loss" in h]
 
 
 def callback_agreement(plan: Plan, ft: Path, predictions: Path) -> dict | None:
@@ -534,12 +567,19 @@ def callback_agreement(plan: Plan, ft: Path, predictions: Path) -> dict | None:
             "agreement": round(same / len(records), 4)}
 
 
-def plot_curves(curves: dict[str, list[dict]], lines: dict[str, float], path: Path) -> Path | None:
-    if not any(curves.values()):
+def plot_curves(curves: dict[str, list[dict]], lines: dict[str, float], path: Path,
+                losses: dict[str, list[dict]] | None = None) -> Path | None:
+    if not any(curves.values()) and not any((losses or {}).values()):
         return None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    plot_eval_f1_curves(curves, lines, path)
+    with atomic_path(path) as tmp:
+        plot_eval_f1_curves(curves, lines, tmp, losses)
     return path
+
+
+def plot_lines(untrained: dict, tfidf: dict) -> dict[str, float | None]:
+    """The plot's horizontal references: the untrained model's F1 per task, the TF-IDF anchor's on dialogues."""
+    return {"dialogue: untrained": untrained["dialogue"]["mean"], "image: untrained": untrained["image"]["mean"],
+            "dialogue: TF-IDF anchor": tfidf["dialogue"].get("mean")}
 
 
 def report(plan: Plan, ocr_reason: str | None, results_dir: Path) -> dict:
@@ -563,16 +603,12 @@ def report(plan: Plan, ocr_reason: str | None, results_dir: Path) -> dict:
 
     variants = {v.name: variant_report(plan, v, fine_tuned) for v in plan.variants}
 
-    curves = {f"seed {s}": eval_curve(run_dir(plan, "label", s) / "ft" / "trainer_state.json") for s in seeds}
-    if not ocr_reason:
-        curves.update({f"seed {s}, screenshot text": eval_curve(run_dir(plan, "ocr", s) / "ft" / "trainer_state.json")
-                       for s in seeds})
-    for v in plan.variants:
-        curves.update({f"seed {s}, {v.name}": eval_curve(run_dir(plan, v.name, s) / "ft" / "trainer_state.json")
-                       for s in seeds})
-    lines = {"dialogue: untrained": untrained["dialogue"]["mean"], "image: untrained": untrained["image"]["mean"],
-             "dialogue: TF-IDF anchor": tfidf["dialogue"].get("mean")}
-    png = plot_curves(curves, lines, results_dir / f"{plan.name}_eval_f1.png")
+    states = {label: plan.work / run / "ft" / "trainer_state.json"
+              for label, run in run_labels(seeds, not ocr_reason, [v.name for v in plan.variants]).items()}
+    curves = {label: eval_curve(state) for label, state in states.items()}
+    losses = {label: loss_curve(state) for label, state in states.items()}
+    lines = plot_lines(untrained, tfidf)
+    png = plot_curves(curves, lines, results_dir / f"{plan.name}_eval_f1.png", losses)
 
     ft_d, anchor_d, untrained_d = fine_tuned["dialogue"]["mean"], tfidf["dialogue"].get("mean"), lines[
         "dialogue: untrained"]
@@ -599,6 +635,7 @@ def report(plan: Plan, ocr_reason: str | None, results_dir: Path) -> dict:
         "variants": variants,
         "targets": targets,
         "eval_f1_curves": curves,
+        "loss_curves": losses,
         "callback_vs_tools": {s: callback_agreement(plan, run_dir(plan, "label", s) / "ft",
                                                     run_dir(plan, "label", s) / "infer" / "predictions.jsonl")
                               for s in seeds},
@@ -609,6 +646,35 @@ def report(plan: Plan, ocr_reason: str | None, results_dir: Path) -> dict:
     }
     write_json_atomic(results_dir / f"{plan.name}.json", result)
     return result
+
+
+def replot(results_json: Path, runs_dir: Path) -> Path:
+    """A finished run's report drawn again, no GPU needed: each run's loss curve from RUNS_DIR/RUN/ft/
+    trainer_state.json (RUN as `run_labels` names it for the runs in `eval_f1_curves`) is stored as `loss_curves`
+    and RESULTS_eval_f1.png beside the JSON is drawn anew; every other key is left as it was. Returns the png."""
+    result = read_json(results_json)
+    if not isinstance(result, dict) or not isinstance(result.get("eval_f1_curves"), dict):
+        raise MireInputError(problem(results_json, None, "eval_f1_curves", "missing: not a quality harness result"))
+    for key in ("seeds", "untrained", "tfidf_anchor", "fine_tuned_ocr", "variants"):
+        if key not in result:
+            raise MireInputError(problem(results_json, None, key, "missing: not a quality harness result"))
+    runs = run_labels(result["seeds"], "not_run" not in result["fine_tuned_ocr"], list(result["variants"]))
+    unknown = [label for label in result["eval_f1_curves"] if label not in runs]
+    if unknown:
+        raise MireInputError(problem(results_json, None, "eval_f1_curves", f"run {unknown[0]!r} is none of the "
+                                     "harness's run names (seed N, seed N, screenshot text, seed N, VARIANT)"))
+    states = {label: runs_dir / runs[label] / "ft" / "trainer_state.json" for label in result["eval_f1_curves"]}
+    missing = [str(path) for path in states.values() if not path.is_file()]
+    if missing:
+        raise MireInputError([problem(path, None, None, "not found (--runs_dir holds RUN/ft/trainer_state.json per "
+                                      "run)") for path in missing])
+    result["loss_curves"] = {label: loss_curve(state) for label, state in states.items()}
+    png = results_json.with_name(f"{results_json.stem}_eval_f1.png")
+    with OutputSet() as outs:  # the png and the JSON together, or neither
+        plot_eval_f1_curves(result["eval_f1_curves"], plot_lines(result["untrained"], result["tfidf_anchor"]),
+                            outs.path(png), result["loss_curves"])
+        outs.write_json(results_json, result)
+    return png
 
 
 def variant_report(plan: Plan, v: Variant, fine_tuned: dict) -> dict:
@@ -778,13 +844,18 @@ def _run(plan: Plan, results_dir: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--train_file", type=Path, required=True, help="MIRE json with labels (benchmarks/quality/"
-                   "prepare_data.py writes train.json)")
-    p.add_argument("--test_file", type=Path, required=True, help="MIRE json with gold labels (test.json)")
-    p.add_argument("--image_dir", type=Path, required=True, help="the train file's images")
+    p.add_argument("--replot", type=Path, metavar="RESULTS_JSON",
+                   help="no run: store the runs' loss curves in this finished result (loss_curves) from --runs_dir "
+                        "and draw its NAME_eval_f1.png beside it again; no other flag is needed")
+    p.add_argument("--runs_dir", type=Path, help="with --replot: the folder of the runs (RUN/ft/trainer_state.json, "
+                                                  "RUN e.g. label_s0, ocr_s1)")
+    p.add_argument("--train_file", type=Path, help="MIRE json with labels (benchmarks/quality/"
+                   "prepare_data.py writes train.json; required unless --replot)")
+    p.add_argument("--test_file", type=Path, help="MIRE json with gold labels (test.json; required unless --replot)")
+    p.add_argument("--image_dir", type=Path, help="the train file's images (required unless --replot)")
     p.add_argument("--test_image_dir", type=Path, help="the test file's images (default: --image_dir)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--out", required=True, help="NAME of benchmarks/quality/results/NAME.json")
+    p.add_argument("--out", help="NAME of benchmarks/quality/results/NAME.json (required unless --replot)")
     p.add_argument("--workdir", type=Path, help="stage outputs (default: .quality_work/NAME in the repo)")
     p.add_argument("--model_dir", type=Path, help="a built real-0.5b Qwen2-VL (default: WORKDIR/../model)")
     p.add_argument("--gguf", type=Path, help="the GGUF to build the model from when --model_dir has none")
@@ -806,6 +877,17 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument(f"--{f.name}", type=type(f.default) if not isinstance(f.default, bool) else _bool,
                        default=f.default, help=f"recipe override (default {f.default})")
     args = p.parse_args(argv)
+    if args.replot:
+        if args.runs_dir is None:
+            p.error("--replot needs --runs_dir")
+        png = replot(args.replot, args.runs_dir)
+        log(f"wrote loss_curves into {args.replot} and drew {png}")
+        return 0
+    if args.runs_dir is not None:
+        p.error("--runs_dir goes with --replot only")
+    absent = [f"--{name}" for name in ("train_file", "test_file", "image_dir", "out") if getattr(args, name) is None]
+    if absent:
+        p.error(f"the following arguments are required: {', '.join(absent)}")
     for path in (args.train_file, args.test_file):
         if not path.is_file():
             raise MireInputError(problem(path, None, None, "file not found"))
