@@ -91,7 +91,7 @@ class FirstAlone:
 
     vLLM builds its HF processor lazily, through an unlocked functools.lru_cache, when a renderer thread serves its
     first request: N threads starting together build N processors, each deep-copying the 151,643-token tokenizer
-    under the GIL. On the CPU, 16 concurrent first renders took 295 s; 0.83 s once one had run alone
+    under the GIL. On the CPU, 16 concurrent first renders took 309 s; 0.83 s once one had run alone
     (BENCHMARKS.md, vLLM). On the H200 the same herd left 120 records at 0/120 for 6 minutes."""
 
     def __init__(self):
