@@ -182,3 +182,23 @@ def plot_eval_f1_curves(curves: Mapping[str, Sequence[Mapping]], lines: Mapping[
         fig.tight_layout()
         fig.savefig(path, format="png", dpi=120)
         plt.close(fig)
+
+
+def plot_loss_curves(curves: Mapping[str, Sequence[tuple[int, float]]], path: str | os.PathLike, *,
+                     title: str) -> None:
+    """Training loss per optimizer step, one line per run (benchmarks/gpu/loss_compare.py); the first run, the
+    reference, drawn last and dashed so that a curve lying on it stays visible."""
+    with style() as plt:
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        items = list(curves.items())
+        for label, points in items[1:] + items[:1]:
+            ax.plot(*zip(*points, strict=True), label=label, linewidth=1.2,
+                    linestyle="--" if label == items[0][0] else "-", color="black" if label == items[0][0] else None)
+        ax.set_title(title)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("training loss")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, format="png", dpi=120)
+        plt.close(fig)

@@ -10,6 +10,8 @@ OmegaConf), plus our own keys, removed before LLaMA-Factory sees them:
     exit 4 with one line naming the step, the value and the likely fixes (nan_guard.py);
   mire_tokenize_only (default false): with tokenized_path, only tokenize the train and evaluation datasets (no
     model loaded, nothing trained) and save them there; runs given that tokenized_path then load them.
+After the first optimizer step one line names the optimizer built, its Adam state types and the trained parameters'
+dtypes (OptimizerReport: an `optim` such as adamw_torch_8bit is seen to take effect).
 Plain `llamafactory-cli train` gets neither protection.
 Set `metric_for_best_model=eval_f1` to keep the best checkpoint by the official metric.
 The arguments trained with are saved as OUTPUT_DIR/training_args.yaml (LLaMA-Board's name), where tools.vllm_infer
@@ -26,6 +28,7 @@ import logging
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -145,6 +148,35 @@ class TrainingStarted(TrainerCallback):
         self.started = True
 
 
+class OptimizerReport(TrainerCallback):
+    """After the first optimizer step, one line (rank 0, stderr) naming the optimizer the Trainer built, the types of
+    its Adam moment states and the dtypes of the parameters it updates: `optim: adamw_torch_8bit` must be seen to give
+    torchao's AdamW8bit with 8-bit states (OptimState8bit; tensors under 4096 values stay fp32, as in bitsandbytes),
+    and fp32 master weights must be seen to be fp32. `line` keeps it for benchmarks/gpu/train_bench.py."""
+
+    def __init__(self):
+        self.line: str | None = None
+
+    def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+        if self.line is not None or optimizer is None:
+            return
+        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the real one
+        states: Counter = Counter()
+        for param_state in inner.state.values():
+            for key in ("exp_avg", "exp_avg_sq"):
+                value = param_state.get(key)
+                if value is not None:
+                    kind = type(value).__name__
+                    states[f"{kind}({str(value.dtype).removeprefix('torch.')})" if kind == "Tensor" else kind] += 1
+        params = Counter(str(p.dtype).removeprefix("torch.") for g in inner.param_groups for p in g["params"])
+        cls, optim = type(inner), getattr(args.optim, "value", args.optim)  # an OptimizerNames member
+        self.line = (f"optimizer {cls.__module__}.{cls.__qualname__} (optim={optim}, "
+                     f"optim_args={args.optim_args or ''}); Adam states {dict(sorted(states.items()))}; "
+                     f"parameters {dict(sorted(params.items()))}")
+        if state.is_world_process_zero:
+            print(f"mire_factory.train: {self.line}", file=sys.stderr, flush=True)
+
+
 def needs_torchrun() -> bool:
     """As llamafactory-cli decides it, unless we already run under torchrun."""
     if "LOCAL_RANK" in os.environ:
@@ -190,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     if own_flag(args, "mire_nan_guard", True, config):
         callbacks.append(NanGuardCallback())
     started = TrainingStarted()
-    callbacks.append(started)
+    callbacks += [started, OptimizerReport()]
     from llamafactory.train.tuner import run_exp
 
     try:

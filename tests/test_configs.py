@@ -12,7 +12,8 @@ import yaml
 from conftest import REPO
 
 CONFIGS = REPO / "configs"
-TRAIN_RECIPES = ("qwen2_vl_full_sft", "qwen2_vl_2b_full_sft", "qwen2_vl_lora_sft", "qwen2_vl_freeze_sft")
+TRAIN_RECIPES = ("qwen2_vl_full_sft", "qwen2_vl_2b_full_sft", "qwen2_vl_7b_1gpu_full_sft", "qwen2_vl_lora_sft",
+                 "qwen2_vl_freeze_sft")
 ALL_YAML = (*TRAIN_RECIPES, "predict")
 # (image_max_pixels, cutoff_len): the freeze recipe keeps the community solution's 900000 pixels it cites
 SIZING = {name: (589824, 10240) for name in ALL_YAML} | {"qwen2_vl_freeze_sft": (900000, 16384)}
@@ -51,8 +52,8 @@ def test_train_recipes_train_and_evaluate(name, tmp_path):
     assert training_args.eval_strategy == "steps" and training_args.eval_steps
     assert training_args.save_steps and finetuning_args.plot_loss
     assert finetuning_args.freeze_vision_tower
-    expected = {"qwen2_vl_full_sft": "full", "qwen2_vl_2b_full_sft": "full", "qwen2_vl_lora_sft": "lora",
-                "qwen2_vl_freeze_sft": "freeze"}[name]
+    expected = {"qwen2_vl_full_sft": "full", "qwen2_vl_2b_full_sft": "full", "qwen2_vl_7b_1gpu_full_sft": "full",
+                "qwen2_vl_lora_sft": "lora", "qwen2_vl_freeze_sft": "freeze"}[name]
     assert finetuning_args.finetuning_type == expected
     if name == "qwen2_vl_freeze_sft":
         assert finetuning_args.freeze_trainable_layers > 0  # the LAST n layers train
@@ -110,6 +111,23 @@ def test_2b_recipe_is_the_7b_recipe_sized_for_one_gpu():
     assert "deepspeed" not in small
     assert (small["per_device_train_batch_size"] * small["gradient_accumulation_steps"]
             == full["per_device_train_batch_size"] * full["gradient_accumulation_steps"] == 8)
+
+
+def test_7b_one_gpu_recipe_is_the_7b_recipe_without_deepspeed_and_with_8bit_adam_states(tmp_path):
+    """The one-GPU 7B file differs from the ZeRO-3 one only in DeepSpeed, the optimizer and the output dir; LLaMA-Factory
+    and transformers read its optimizer as torchao's 8-bit AdamW over fp32 master weights (bf16 autocast, not
+    pure_bf16: LLaMA-Factory then upcasts the trained parameters to fp32)."""
+    from transformers.trainer_optimizer import _OPTIMIZER_HANDLERS, _get_torchao_optimizer
+    from transformers.training_args import OptimizerNames
+
+    full, one = load_yaml("qwen2_vl_full_sft"), load_yaml("qwen2_vl_7b_1gpu_full_sft")
+    differing = {key for key in full.keys() | one.keys() if full.get(key) != one.get(key)}
+    assert differing == {"deepspeed", "optim", "output_dir"}
+    assert "deepspeed" not in one
+    _, _, training_args, finetuning_args, _ = parse("qwen2_vl_7b_1gpu_full_sft", tmp_path)
+    assert training_args.optim == OptimizerNames.ADAMW_TORCH_8BIT
+    assert _OPTIMIZER_HANDLERS[training_args.optim] is _get_torchao_optimizer
+    assert training_args.bf16 and not finetuning_args.pure_bf16 and training_args.deepspeed is None
 
 
 def test_predict_is_greedy_and_within_the_rules(tmp_path):

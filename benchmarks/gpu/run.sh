@@ -4,7 +4,10 @@
 # NAMEs: smoke, ours_2b, ours_2b_zero2, baseline_2b, baseline_2b_fit, ours_7b, baseline_7b, baseline_7b_fit,
 #        ours_2b_nods, ours_2b_recipe, ours_2b_recipe_long, ours_2b_nogc, ours_2b_nogc_long, ours_2b_liger,
 #        ours_7b_2gpu, ours_7b_offload, ours_7b_pure_bf16,
-#        launcher_7b_2gpu, infer_2b, infer_2b_compiled, infer_2b_phases.
+#        launcher_7b_2gpu, infer_2b, infer_2b_compiled, infer_2b_phases,
+#        issue 20 (one H200, no DeepSpeed, low-bit AdamW states; needs torchao in .whl): ours_7b_1gpu,
+#        ours_7b_1gpu_long, ours_7b_1gpu_b2, ours_7b_1gpu_sr, ours_7b_1gpu_sr_long, ours_7b_1gpu_ao4,
+#        ours_7b_1gpu_liger, ours_7b_1gpu_pack, loss_2b (2B, 100 steps: fp32 Adam states against the low-bit ones).
 # Results (JSON + logs) go to $OUT (the device tool fetches it) or /tmp/bench_out.
 # Needs .whl (benchmarks/gpu/fetch_wheels.sh) and .gpu_data (benchmarks/gpu/prepare_data.py) carried along.
 set -uo pipefail
@@ -14,6 +17,10 @@ export PYTHONPATH=/tmp/site:$PWD DISABLE_VERSION_CHECK=1 TOKENIZERS_PARALLELISM=
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 RECIPE=configs/qwen2_vl_full_sft.yaml
 RECIPE_2B=configs/qwen2_vl_2b_full_sft.yaml
+RECIPE_7B1=configs/qwen2_vl_7b_1gpu_full_sft.yaml
+# bf16 weights, gradients and 8-bit Adam states updated with stochastic rounding (torchao; transformers passes
+# bf16_stochastic_round from optim_args to AdamW8bit/AdamW4bit only)
+SR=(pure_bf16=true bf16=false optim_args=bf16_stochastic_round=True)
 STEPS=${STEPS:-25}
 COMMON=(dataset_dir=.gpu_data/mire eval_dataset=null "eval_strategy='no'" "save_strategy='no'" max_steps=$STEPS
         logging_steps=5 report_to=none output_dir=/tmp/run overwrite_output_dir=true preprocessing_num_workers=8
@@ -69,6 +76,35 @@ for name in "$@"; do
     baseline_7b) train baseline_7b 1 7b "${BASELINE[@]}" ;;
     # one 80 GB GPU: bf16 params, grads and Adam states (~62 GB), no DeepSpeed (LLaMA-Factory refuses it under ZeRO-3)
     ours_7b_pure_bf16) train ours_7b_pure_bf16 1 7b deepspeed=null pure_bf16=true bf16=false ;;
+    # issue 20: 7B on one H200 without DeepSpeed. The first optimizer step compiles torchao's per-parameter update
+    # (torch.compile, one graph per parameter shape): left out of the timing with the 3 warm-up steps.
+    # fp32 master weights (LLaMA-Factory upcasts the trained parameters) + torchao AdamW8bit states: the recipe
+    ours_7b_1gpu) RECIPE=$RECIPE_7B1 train ours_7b_1gpu 1 7b ;;
+    ours_7b_1gpu_long) RECIPE=$RECIPE_7B1 train ours_7b_1gpu_long 1 7b dataset=mire_long max_steps=8 ;;
+    # micro-batches of 2 x 4 (the 2B recipe's split): fewer launches, if the memory allows
+    ours_7b_1gpu_b2*) RECIPE=$RECIPE_7B1 train $name 1 7b per_device_train_batch_size=2 gradient_accumulation_steps=4 \
+      $([[ $name == *long ]] && echo dataset=mire_long max_steps=8) ;;
+    # bf16 weights with stochastic rounding, 8-bit states: ~45 GB of weights, gradients and states instead of ~75
+    ours_7b_1gpu_sr*) RECIPE=$RECIPE_7B1 train $name 1 7b "${SR[@]}" \
+      $([[ $name == *long ]] && echo dataset=mire_long max_steps=8) ;;
+    # 4-bit states (torchao AdamW4bit) over fp32 master weights
+    ours_7b_1gpu_ao4) RECIPE=$RECIPE_7B1 train ours_7b_1gpu_ao4 1 7b optim=adamw_torch_4bit ;;
+    # Liger's fused linear cross entropy, RMSNorm, SwiGLU, mrope at 7B (slowest at 2B, where the vocabulary dominates)
+    ours_7b_1gpu_liger) RECIPE=$RECIPE_7B1 train ours_7b_1gpu_liger 1 7b enable_liger_kernel=true ;;
+    # LLaMA-Factory's neat_packing: records packed up to cutoff_len, each with its own mrope positions and a
+    # block-diagonal attention mask (dense 4D under sdpa: no flash-attn in the kit); 1 packed sequence x 8.
+    # Its samples/s counts packed sequences (several records each): compare its tokens/s and MFU
+    ours_7b_1gpu_pack) RECIPE=$RECIPE_7B1 train ours_7b_1gpu_pack 1 7b neat_packing=true ;;
+    # 2B, 100 optimizer steps on the same data and seed: fp32 Adam states (the 2B recipe as shipped) against
+    # torchao's 8-bit states over fp32 weights and over bf16 weights with stochastic rounding (loss_compare.json,
+    # loss_compare.png, one log and trainer_state.json per run); about 2-3 min a run at the 2B recipe's 7 samples/s
+    loss_2b)
+      model 2b && python3 benchmarks/gpu/loss_compare.py --out "$OUT/loss_2b" --steps ${LOSS_STEPS:-100} \
+        --variant "fp32_states=" --variant "ao8=optim=adamw_torch_8bit" \
+        --variant "ao8_sr_bf16=optim=adamw_torch_8bit ${SR[*]}" \
+        $RECIPE_2B model_name_or_path=$MODELS/m2b dataset_dir=.gpu_data/mire eval_dataset=null \
+        preprocessing_num_workers=8 dataloader_num_workers=4 seed=42 data_seed=42 > "$OUT/loss_2b.log" 2>&1
+      echo "rc=$?"; tail -6 "$OUT/loss_2b.log" ;;
     launcher_7b_2gpu)
       model 7b && FORCE_TORCHRUN=1 NPROC_PER_NODE=2 timeout 540 python3 -m mire_factory.train $RECIPE model_name_or_path=$MODELS/m7b \
         deepspeed=configs/ds_zero3.json mire_f1_max_samples=16 \
@@ -99,7 +135,8 @@ for name in "$@"; do
       names=${name#wait:}; for _ in $(seq 1 "${WAIT_S:-540}"); do
         grep -q "^bg-done" "/tmp/bg_$names.txt" 2>/dev/null && break; sleep 1; done
       cat "/tmp/bg_$names.txt"; for n in ${names//,/ }; do cp /tmp/bench_out/"$n"* "$OUT"/ 2>/dev/null
-        case $n in infer*) cp /tmp/bench_out/bench_infer* "$OUT"/ 2>/dev/null ;; esac
+        case $n in infer*) cp /tmp/bench_out/bench_infer* "$OUT"/ 2>/dev/null ;;
+                   loss*) cp -r /tmp/bench_out/"$n" "$OUT"/ 2>/dev/null ;; esac
         tail -c 1500 /tmp/bench_out/"$n".log 2>/dev/null; done ;;
     *) echo "unknown benchmark $name"; exit 2 ;;
   esac

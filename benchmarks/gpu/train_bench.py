@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from transformers import TrainerCallback  # noqa: E402
 
-from mire_factory.train import own_flag, read_config, set_cudnn_sdp  # noqa: E402
+from mire_factory.train import OptimizerReport, own_flag, read_config, set_cudnn_sdp  # noqa: E402
 
 DENSE_BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
@@ -80,12 +80,13 @@ def main() -> int:
     # overrides say mire_cudnn_sdp=true; the figures in results/ before 2026-12-02's second lease ran with it on
     set_cudnn_sdp(own_flag(args, "mire_cudnn_sdp", False, ns.config))
     timer = StepTimer()
+    report = OptimizerReport()  # which optimizer, state types and parameter dtypes were measured
 
     import torch
     from llamafactory.train.tuner import run_exp
 
     start = time.perf_counter()
-    run_exp(args=args, callbacks=[timer])
+    run_exp(args=args, callbacks=[timer, report])
     wall = time.perf_counter() - start
     if int(os.getenv("RANK", "0")) != 0:
         return 0
@@ -119,6 +120,7 @@ def main() -> int:
         "peak_host_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "peak_gpu_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else None,
         "params": params,
+        "optimizer": report.line,
         "mfu": (llm_flops / total_time / world) / (peak * 1e12) if peak else None,
         "wall_s": wall,
     }

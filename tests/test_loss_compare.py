@@ -1,0 +1,97 @@
+"""benchmarks/gpu/loss_compare.py: the same short training under two optimizer settings, real LLaMA-Factory runs of
+the tiny model on CPU, losses per step side by side."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+
+import pytest
+
+from conftest import REPO, call_main
+
+spec = importlib.util.spec_from_file_location("loss_compare", REPO / "benchmarks" / "gpu" / "loss_compare.py")
+loss_compare = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(loss_compare)
+
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    from mire_factory.convert import convert
+    from mire_factory.synthetic import DEFAULT_IMAGE_CLASSES, make_records, write_dataset
+    from mire_factory.taxonomy import DIALOGUE_LABELS
+
+    root = tmp_path_factory.mktemp("loss_compare")
+    records = make_records(4, 4, root / "images", seed=3, image_classes=DEFAULT_IMAGE_CLASSES[:2],
+                           dialogue_classes=DIALOGUE_LABELS[:2], max_dialogue_images=1)
+    write_dataset(root / "train.json", records)
+    convert(root / "train.json", root / "images", root / "data", val_size=0.25, seed=0)
+    return root / "data"
+
+
+def compare(tiny_model_dir, data_dir, out, *variants):
+    return call_main(loss_compare.main, "--out", out, "--steps", STEPS, *(a for v in variants for a in ("--variant", v)),
+                     "configs/qwen2_vl_2b_full_sft.yaml", f"model_name_or_path={tiny_model_dir}",
+                     f"dataset_dir={data_dir}", "bf16=false", "image_max_pixels=12544", "preprocessing_num_workers=1",
+                     "dataloader_num_workers=0", "per_device_train_batch_size=1", "gradient_accumulation_steps=1",
+                     "learning_rate=1e-3", "warmup_ratio=0")
+
+
+def check_result(out, names):
+    result = json.loads((out / "loss_compare.json").read_text())
+    assert result["reference"] == names[0] and list(result["runs"]) == names
+    for name in names:
+        run = result["runs"][name]
+        assert run["rc"] == 0
+        assert run["steps"] == list(range(1, STEPS + 1))  # one loss per optimizer step, every step
+        assert len(run["loss"]) == STEPS and all(math.isfinite(x) for x in run["loss"])
+        assert not list((out / name).glob("*.safetensors"))  # the final model is not kept
+    diff = result["against_reference"][names[1]]
+    for key in ("loss", "loss_smoothed10"):
+        assert 0 <= diff[key]["mean_abs"] <= diff[key]["max_abs"] < math.inf
+    assert (out / "loss_compare.png").stat().st_size > 0
+    return result
+
+
+@pytest.mark.slow
+def test_two_optimizers_give_per_step_losses_and_their_difference(tiny_model_dir, tiny_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    out = tmp_path / "cmp"
+    proc = compare(tiny_model_dir, tiny_data, out, "adamw=optim=adamw_torch", "adafactor=optim=adafactor")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = check_result(out, ["adamw", "adafactor"])
+    runs = result["runs"]
+    assert runs["adamw"]["optimizer"].startswith("optimizer torch.optim.adamw.AdamW (optim=adamw_torch,")
+    assert "Adam states {'Tensor(float32)':" in runs["adamw"]["optimizer"]
+    assert runs["adafactor"]["optimizer"].startswith("optimizer transformers.optimization.Adafactor (optim=adafactor")
+    # the same first batch at the same weights: step 1's loss is the same; the updates then differ
+    assert runs["adamw"]["loss"][0] == runs["adafactor"]["loss"][0]
+    assert result["against_reference"]["adafactor"]["loss"]["max_abs"] > 0
+
+
+@pytest.mark.slow
+def test_torchao_8bit_adamw_is_what_optim_selects(tiny_model_dir, tiny_data, tmp_path, monkeypatch):
+    """`optim: adamw_torch_8bit` (configs/qwen2_vl_7b_1gpu_full_sft.yaml) builds torchao's AdamW8bit with 8-bit
+    states over fp32 parameters, and trains (needs torchao: pip install 'mire-factory[lowbit]')."""
+    pytest.importorskip("torchao")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    out = tmp_path / "cmp"
+    proc = compare(tiny_model_dir, tiny_data, out, "fp32_states=optim=adamw_torch",
+                   "ao8=optim=adamw_torch_8bit optim_args=bf16_stochastic_round=True")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    line = check_result(out, ["fp32_states", "ao8"])["runs"]["ao8"]["optimizer"]
+    assert line.startswith("optimizer torchao.optim.adam.AdamW8bit (optim=adamw_torch_8bit, "
+                           "optim_args=bf16_stochastic_round=True)")
+    assert "'OptimState8bit':" in line and "parameters {'float32':" in line
+
+
+def test_a_malformed_variant_is_one_line(tmp_path):
+    proc = call_main(loss_compare.main, "--out", tmp_path, "--variant", "no equals sign", "configs/predict.yaml")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: --variant: field 'no equals sign': expected NAME=OVERRIDES, NAME of letters, digits, '_', '-', '.' "
+        "(OVERRIDES may be empty)"]
+    assert not (tmp_path / "loss_compare.json").exists()
