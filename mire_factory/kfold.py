@@ -124,7 +124,8 @@ def parse_convert_flags(text: str) -> dict:
     try:
         parse_args(ConvertArguments, [*argv, "--input_file", "-", "--image_dir", "-", "--output_dir", "-"])
     except MireInputError as exc:
-        message = " ".join(exc.lines).replace("(--help lists the flags)", "(python -m tools.convert --help lists them)")
+        message = " ".join(exc.lines).replace("(--help lists the flags)",
+                                              "(python -m tools.convert --help lists them)")
         raise MireInputError(f"--convert_flags: {message}") from None
     for name in PATH_CONVERT_FLAGS:
         if given.get(name) is not None:

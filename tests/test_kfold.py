@@ -130,7 +130,7 @@ def test_suspects_need_agreement_across_seeds_and_feed_convert(small_train, tmp_
 @pytest.mark.parametrize("flags, says", [
     ("--augment 1 --output_dir elsewhere", "--convert_flags: --output_dir is set by tools.kfold"),
     ("--val_size 0.2", "--convert_flags: --val_size is set by tools.kfold"),
-    ("--prompt_variant cot", "--convert_flags: --prompt_variant is set by tools.kfold (tools.kfold's --prompt_variant)"),
+    ("--prompt_variant cot", "--prompt_variant is set by tools.kfold (tools.kfold's --prompt_variant)"),
     ("--corrections_file c.jsonl", "--convert_flags: --corrections_file is set by tools.kfold"),
     ("--augment 1 --no_such_flag 3", "--convert_flags: unrecognized arguments: --no_such_flag 3"),
     ("--augment two", "--convert_flags: argument --augment: invalid int value: 'two'"),

@@ -12,9 +12,9 @@ training through LLaMA-Factory with the recipe and overrides, tools.vllm_infer o
 any fold runs; those kfold sets itself refused): the held-out fold gets the per-task caps, --info_file and
 --info_max_tokens but never --augment, --augment_mask_ratio or --seed, and its inference the caps. --corrections_file
 relabels the input before the split (the folds train on, and suspects are checked against, the corrected labels).
-A rerun skips the runs whose predictions are complete. Writes OUT/suspects.jsonl (a corrections file, status suspected: records
-whose out-of-fold label is the same non-gold label in --min_agreement of the seeds), OUT/review.html (its review
-page) and OUT/oof_predictions.jsonl; review, then `tools.convert --corrections_file`.
+A rerun skips the runs whose predictions are complete. Writes OUT/suspects.jsonl (a corrections file, status
+suspected: records whose out-of-fold label is the same non-gold label in --min_agreement of the seeds),
+OUT/review.html (its review page) and OUT/oof_predictions.jsonl; review, then `tools.convert --corrections_file`.
 """
 
 from __future__ import annotations
