@@ -153,9 +153,12 @@ def assign_folds(records: list[MireRecord], k: int, seed: int) -> dict[str, int]
     return out
 
 
-def _load_folds(args: KFoldArgs, records: list[MireRecord], out: Path) -> dict[str, int]:
+def _load_folds(args: KFoldArgs, records: list[MireRecord], out: Path, corrected: dict[str, str]) -> dict[str, int]:
+    """The saved split, or a new one. The fold data's conversion flags and label corrections are saved with it: a
+    rerun with others would mix folds converted two ways (a folds.json without them had neither)."""
     path = out / "folds.json"
     ids = {r.id for r in records}
+    data = {"convert_flags": args.convert_argv(heldout=False), "corrected_labels": corrected}
     if path.is_file():
         saved = read_json(path)
         same = (isinstance(saved, dict) and saved.get("folds") == args.folds and saved.get("split_seed") ==
@@ -163,10 +166,14 @@ def _load_folds(args: KFoldArgs, records: list[MireRecord], out: Path) -> dict[s
         if not same:
             raise MireInputError(problem(path, None, None, "holds the folds of another input, --folds or "
                                          "--split_seed; resume with those, or use a new --output_dir"))
+        for key, flag in (("convert_flags", "--convert_flags"), ("corrected_labels", "--corrections_file")):
+            if saved.get(key, type(data[key])()) != data[key]:
+                raise MireInputError(problem(path, None, key, f"the folds were converted with another {flag} "
+                                             f"({saved.get(key)!r}); resume with it, or use a new --output_dir"))
         return saved["assignment"]
     assignment = assign_folds(records, args.folds, args.split_seed)
     write_json_atomic(path, {"input_file": str(args.input_file), "folds": args.folds, "split_seed": args.split_seed,
-                             "assignment": assignment})
+                             **data, "assignment": assignment})
     return assignment
 
 
@@ -211,11 +218,13 @@ def run_kfold(args: KFoldArgs) -> dict:
     mire = read_mire_file(args.input_file, args.image_dir, kind="train", decode_images=False)
     records = mire.records
     raw = {item["id"]: item for item in read_json(args.input_file)}
+    corrected: dict[str, str] = {}
     if args.corrections_file is not None:  # the corrected labels are the gold of the folds and of the check
-        records, _ = apply_corrections(records, read_corrections(args.corrections_file), args.corrections_file)
-        raw = {r.id: {**raw[r.id], "output": r.output} for r in records}
+        records, applied = apply_corrections(records, read_corrections(args.corrections_file), args.corrections_file)
+        corrected = {c.id: c.label for c in applied.accepted}
+        raw = {r.id: {**raw[r.id], "output": r.output} if r.id in corrected else raw[r.id] for r in records}
     with output_lock(out / "kfold", what="another tools.kfold is writing this folder"):
-        assignment = _load_folds(args, records, out)
+        assignment = _load_folds(args, records, out, corrected)
         jobs = [(k, s) for k in range(args.folds) for s in args.seeds]
         done = [j for j in jobs if (out / f"fold_{j[0]}" / f"seed_{j[1]}" / "done.json").is_file()]
         if done:

@@ -166,14 +166,14 @@ def test_kfold_folds_convert_like_the_users_training(small_train, tiny_model_dir
     corrections.write_text(json.dumps({"id": fixed.id, "status": "accepted", "gold": fixed.output, "label": new_label},
                                       ensure_ascii=False) + "\n", encoding="utf-8")
     out = tmp_path / "kfold"
-    proc = run_tool("kfold", "--input_file", train, "--image_dir", images, "--output_dir", out,
-                    "--model_name_or_path", tiny_model_dir, "--folds", "2", "--seeds", "1",
-                    "--corrections_file", corrections,
-                    "--convert_flags", "--augment 1 --augment_mask_ratio 0.5 --dialogue_image_max_pixels 3136",
-                    "--train_overrides", "deepspeed=null", "use_cpu=true", "max_steps=1", "save_steps=1000",
-                    "per_device_train_batch_size=4", "gradient_accumulation_steps=1", "logging_steps=1",
-                    "preprocessing_num_workers=1", "dataloader_num_workers=0", "plot_loss=false",
-                    "--infer_flags", "--backend hf --max_new_tokens 4 --batch_size 16", timeout=900)
+    flags = "--augment 1 --augment_mask_ratio 0.5 --dialogue_image_max_pixels 3136"
+    args = ["--input_file", train, "--image_dir", images, "--output_dir", out, "--model_name_or_path", tiny_model_dir,
+            "--folds", "2", "--seeds", "1", "--corrections_file", corrections,
+            "--train_overrides", "deepspeed=null", "use_cpu=true", "max_steps=1", "save_steps=1000",
+            "per_device_train_batch_size=4", "gradient_accumulation_steps=1", "logging_steps=1",
+            "preprocessing_num_workers=1", "dataloader_num_workers=0", "plot_loss=false",
+            "--infer_flags", "--backend hf --max_new_tokens 4 --batch_size 16"]
+    proc = run_tool("kfold", *args, "--convert_flags", flags, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     caps = {"image": None, "dialogue": 3136}
     for k in (0, 1):
@@ -196,6 +196,13 @@ def test_kfold_folds_convert_like_the_users_training(small_train, tiny_model_dir
     oof = [json.loads(line) for line in (out / "oof_predictions.jsonl").read_text("utf-8").splitlines()]
     assert sorted(row["id"] for row in oof) == sorted(r.id for r in records)
     assert next(row for row in oof if row["id"] == fixed.id)["gold"] == new_label
+
+    # a rerun with the same flags resumes; with other conversion flags it is refused: the folds would mix two ways
+    again = run_tool("kfold", *args, "--convert_flags", flags, timeout=300)
+    assert again.returncode == 0 and "2 of 2 (fold, seed) runs already predicted" in again.stdout, again.stderr
+    other = run_tool("kfold", *args, "--convert_flags", "--augment 2 --dialogue_image_max_pixels 3136", timeout=300)
+    assert other.returncode == 2 and other.stderr.count("\n") == 1, other.stderr
+    assert "folds.json: field 'convert_flags': the folds were converted with another --convert_flags" in other.stderr
 
 
 def test_failing_step_names_its_whole_last_line(tmp_path):
