@@ -24,6 +24,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .convert import variant_with_info
 from .corrections import Correction, apply_corrections, read_corrections, write_corrections
 from .dataset_info import format_caps
 from .io import MireInputError, OutputSet, output_lock, problem, read_json, write_json_atomic
@@ -88,6 +89,7 @@ class KFoldArgs:
         if bad:
             raise MireInputError(f"--train_overrides: expected key=value, got {bad[0]!r}")
         self._convert = parse_convert_flags(self.convert_flags)
+        variant_with_info(self.prompt_variant, self._convert.get("info_file"))  # as each fold's conversion will
 
     def convert_argv(self, heldout: bool) -> list[str]:
         """--convert_flags as tools.convert flags for a fold's train file, or (without the train-only ones) for its

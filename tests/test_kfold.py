@@ -137,6 +137,7 @@ def test_suspects_need_agreement_across_seeds_and_feed_convert(small_train, tmp_
     ("--dialogue_image_max_pixels 10", "--convert_flags: --dialogue_image_max_pixels must be at least 3136"),
     ("--augment 1 '--seed", "--convert_flags: No closing quotation"),
     ("--info_file no_such_info.jsonl", "no_such_info.jsonl: not found (--convert_flags --info_file)"),
+    ("--info_file tests/conftest.py", "--info_file: prompt variant plain puts no image text in the prompt"),
 ])
 def test_convert_flags_refused_before_any_fold(small_train, tmp_path, flags, says):
     """Checked by tools.convert's own parser before anything runs: one line, exit 2, nothing written."""
