@@ -204,17 +204,7 @@ def convert(
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
     if task not in TASK_CHOICES:
         raise ValueError(f"task must be one of {TASK_CHOICES}, got {task!r}")
-    try:
-        variant = get_prompt_variant(prompt_variant)
-    except ValueError as exc:
-        raise MireInputError(f"--prompt_variant: {exc}") from None
-    if variant.context and info_file is None:
-        raise MireInputError(f"--prompt_variant {variant.name}: needs --info_file, the text of every image "
-                             "(tools.extract_info's output for these images)")
-    if info_file is not None and variant.context != SCREENSHOT_TEXT:
-        names = ", ".join(n for n, v in PROMPT_VARIANTS.items() if v.context == SCREENSHOT_TEXT)
-        raise MireInputError(f"--info_file: prompt variant {variant.name} puts no image text in the prompt; choose "
-                             f"one that does ({names})")
+    variant = variant_with_info(prompt_variant, info_file)
     if augment < 0:
         raise MireInputError(f"--augment: expected a number of copies >= 0, got {augment}")
     if not 0 <= augment_mask_ratio < 1:
@@ -352,6 +342,22 @@ def convert(
 
 
 CAP_FLAGS = {"image": "scene_image_max_pixels", "dialogue": "dialogue_image_max_pixels"}
+
+
+def variant_with_info(prompt_variant: str, info_file: str | os.PathLike | None) -> PromptVariant:
+    """The prompt variant, refused when it needs an --info_file not given, or gets one it does not use."""
+    try:
+        variant = get_prompt_variant(prompt_variant)
+    except ValueError as exc:
+        raise MireInputError(f"--prompt_variant: {exc}") from None
+    if variant.context and info_file is None:
+        raise MireInputError(f"--prompt_variant {variant.name}: needs --info_file, the text of every image "
+                             "(tools.extract_info's output for these images)")
+    if info_file is not None and variant.context != SCREENSHOT_TEXT:
+        names = ", ".join(n for n, v in PROMPT_VARIANTS.items() if v.context == SCREENSHOT_TEXT)
+        raise MireInputError(f"--info_file: prompt variant {variant.name} puts no image text in the prompt; choose "
+                             f"one that does ({names})")
+    return variant
 
 
 def _sizes(record: MireRecord, source_dir: Path) -> list[tuple[int, int]]:

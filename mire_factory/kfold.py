@@ -5,7 +5,8 @@ predictions agree on another label than gold become suspects in the corrections-
 Layout of the output folder (everything a rerun needs to resume; a (fold, seed) with its done.json is skipped):
     folds.json                      the split: input file, K, split seed, record id -> fold
     fold_K/train.json, heldout.json the fold's MIRE files (held-out without labels: a test file)
-    fold_K/data/                    tools.convert's output of both (mire_train, mire_test)
+    fold_K/data/                    tools.convert's output of both (mire_train, mire_test), with --convert_flags
+                                    (the train-only ones, e.g. --augment, on mire_train alone)
     fold_K/seed_S/model/            the trained model; train.log its training's output
     fold_K/seed_S/predictions.jsonl tools.vllm_infer's; done.json once it is complete
     oof_predictions.jsonl           one line per (record, seed): fold, gold, predicted label, raw answer
@@ -23,7 +24,9 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .corrections import Correction, write_corrections
+from .convert import variant_with_info
+from .corrections import Correction, apply_corrections, read_corrections, write_corrections
+from .dataset_info import format_caps
 from .io import MireInputError, OutputSet, output_lock, problem, read_json, write_json_atomic
 from .predictions import load_answers
 from .records import MireRecord, read_mire_file
@@ -33,6 +36,16 @@ REPO = Path(__file__).resolve().parents[1]
 LAUNCHERS = ("llamafactory-cli", "mire_factory.train")
 # Each fold trains on the other folds whole: no validation split, so no evaluation (the held-out fold is the test).
 FIXED_OVERRIDES = ("eval_dataset=null", "eval_strategy='no'")  # quoted: YAML reads a bare no as false
+# tools.convert flags kfold sets itself (per fold), or that would make a fold's data other than mire_train/mire_test.
+KFOLD_CONVERT_FLAGS = {
+    "input_file": "each fold's own train.json / heldout.json", "image_dir": "tools.kfold's --image_dir",
+    "output_dir": "each fold's data folder", "val_size": "0: the held-out fold is the test",
+    "kind": "train for the other folds, test for the held-out one", "task": "all: both tasks train together",
+    "format": "sharegpt: LLaMA-Factory reads it", "prompt_variant": "tools.kfold's --prompt_variant",
+    "config": "give its flags in --convert_flags", "corrections_file": "tools.kfold's --corrections_file"}
+# tools.convert flags that act on a train file's train split only: the held-out fold's conversion never gets them.
+TRAIN_ONLY_CONVERT_FLAGS = ("augment", "augment_mask_ratio", "seed")
+PATH_CONVERT_FLAGS = ("info_file",)  # resolved: the conversions run in the repository root
 
 
 @dataclass
@@ -56,6 +69,14 @@ class KFoldArgs:
     prompt_variant: str = field(default="plain", metadata={"help": "tools.convert --prompt_variant"})
     infer_flags: str = field(default="--backend hf", metadata={
         "help": "extra flags of tools.vllm_infer, one string (e.g. '--backend vllm --max_new_tokens 16')"})
+    convert_flags: str = field(default="", metadata={
+        "help": "flags of tools.convert for every fold's conversion, one string, as the real training data's (e.g. "
+                "'--augment 1 --dialogue_image_max_pixels 175616 --info_file info.jsonl'): the held-out fold gets "
+                "the same caps and screenshot text but never --augment/--augment_mask_ratio/--seed; its inference "
+                "gets the caps as --task_image_max_pixels"})
+    corrections_file: str | None = field(default=None, metadata={
+        "help": "a corrections file (as tools.convert's): its accepted labels replace the gold labels before the "
+                "split, so folds train on and suspects are checked against the corrected labels"})
 
     def __post_init__(self):
         if self.folds < 2:
@@ -67,6 +88,54 @@ class KFoldArgs:
         bad = [o for o in self.train_overrides if "=" not in o]
         if bad:
             raise MireInputError(f"--train_overrides: expected key=value, got {bad[0]!r}")
+        self._convert = parse_convert_flags(self.convert_flags)
+        variant_with_info(self.prompt_variant, self._convert.get("info_file"))  # as each fold's conversion will
+
+    def convert_argv(self, heldout: bool) -> list[str]:
+        """--convert_flags as tools.convert flags for a fold's train file, or (without the train-only ones) for its
+        held-out fold."""
+        return [token for name, value in self._convert.items() if not (heldout and name in TRAIN_ONLY_CONVERT_FLAGS)
+                for token in (f"--{name}", str(value))]
+
+    def task_caps(self) -> str:
+        """The per-task pixel caps of --convert_flags, as tools.vllm_infer --task_image_max_pixels takes them."""
+        return format_caps({"image": self._convert.get("scene_image_max_pixels"),
+                            "dialogue": self._convert.get("dialogue_image_max_pixels")})
+
+
+def parse_convert_flags(text: str) -> dict:
+    """--convert_flags checked by tools.convert's own parser (its flags, types, choices and checks), before any fold
+    runs: the fields it sets ({name: value}); a flag kfold sets itself, or a file that is not there, refused."""
+    try:
+        argv = shlex.split(text)
+    except ValueError as exc:
+        raise MireInputError(f"--convert_flags: {exc} in {text!r}") from None
+    if not argv:
+        return {}
+    from tools.convert import ConvertArguments  # the tool's flags are the one list of them
+
+    from .hparams import given_flags, parse_args
+
+    if "-h" in argv or "--help" in argv:
+        raise MireInputError("--convert_flags: --help is no conversion flag (python -m tools.convert --help lists "
+                             "them)")
+    given = given_flags(ConvertArguments, argv)
+    for name, why in KFOLD_CONVERT_FLAGS.items():
+        if name in given:
+            raise MireInputError(f"--convert_flags: --{name} is set by tools.kfold ({why}); leave it out")
+    try:
+        parse_args(ConvertArguments, [*argv, "--input_file", "-", "--image_dir", "-", "--output_dir", "-"])
+    except MireInputError as exc:
+        message = " ".join(exc.lines).replace("(--help lists the flags)",
+                                              "(python -m tools.convert --help lists them)")
+        raise MireInputError(f"--convert_flags: {message}") from None
+    for name in PATH_CONVERT_FLAGS:
+        if given.get(name) is not None:
+            path = Path(given[name]).resolve()
+            if not path.is_file():
+                raise MireInputError(problem(path, None, None, f"not found (--convert_flags --{name})"))
+            given[name] = str(path)
+    return given
 
 
 def assign_folds(records: list[MireRecord], k: int, seed: int) -> dict[str, int]:
@@ -86,9 +155,12 @@ def assign_folds(records: list[MireRecord], k: int, seed: int) -> dict[str, int]
     return out
 
 
-def _load_folds(args: KFoldArgs, records: list[MireRecord], out: Path) -> dict[str, int]:
+def _load_folds(args: KFoldArgs, records: list[MireRecord], out: Path, corrected: dict[str, str]) -> dict[str, int]:
+    """The saved split, or a new one. The fold data's conversion flags and label corrections are saved with it: a
+    rerun with others would mix folds converted two ways (a folds.json without them had neither)."""
     path = out / "folds.json"
     ids = {r.id for r in records}
+    data = {"convert_flags": args.convert_argv(heldout=False), "corrected_labels": corrected}
     if path.is_file():
         saved = read_json(path)
         same = (isinstance(saved, dict) and saved.get("folds") == args.folds and saved.get("split_seed") ==
@@ -96,10 +168,14 @@ def _load_folds(args: KFoldArgs, records: list[MireRecord], out: Path) -> dict[s
         if not same:
             raise MireInputError(problem(path, None, None, "holds the folds of another input, --folds or "
                                          "--split_seed; resume with those, or use a new --output_dir"))
+        for key, flag in (("convert_flags", "--convert_flags"), ("corrected_labels", "--corrections_file")):
+            if saved.get(key, type(data[key])()) != data[key]:
+                raise MireInputError(problem(path, None, key, f"the folds were converted with another {flag} "
+                                             f"({saved.get(key)!r}); resume with it, or use a new --output_dir"))
         return saved["assignment"]
     assignment = assign_folds(records, args.folds, args.split_seed)
     write_json_atomic(path, {"input_file": str(args.input_file), "folds": args.folds, "split_seed": args.split_seed,
-                             "assignment": assignment})
+                             **data, "assignment": assignment})
     return assignment
 
 
@@ -110,7 +186,7 @@ def _run(cmd: list[str], log: Path, what: str) -> None:
         code = subprocess.run(cmd, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT).returncode
     if code != 0:
         last = [line for line in log.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
-        raise MireInputError(f"{what} failed with exit code {code} ({last[-1].strip()[:300] if last else 'no output'}"
+        raise MireInputError(f"{what} failed with exit code {code} ({last[-1].strip() if last else 'no output'}"
                              f"); its whole output: {log}")
 
 
@@ -130,10 +206,10 @@ def _prepare_fold(args: KFoldArgs, raw: dict[str, dict], assignment: dict[str, i
     data = fold_dir / "data"
     tool = [sys.executable, "-m", "tools.convert", "--image_dir", str(Path(args.image_dir).resolve()),
             "--output_dir", str(data), "--prompt_variant", args.prompt_variant, "--quick"]
-    _run([*tool, "--input_file", str(fold_dir / "train.json"), "--val_size", "0"], fold_dir / "convert.log",
-         f"tools.convert of fold {k}")
-    _run([*tool, "--input_file", str(fold_dir / "heldout.json"), "--kind", "test"], fold_dir / "convert_test.log",
-         f"tools.convert of held-out fold {k}")
+    _run([*tool, *args.convert_argv(heldout=False), "--input_file", str(fold_dir / "train.json"), "--val_size", "0"],
+         fold_dir / "convert.log", f"tools.convert of fold {k}")
+    _run([*tool, *args.convert_argv(heldout=True), "--input_file", str(fold_dir / "heldout.json"), "--kind", "test"],
+         fold_dir / "convert_test.log", f"tools.convert of held-out fold {k}")
     return data
 
 
@@ -144,8 +220,13 @@ def run_kfold(args: KFoldArgs) -> dict:
     mire = read_mire_file(args.input_file, args.image_dir, kind="train", decode_images=False)
     records = mire.records
     raw = {item["id"]: item for item in read_json(args.input_file)}
+    corrected: dict[str, str] = {}
+    if args.corrections_file is not None:  # the corrected labels are the gold of the folds and of the check
+        records, applied = apply_corrections(records, read_corrections(args.corrections_file), args.corrections_file)
+        corrected = {c.id: c.label for c in applied.accepted}
+        raw = {r.id: {**raw[r.id], "output": r.output} if r.id in corrected else raw[r.id] for r in records}
     with output_lock(out / "kfold", what="another tools.kfold is writing this folder"):
-        assignment = _load_folds(args, records, out)
+        assignment = _load_folds(args, records, out, corrected)
         jobs = [(k, s) for k in range(args.folds) for s in args.seeds]
         done = [j for j in jobs if (out / f"fold_{j[0]}" / f"seed_{j[1]}" / "done.json").is_file()]
         if done:
@@ -167,7 +248,8 @@ def run_kfold(args: KFoldArgs) -> dict:
             preds = run_dir / "predictions.jsonl"
             _run([sys.executable, "-m", "tools.vllm_infer", "--model_name_or_path", str(run_dir / "model"),
                   "--dataset", "mire_test", "--dataset_dir", str(prepared[k]), "--save_name", str(preds),
-                  "--overwrite", *shlex.split(args.infer_flags)], run_dir / "infer.log",
+                  "--overwrite", "--task_image_max_pixels", args.task_caps(), *shlex.split(args.infer_flags)],
+                 run_dir / "infer.log",
                  f"tools.vllm_infer of fold {k} seed {seed}")
             held = [r for r in records if assignment[r.id] == k]
             load_answers(held, preds)  # complete and paired by id, or an error naming the file, before it counts
