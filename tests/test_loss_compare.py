@@ -75,8 +75,7 @@ def test_two_optimizers_give_per_step_losses_and_their_difference(tiny_model_dir
 @pytest.mark.slow
 def test_torchao_8bit_adamw_is_what_optim_selects(tiny_model_dir, tiny_data, tmp_path, monkeypatch):
     """`optim: adamw_torch_8bit` (configs/qwen2_vl_7b_1gpu_full_sft.yaml) builds torchao's AdamW8bit with 8-bit
-    states over fp32 parameters, and trains (needs torchao: pip install 'mire-factory[lowbit]')."""
-    pytest.importorskip("torchao")
+    states over fp32 parameters, and trains (torchao comes with the dev and lowbit extras)."""
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     out = tmp_path / "cmp"
     proc = compare(tiny_model_dir, tiny_data, out, "fp32_states=optim=adamw_torch",
