@@ -125,3 +125,18 @@ def lf_api_server(tiny_model_dir, tmp_path_factory):
             proc.kill()
             proc.wait()
         log.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_train_data(tmp_path_factory):
+    """8 synthetic records (2 image, 2 dialogue classes) converted with a 25% validation split: short real trainings."""
+    from mire_factory.convert import convert
+    from mire_factory.synthetic import DEFAULT_IMAGE_CLASSES, make_records, write_dataset
+    from mire_factory.taxonomy import DIALOGUE_LABELS
+
+    root = tmp_path_factory.mktemp("tiny_train_data")
+    records = make_records(4, 4, root / "images", seed=3, image_classes=DEFAULT_IMAGE_CLASSES[:2],
+                           dialogue_classes=DIALOGUE_LABELS[:2], max_dialogue_images=1)
+    write_dataset(root / "train.json", records)
+    convert(root / "train.json", root / "images", root / "data", val_size=0.25, seed=0)
+    return root / "data"

@@ -18,20 +18,6 @@ spec.loader.exec_module(loss_compare)
 STEPS = 3
 
 
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    from mire_factory.convert import convert
-    from mire_factory.synthetic import DEFAULT_IMAGE_CLASSES, make_records, write_dataset
-    from mire_factory.taxonomy import DIALOGUE_LABELS
-
-    root = tmp_path_factory.mktemp("loss_compare")
-    records = make_records(4, 4, root / "images", seed=3, image_classes=DEFAULT_IMAGE_CLASSES[:2],
-                           dialogue_classes=DIALOGUE_LABELS[:2], max_dialogue_images=1)
-    write_dataset(root / "train.json", records)
-    convert(root / "train.json", root / "images", root / "data", val_size=0.25, seed=0)
-    return root / "data"
-
-
 def compare(tiny_model_dir, data_dir, out, *variants):
     return call_main(loss_compare.main, "--out", out, "--steps", STEPS, *(a for v in variants for a in ("--variant", v)),
                      "configs/qwen2_vl_2b_full_sft.yaml", f"model_name_or_path={tiny_model_dir}",
@@ -57,10 +43,10 @@ def check_result(out, names):
 
 
 @pytest.mark.slow
-def test_two_optimizers_give_per_step_losses_and_their_difference(tiny_model_dir, tiny_data, tmp_path, monkeypatch):
+def test_two_optimizers_give_per_step_losses_and_their_difference(tiny_model_dir, tiny_train_data, tmp_path, monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     out = tmp_path / "cmp"
-    proc = compare(tiny_model_dir, tiny_data, out, "adamw=optim=adamw_torch", "adafactor=optim=adafactor")
+    proc = compare(tiny_model_dir, tiny_train_data, out, "adamw=optim=adamw_torch", "adafactor=optim=adafactor")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     result = check_result(out, ["adamw", "adafactor"])
     runs = result["runs"]
@@ -73,12 +59,12 @@ def test_two_optimizers_give_per_step_losses_and_their_difference(tiny_model_dir
 
 
 @pytest.mark.slow
-def test_torchao_8bit_adamw_is_what_optim_selects(tiny_model_dir, tiny_data, tmp_path, monkeypatch):
+def test_torchao_8bit_adamw_is_what_optim_selects(tiny_model_dir, tiny_train_data, tmp_path, monkeypatch):
     """`optim: adamw_torch_8bit` (configs/qwen2_vl_7b_1gpu_full_sft.yaml) builds torchao's AdamW8bit with 8-bit
     states over fp32 parameters, and trains (torchao comes with the dev and lowbit extras)."""
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     out = tmp_path / "cmp"
-    proc = compare(tiny_model_dir, tiny_data, out, "fp32_states=optim=adamw_torch",
+    proc = compare(tiny_model_dir, tiny_train_data, out, "fp32_states=optim=adamw_torch",
                    "ao8=optim=adamw_torch_8bit optim_args=bf16_stochastic_round=True")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     line = check_result(out, ["fp32_states", "ao8"])["runs"]["ao8"]["optimizer"]

@@ -254,20 +254,6 @@ def test_nan_guard_names_the_first_logged_step_and_logs_step_1():
     assert logged == [True, False, False]
 
 
-@pytest.fixture(scope="module")
-def tiny_train_data(tmp_path_factory):
-    from mire_factory.convert import convert
-    from mire_factory.synthetic import DEFAULT_IMAGE_CLASSES, make_records, write_dataset
-    from mire_factory.taxonomy import DIALOGUE_LABELS
-
-    root = tmp_path_factory.mktemp("nan_guard")
-    records = make_records(4, 4, root / "images", seed=3, image_classes=DEFAULT_IMAGE_CLASSES[:2],
-                           dialogue_classes=DIALOGUE_LABELS[:2], max_dialogue_images=1)
-    write_dataset(root / "train.json", records)
-    convert(root / "train.json", root / "images", root / "data", val_size=0.25, seed=0)
-    return root / "data"
-
-
 def diverging_training(tiny_model_dir, data_dir, out, *extra):
     """A real short training of the tiny model with an absurd learning rate: the first update (step 1's gradients
     are finite) makes the weights overflow, so step 2's loss and gradient norm are NaN (checked with the guard off)."""
