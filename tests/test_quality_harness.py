@@ -162,9 +162,18 @@ def test_harness_smoke_every_stage_then_resumes(split, tiny_model_dir, tmp_path)
     args = [HARNESS, "--train_file", split / "train.json", "--test_file", split / "test.json", "--image_dir",
             split / "images", "--seeds", 0, 1, "--out", "t", "--smoke", "--model_dir", tiny_model_dir,
             "--workdir", work, "--results_dir", results, "--device", "cpu", "--parallel", 2, "--variant", variant]
+    # --prepare_only: every stage before the runs, then stop (the GPU stays free for another job)
+    proc = script(*args, "--prepare_only")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "the same command without it trains the 4 runs" in proc.stdout
+    prepared = json.loads((work / "timings.json").read_text(encoding="utf-8"))
+    assert {"data", "untrained", "tokenize_label", "tokenize_aug_cap"} <= set(prepared)  # the model is given
+    assert not any(k.startswith(("train_", "infer_label", "infer_aug")) for k in prepared), prepared
+    assert not (results / "t.json").exists() and not (work / "label_s0").exists()
     proc = script(*args)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((results / "t.json").read_text(encoding="utf-8"))
+    assert prepared.items() <= result["timings_s"].items()  # nothing prepared was done again
     for key in ("untrained", "fine_tuned"):
         for task in ("image", "dialogue", "overall"):
             assert 0 <= result[key][task]["mean"] <= 1, (key, task)

@@ -146,6 +146,7 @@ class Plan:
     parallel: int = 1  # fine-tuning runs at a time
     variants: list[Variant] = field(default_factory=list)  # --variant, in the order given
     timings: dict = field(default_factory=dict)
+    prepare_only: bool = False  # --prepare_only: stop before the first fine-tuning run
 
 
 def log(text: str) -> None:
@@ -834,6 +835,10 @@ def _run(plan: Plan, results_dir: Path) -> dict:
         runs += [(v.name, v.data(plan.work), seed) for seed in plan.seeds]
     for variant, variant_data in dict.fromkeys((v, d) for v, d, _ in runs):
         stage(plan, f"tokenize_{variant}", tokenized(plan, variant_data), tokenize, plan, variant_data, variant)
+    if plan.prepare_only:
+        log(f"\nprepared (--prepare_only): {time.perf_counter() - start:.0f} s; the same command without it trains "
+            f"the {len(runs)} runs")
+        return {}
     fine_tune_all(plan, runs)
     result = report(plan, ocr_reason, results_dir)
     print_table(result)
@@ -870,6 +875,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results_dir", type=Path, default=RESULTS)
     p.add_argument("--parallel", type=int, default=1,
                    help="fine-tuning runs (seeds x variants) side by side on the one GPU (a 0.5B run leaves it idle)")
+    p.add_argument("--prepare_only", action="store_true",
+                   help="stop before the first fine-tuning run (model, data, anchors, untrained pass, tokenization): "
+                        "on a shared GPU, the stages that need little of it; rerun without it to train")
     p.add_argument("--smoke", action="store_true",
                    help="tiny scale, to prove the stages: 16 train and 8 test records, 2 optimizer steps, images at "
                         "224x224 pixels, 16 new tokens")
@@ -911,7 +919,7 @@ def main(argv: list[str] | None = None) -> int:
                 model_dir=(args.model_dir or work.parent / "model").absolute(),
                 gguf=args.gguf.absolute() if args.gguf else None,
                 info_file=info_file, ocr_convert_args=args.ocr_convert_args, device=args.device, smoke=args.smoke,
-                recipe=recipe, parallel=max(1, args.parallel), variants=variants)
+                recipe=recipe, parallel=max(1, args.parallel), variants=variants, prepare_only=args.prepare_only)
     try:
         run(plan, args.results_dir)
     except StageFailed as exc:

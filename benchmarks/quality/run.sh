@@ -23,6 +23,7 @@ follow() {  # NAME: print the harness's stage lines until it ends or WAIT_S seco
   grep -q "^harness-exit" "$log" || echo "still running (bash benchmarks/quality/run.sh wait $name)"
   cp "$STAGE/results/$name".* "$STAGE/results/${name}_eval_f1.png" "$OUT/" 2>/dev/null
   cp "$log" "$OUT/harness.log" 2>/dev/null
+  cp "$STAGE/$name.prev.log" "$OUT/harness.prev.log" 2>/dev/null
   (cd "$STAGE/work/$name" 2>/dev/null && tar czf "$OUT/logs.tgz" logs timings.json 2>/dev/null)
   nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader 2>/dev/null
 }
@@ -57,6 +58,8 @@ case $cmd in
     # the harness runs on a copy of the code: a later call re-syncs the working tree under a running process
     rm -rf "$STAGE/repo" && mkdir -p "$STAGE/repo" && cp -r mire_factory tools configs benchmarks pyproject.toml \
       "$STAGE/repo/" || exit 1
+    # a second start (e.g. after --prepare_only) keeps the first one's log beside the new one
+    [ -s "$STAGE/$name.log" ] && cat "$STAGE/$name.log" >> "$STAGE/$name.prev.log"
     : > "$STAGE/$name.log"
     # run.py's arguments quoted for the inner shell: a --variant NAME="ARGS" stays one argument
     args=""; if [ $# -gt 0 ]; then args=$(printf ' %q' "$@"); fi
