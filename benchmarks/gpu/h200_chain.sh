@@ -44,7 +44,7 @@ chain() {
 case ${1:-} in
   start)
     # the chain runs on a copy of the code: later calls re-sync the working tree under it
-    rm -rf "$STAGE_DIR/code" && mkdir -p "$STAGE_DIR/code" && cp -r mire_factory tools configs benchmarks \
+    rm -rf "$STAGE_DIR/code" && mkdir -p "$STAGE_DIR/code" && cp -r mire_factory tools configs benchmarks tests \
       pyproject.toml "$STAGE_DIR/code/" || exit 1
     export -f chain; export STAGE_DIR RES HARNESS SHARED_ENGINE HARNESS_ARGS="${HARNESS_ARGS:-}" SKIP_SPEED="${SKIP_SPEED:-}"
     (cd "$STAGE_DIR/code" && setsid nohup bash -c chain > "$LOG" 2>&1 < /dev/null &)

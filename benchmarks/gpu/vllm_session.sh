@@ -197,7 +197,7 @@ EOF
     rm -f "$RES/bg_$names.txt"
     # on a copy of the code: later calls re-sync the working tree under a running stage
     code=$STAGE_DIR/code_${names//,/_}
-    rm -rf "$code" && mkdir -p "$code" && cp -r mire_factory tools configs benchmarks pyproject.toml "$code/" || exit 1
+    rm -rf "$code" && mkdir -p "$code" && cp -r mire_factory tools configs benchmarks tests pyproject.toml "$code/" || exit 1
     cd "$code" && export PYTHONPATH=$SITE:$PWD
     setsid nohup bash -c "for s in ${names//,/ }; do echo \"=== \$s\"; OUT=$RES/\$s bash benchmarks/gpu/vllm_session.sh \$s;
       done; echo bg-done" > "$RES/bg_$names.txt" 2>&1 < /dev/null &
