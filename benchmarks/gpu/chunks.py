@@ -1,7 +1,7 @@
 """Big files to the lent GPU in pieces: each device call carries at most 64 MiB, but files copied outside the working
 tree there (e.g. /root/stage) survive between calls while the machine is warm.
 
-Here:    python benchmarks/gpu/chunks.py split FILE [FILE ...] --out .stage [--size_mb 60]
+Here:    python benchmarks/gpu/chunks.py split FILE [FILE ...] --out .stage [--size_mb 56]
          -> .stage/NAME.partNN pieces and .stage/manifest.json (name, bytes, sha256, pieces)
 There:   python3 benchmarks/gpu/chunks.py keep .stage/NAME.partNN [...] --dest /root/stage   (one call per piece)
          python3 benchmarks/gpu/chunks.py join --manifest .stage/manifest.json --dest /root/stage
@@ -95,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("split")
     p.add_argument("files", nargs="+", type=Path)
     p.add_argument("--out", type=Path, default=Path(".stage"))
-    p.add_argument("--size_mb", type=int, default=60)
+    p.add_argument("--size_mb", type=int, default=56,
+                   help="piece size: a device call carries at most 64 MiB, the working tree (about 5 MiB) included")
     p = sub.add_parser("keep")
     p.add_argument("pieces", nargs="+", type=Path)
     p.add_argument("--dest", type=Path, default=Path("/root/stage"))

@@ -1,7 +1,7 @@
-"""One payload for the vLLM session on the lent GPU: wheels and data in a tar.xz, split into <= 60 MiB pieces.
+"""One payload for the vLLM session on the lent GPU: wheels and data in a tar.xz, split into <= 56 MiB pieces.
 
 python benchmarks/gpu/vllm_payload.py [--wheels .whl .whl_vllm] [--data .gpu_data/vllm] [--out .stage/vllm]
-    [--size_mb 60] [--preset 6]
+    [--size_mb 56] [--preset 6]
 
 - Every wheel is rewritten uncompressed (ZIP_STORED, the same files and RECORD, so pip installs it as before) and the
   tar of them is xz-compressed: vLLM's wheel goes from 279 MB (deflate) to about 207 MB, one device call fewer.
@@ -96,7 +96,8 @@ def main() -> int:
     parser.add_argument("--data", type=Path, default=REPO / ".gpu_data" / "vllm")
     parser.add_argument("--no_data", action="store_true")
     parser.add_argument("--out", type=Path, default=REPO / ".stage" / "vllm")
-    parser.add_argument("--size_mb", type=int, default=60)
+    parser.add_argument("--size_mb", type=int, default=56,
+                        help="piece size: a device call carries at most 64 MiB, the working tree (about 5 MiB) included")
     parser.add_argument("--preset", type=int, default=6, help="xz preset (0-9)")
     args = parser.parse_args()
     wheels = sorted(w for folder in args.wheels for w in folder.glob("*.whl"))
