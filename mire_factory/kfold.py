@@ -112,8 +112,7 @@ def parse_convert_flags(text: str) -> dict:
         raise MireInputError(f"--convert_flags: {exc} in {text!r}") from None
     if not argv:
         return {}
-    from tools.convert import ConvertArguments  # the tool's flags are the one list of them
-
+    from .convert_args import ConvertArguments
     from .hparams import given_flags, parse_args
 
     if "-h" in argv or "--help" in argv:

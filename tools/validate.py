@@ -8,18 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from mire_factory.convert_args import ImageCheckArguments
 from mire_factory.hparams import config_field, parse_args
 from mire_factory.io import run_cli
 from mire_factory.records import KINDS, read_mire_file, summarize
-
-
-@dataclass(kw_only=True)
-class ImageCheckArguments:
-    """How images are checked (tools.validate, tools.convert)."""
-
-    quick: bool = field(default=False, metadata={"help": "read image headers only, do not decode the images"})
-    verify_images: bool = field(default=False, metadata={
-        "help": "no-op, kept for old scripts: images are decoded by default (see --quick)"})
 
 
 @dataclass(kw_only=True)

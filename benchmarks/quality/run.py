@@ -404,8 +404,8 @@ def ocr_available(plan: Plan) -> str | None:
 def parse_variant(spec: str, info_file: Path | None) -> Variant:
     """--variant NAME=ARGS, checked before any stage runs: NAME a lower-case identifier the harness does not use
     itself, ARGS tools.convert flags (exact names) that its parser and checks accept. Bad: one line, exit 2."""
+    from mire_factory.convert_args import ConvertArguments
     from mire_factory.hparams import make_parser
-    from tools.convert import ConvertArguments
 
     def refuse(message: str):
         raise MireInputError(f"--variant {spec!r}: {message}")
