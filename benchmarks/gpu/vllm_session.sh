@@ -7,6 +7,7 @@
 #                       the data, build the 2B random-weight model, import check          (~2-3 min)
 #   check               token and pixel identity with training (bench_vllm --check --engine_ids), then
 #                       tools.vllm_infer --backend vllm --constrained, label and CoT answers: validity counts (~5 min)
+#                       CHECK_FORMATS="cot" (default "label cot") and CHECK_IDS=0 (default 1) leave parts out
 #   speed_hf            benchmarks.bench_infer on the same records: hf eager, hf --compile, per-sample loop on
 #                       $LOOP_N records (~5 min)
 #   speed_vllm          benchmarks.bench_vllm --speed --phases (the tool's engine) and --offline_llm (the code
@@ -16,6 +17,7 @@
 #   serve               vllm serve as the teacher: tools.distill modes 1-3 over the records, SIGKILLed once it has
 #                       written KILL_AT=500 lines and rerun (resumed), then
 #                       req/s at concurrency 16, 32, 64 (benchmarks/bench_distill.py)   (~4 min)
+#                       SERVE_RESUME=0 leaves the kill-and-resume run out (req/s only)
 #   f1 MODEL DATASET_DIR DATASET TEST_JSON
 #                       F1 of a fine-tuned model through vLLM and through hf, tools.cal_acc (~3-5 min)
 #   bg:A,B / wait:A,B   run stages detached, one after the other (past the 10-minute call limit; call wait:A,B
@@ -84,10 +86,12 @@ print('vllm', vllm.__version__, 'transformers', transformers.__version__, 'token
 
   check)
     # ENGINE_EXTRA (JSON engine arguments, e.g. '{"gpu_memory_utilization": 0.3}'): room for another GPU job beside
-    timed check $PY -m benchmarks.bench_vllm --model "$MODEL" --dataset_dir "$DATA/mire" --check --engine_ids \
-      ${ENGINE_EXTRA:+--engine_args "$ENGINE_EXTRA"} --out "$OUT/check.json"
-    tail -c 600 "$OUT/check.log"
-    for fmt in label cot; do
+    if [ "${CHECK_IDS:-1}" != 0 ]; then
+      timed check $PY -m benchmarks.bench_vllm --model "$MODEL" --dataset_dir "$DATA/mire" --check --engine_ids \
+        ${ENGINE_EXTRA:+--engine_args "$ENGINE_EXTRA"} --out "$OUT/check.json"
+      tail -c 600 "$OUT/check.log"
+    fi
+    for fmt in ${CHECK_FORMATS:-label cot}; do
       dir=$DATA/mire; [ "$fmt" = cot ] && dir=$DATA/mire_cot  # the answer format is the dataset's prompt variant's
       timed "infer_$fmt" $PY -m tools.vllm_infer --model_name_or_path "$MODEL" --dataset mire_test \
         --dataset_dir "$dir" --backend vllm --constrained --overwrite --save_name "$RES/pred_$fmt.jsonl" \
@@ -146,19 +150,20 @@ EOF
     timed warmup $PY -m tools.distill --input_file "$DATA/labelled.json" --image_dir "$DATA/images" \
       --base_url "http://127.0.0.1:$PORT/v1" --model teacher --mode 1 --limit 1 \
       --output_file "$RES/warmup.jsonl" --max_tokens 8 --no_progress
-    reasons="$RES/reasons.jsonl"; rm -f "$reasons"
-    distill=($PY -m tools.distill --input_file "$DATA/labelled.json" --image_dir "$DATA/images"
-             --base_url "http://127.0.0.1:$PORT/v1" --model teacher --mode 1 2 3 --output_file "$reasons"
-             --concurrency 64 --max_tokens 32 --no_progress)
-    "${distill[@]}" > "$OUT/distill_killed.log" 2>&1 &
-    first=$!
-    for _ in $(seq 1 1200); do  # SIGKILL once KILL_AT lines are written (or after 4 min)
-      [ "$(wc -l 2>/dev/null < "$reasons" || echo 0)" -ge "${KILL_AT:-500}" ] && break
-      kill -0 "$first" 2>/dev/null || break; sleep 0.2; done
-    kill -9 "$first" 2>/dev/null; wait "$first" 2>/dev/null
-    echo "first run killed (SIGKILL) with $(wc -l < "$reasons") lines"
-    timed distill_resumed "${distill[@]}"; tail -3 "$OUT/distill_resumed.log"
-    $PY - "$reasons" "$OUT/distill_resume.json" <<'EOF'
+    if [ "${SERVE_RESUME:-1}" != 0 ]; then  # the kill-and-resume run (SERVE_RESUME=0: req/s only)
+      reasons="$RES/reasons.jsonl"; rm -f "$reasons"
+      distill=($PY -m tools.distill --input_file "$DATA/labelled.json" --image_dir "$DATA/images"
+               --base_url "http://127.0.0.1:$PORT/v1" --model teacher --mode 1 2 3 --output_file "$reasons"
+               --concurrency 64 --max_tokens 32 --no_progress)
+      "${distill[@]}" > "$OUT/distill_killed.log" 2>&1 &
+      first=$!
+      for _ in $(seq 1 1200); do  # SIGKILL once KILL_AT lines are written (or after 4 min)
+        [ "$(wc -l 2>/dev/null < "$reasons" || echo 0)" -ge "${KILL_AT:-500}" ] && break
+        kill -0 "$first" 2>/dev/null || break; sleep 0.2; done
+      kill -9 "$first" 2>/dev/null; wait "$first" 2>/dev/null
+      echo "first run killed (SIGKILL) with $(wc -l < "$reasons") lines"
+      timed distill_resumed "${distill[@]}"; tail -3 "$OUT/distill_resumed.log"
+      $PY - "$reasons" "$OUT/distill_resume.json" <<'EOF'
 import collections, json, sys
 rows = [json.loads(line) for line in open(sys.argv[1], encoding="utf-8") if line.strip()]
 keys = collections.Counter((r["id"], r["mode"]) for r in rows)
@@ -166,6 +171,7 @@ out = {"lines": len(rows), "distinct_record_modes": len(keys), "duplicates": sum
        "statuses": dict(collections.Counter(r["status"] for r in rows))}
 print(json.dumps(out)); open(sys.argv[2], "w").write(json.dumps(out, indent=1) + "\n")
 EOF
+    fi
     timed distill_speed $PY benchmarks/bench_distill.py --base_url "http://127.0.0.1:$PORT/v1" --model teacher \
       --input_file "$DATA/labelled.json" --image_dir "$DATA/images" --mode 3 --requests 256 --max_tokens 64 \
       --concurrency 16 32 64 --json_out "$OUT/distill_speed.json"
