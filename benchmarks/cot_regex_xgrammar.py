@@ -32,6 +32,7 @@ if str(REPO) not in sys.path:
 
 from mire_factory.infer.answer import answer_paths, reason_chars  # noqa: E402
 from mire_factory.infer.constrained import answer_regex  # noqa: E402
+from mire_factory.io import MireInputError, run_cli  # noqa: E402
 from mire_factory.prompts import format_cot_answer  # noqa: E402
 from mire_factory.taxonomy import LABELS  # noqa: E402
 from mire_factory.tiny_model import load_qwen2_tokenizer  # noqa: E402
@@ -68,7 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
-    import xgrammar as xgr
+    try:
+        import xgrammar as xgr
+    except ImportError:
+        raise MireInputError("xgrammar is not importable: pip install --target DIR xgrammar==0.2.3 "
+                             "apache-tvm-ffi==0.1.9, then PYTHONPATH=DIR") from None
 
     tokenizer = load_qwen2_tokenizer()
     stop_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
@@ -133,4 +138,4 @@ def _version(name: str) -> str | None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)
