@@ -26,7 +26,7 @@ chain() {
   harness_done() { grep -q "^harness-exit" "$STAGE_DIR/$HARNESS.log" 2>/dev/null; }
   if [ -z "${SKIP_HARNESS:-}" ]; then
     echo "chain: preparing the harness ($(date +%T))"
-    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True WAIT_S=1 IMAGES=$STAGE_DIR/data/images SITE=${HARNESS_SITE:-/tmp/site} \
+    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True WAIT_S=1 STAGE=$STAGE_DIR IMAGES=$STAGE_DIR/data/images SITE=${HARNESS_SITE:-/tmp/site} \
       bash benchmarks/quality/run.sh start "$HARNESS" "${hargs[@]}" --prepare_only | tail -3
   fi
   [ -n "${SKIP_VLLM:-}" ] || for s in check serve; do
@@ -38,7 +38,7 @@ chain() {
   for _ in $(seq 1 1800); do harness_done && break; sleep 1; done
   grep -E "^prepared|^error" "$STAGE_DIR/$HARNESS.log"
   echo "chain: training ($(date +%T))"
-  PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True WAIT_S=1 IMAGES=$STAGE_DIR/data/images SITE=${HARNESS_SITE:-/tmp/site} \
+  PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True WAIT_S=1 STAGE=$STAGE_DIR IMAGES=$STAGE_DIR/data/images SITE=${HARNESS_SITE:-/tmp/site} \
     bash benchmarks/quality/run.sh start "$HARNESS" "${hargs[@]}" | tail -3
   for _ in $(seq 1 3600); do harness_done && break; sleep 1; done
   echo "=== f1 ($(date +%T))"
@@ -55,7 +55,8 @@ case ${1:-} in
       pyproject.toml "$STAGE_DIR/code/" || exit 1
     export -f chain; export STAGE_DIR RES HARNESS SHARED_ENGINE HARNESS_ARGS="${HARNESS_ARGS:-}" \
       SKIP_VLLM="${SKIP_VLLM:-}" SKIP_HARNESS="${SKIP_HARNESS:-}" HARNESS_SITE="${HARNESS_SITE:-}"
-    (cd "$STAGE_DIR/code" && setsid nohup bash -c chain > "$LOG" 2>&1 < /dev/null &)
+    # the subshell's output to /dev/null as well: otherwise it holds the caller's stdout open for the whole chain
+    (cd "$STAGE_DIR/code" && setsid nohup bash -c chain > "$LOG" 2>&1 < /dev/null &) > /dev/null 2>&1 < /dev/null
     echo "chain started (log $LOG)" ;;
   wait)
     for _ in $(seq 1 "${WAIT_S:-540}"); do grep -q "^chain-done" "$LOG" 2>/dev/null && break; sleep 1; done

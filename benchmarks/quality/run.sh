@@ -61,13 +61,15 @@ case $cmd in
     # a second start (e.g. after --prepare_only) keeps the first one's log beside the new one
     [ -s "$STAGE/$name.log" ] && cat "$STAGE/$name.log" >> "$STAGE/$name.prev.log"
     : > "$STAGE/$name.log"
+    # the subshell's own output goes to /dev/null too: it holds the caller's stdout until the harness ends, so a
+    # caller piping this (h200_chain.sh: run.sh start ... | tail) would otherwise wait for the whole harness
     # run.py's arguments quoted for the inner shell: a --variant NAME="ARGS" stays one argument
     args=""; if [ $# -gt 0 ]; then args=$(printf ' %q' "$@"); fi
     ( cd "$STAGE/repo" && PYTHONPATH=$SITE:$STAGE/repo setsid nohup bash -c "python3 benchmarks/quality/run.py \
         --train_file $STAGE/quality/train.json --test_file $STAGE/quality/test.json \
         --image_dir $STAGE/quality/images --out $name --workdir $STAGE/work/$name --model_dir $STAGE/model \
         --gguf $STAGE/$GGUF_NAME --results_dir $STAGE/results --device $DEVICE$args; echo harness-exit \$?" \
-        >> "$STAGE/$name.log" 2>&1 < /dev/null & )
+        >> "$STAGE/$name.log" 2>&1 < /dev/null & ) > /dev/null 2>&1 < /dev/null
     echo "started $name (log $STAGE/$name.log)"; follow "$name" ;;
   wait)
     follow "${1:?wait NAME}" ;;
