@@ -39,7 +39,7 @@ case $cmd in
   keep)
     python3 benchmarks/gpu/chunks.py keep "$@" --dest "$STAGE" ;;
   start)
-    name=${1:?start NAME [run.py args]}; shift
+    name=${1:-}; [ -n "$name" ] || { echo "usage: run.sh start NAME [run.py args]"; exit 2; }; shift
     [ -d "$SITE/llamafactory" ] || { echo "no kit in $SITE: run.sh install first (carry .whl)"; exit 1; }
     if [ -s "$STAGE/$name.log" ] && ! grep -q "^harness-exit" "$STAGE/$name.log"; then
       echo "$name is already running"; follow "$name"; exit 0
@@ -72,6 +72,6 @@ case $cmd in
         >> "$STAGE/$name.log" 2>&1 < /dev/null & ) > /dev/null 2>&1 < /dev/null
     echo "started $name (log $STAGE/$name.log)"; follow "$name" ;;
   wait)
-    follow "${1:?wait NAME}" ;;
+    [ -n "${1:-}" ] || { echo "usage: run.sh wait NAME"; exit 2; }; follow "$1" ;;
   *) echo "usage: run.sh install | keep PIECES | start NAME [args] | wait NAME"; exit 2 ;;
 esac
