@@ -12,7 +12,12 @@ bitmask, pick a uniformly random allowed token, accept it; until the stop token 
 per bitmask fill (min, median, max over all steps), their sum per answer (the CPU the engine spends on one answer's
 masks), steps per answer, and whether each form accepts every label's answer (a reason of the largest allowed
 length). Both forms must accept the same answers: the walks use the same seed, so equal allowed sets at every step
-give the same token sequences (`same_walks_as_other_form` compares them, token by token).
+give the same token sequences (`same_walks_as_other_form` compares them, token by token). `walks_strict_json`: the
+ended walks whose text `json.loads` accepts (strict: no raw control character in a string) with a label of the task,
+as `benchmarks/gpu/answer_validity.py` counts vLLM's answers. Uniform walks seldom pick one of the few tokens with a
+control character, which a random-weight model on the GPU did pick (11 of 623 answers with a raw tab on the sixth
+lease), so `control_tokens_allowed_in_reason` counts them directly: the tokens holding a byte below 0x20 that the
+grammar allows right after the reason's opening quote (must be 0).
 """
 
 from __future__ import annotations
@@ -62,6 +67,29 @@ def walk(xgr, compiled, info, stop_id: int, max_steps: int, rng: random.Random) 
     return fills, tokens, False
 
 
+def control_tokens_allowed(xgr, compiled, info, tokenizer, prefix: str) -> int:
+    import torch
+
+    from mire_factory.infer.constrained import vocab_bytes
+
+    matcher = xgr.GrammarMatcher(compiled)
+    if not all(matcher.accept_token(t) for t in tokenizer.encode(prefix)):
+        raise RuntimeError(f"the grammar refused its own prefix {prefix!r}")
+    bitmask = xgr.allocate_token_bitmask(1, info.vocab_size)
+    matcher.fill_next_token_bitmask(bitmask)
+    words = bitmask[0].to(torch.int64) & 0xFFFFFFFF
+    vocab = vocab_bytes(tokenizer)
+    return sum(1 for i, v in enumerate(vocab) if v and any(b < 0x20 for b in v) and (int(words[i // 32]) >> (i % 32)) & 1)
+
+
+def is_strict_cot_answer(text: str, task: str) -> bool:
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError:
+        return False
+    return isinstance(obj, dict) and obj.get("所属类别") in LABELS[task]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--walks", type=int, default=20)
@@ -95,8 +123,9 @@ def main(argv: list[str] | None = None) -> int:
                 matcher = xgr.GrammarMatcher(compiled)
                 ok = all(matcher.accept_token(t) for t in tokenizer.encode(text))
                 accepted += ok and matcher.accept_token(stop_id)
+            control = control_tokens_allowed(xgr, compiled, info, tokenizer, paths[0].a)
             rng = random.Random(args.seed)
-            fills, steps, per_answer, ended, walks = [], [], [], 0, []
+            fills, steps, per_answer, ended, strict, walks = [], [], [], 0, 0, []
             for _ in range(args.walks):
                 f, tokens, done = walk(xgr, compiled, info, stop_id, args.max_new_tokens, rng)
                 walks.append(tokens)
@@ -104,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
                 steps.append(len(tokens))
                 per_answer.append(sum(f))
                 ended += done
+                strict += done and is_strict_cot_answer(tokenizer.decode([t for t in tokens if t != stop_id]), task)
             row = {"task": task, "form": "factored" if factor else "one alternative per label",
                    "regex_chars": len(regex), "reason_chars": free, "compile_s": round(compile_s, 3),
                    "compiled_mb": round(compiled.memory_size_bytes / 2**20, 1),
@@ -114,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
                                           "median": round(statistics.median(per_answer), 1),
                                           "max": round(max(per_answer), 1)},
                    "steps_per_answer": {"min": min(steps), "median": statistics.median(steps), "max": max(steps)},
-                   "walks_ended": f"{ended}/{args.walks}"}
+                   "walks_ended": f"{ended}/{args.walks}", "walks_strict_json": f"{strict}/{args.walks}",
+                   "control_tokens_allowed_in_reason": control}
             walks_by_form[factor] = walks
             if len(walks_by_form) == 2:
                 same = walks_by_form[True] == walks_by_form[False]

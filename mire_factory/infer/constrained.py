@@ -3,7 +3,8 @@
 - Label answers: a trie over each label's token ids as training tokenizes the assistant turn (label + <|im_end|>),
   used through transformers' `prefix_allowed_tokens_fn`.
 - CoT JSON answers: a byte-level grammar {"理由": "<free text>", "所属类别": "<label>"} (either key order); the reason
-  is free (no quote, backslash or newline), everything else is fixed text or one of the labels. The reason is cut
+  is free (no quote, backslash or control character: what a JSON string holds unescaped), everything else is fixed
+  text or one of the labels. The reason is cut
   short when the remaining tokens are just enough to close the JSON, so the label always comes out.
 """
 
@@ -14,7 +15,10 @@ from dataclasses import dataclass
 
 from ..prompts import format_cot_answer
 
-FREE_FORBIDDEN = frozenset(b'"\\\n')
+# JSON strings may not hold U+0000-U+001F unescaped: a reason with a raw tab fails json.loads (11 of 623 CoT answers on
+# the H200's sixth lease, before control characters were excluded here).
+FREE_FORBIDDEN = frozenset(b'"\\') | frozenset(range(0x20))
+FREE_CHAR_REGEX = r'[^"\\\x00-\x1f]'
 
 
 class LabelTrie:
@@ -111,7 +115,7 @@ def answer_regex(paths: list[Path], max_free_chars: int | None = None, factor: b
     def one_of(texts: list[str]) -> str:
         return "(" + "|".join(literal(t) for t in dict.fromkeys(texts)) + ")"
 
-    free = r'[^"\\\n]' + ("*" if max_free_chars is None else f"{{0,{max_free_chars}}}")
+    free = FREE_CHAR_REGEX + ("*" if max_free_chars is None else f"{{0,{max_free_chars}}}")
     if factor and paths and all(p.free for p in paths):
         if len({p.a for p in paths}) == 1:
             return "(" + literal(paths[0].a) + free + one_of([p.b for p in paths]) + ")"
