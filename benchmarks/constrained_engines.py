@@ -2,6 +2,7 @@
 
 python -m benchmarks.constrained_engines [--model DIR] [--repeats 3] [--batch_size 8] [--sources synthetic mire_sample]
     [--cases plain:12 cot:48 cot:100] [--out constrained_engines.json]
+    (--sources also takes mire_dev: the 599 real records of ../shared/mire_dev, not a default: minutes, not seconds)
 
 Needs `pip install xgrammar` (not a project dependency: this script decides whether it should be one). Model: the
 tests' random-weight tiny Qwen2-VL (`make_tiny_model --preset tiny`) unless --model is given. Records: what the CPU
@@ -39,11 +40,13 @@ from mire_factory.infer.args import InferArgs  # noqa: E402
 from mire_factory.infer.constrained import GrammarLogitsProcessor, make_prefix_allowed_tokens_fn  # noqa: E402
 from mire_factory.infer.hf_backend import GenItem, length_sorted_batches, load_hf_model, prepare_batch  # noqa: E402
 from mire_factory.infer.pipeline import dataset_variant, prepare  # noqa: E402
+from mire_factory.io import OutputSet, run_cli  # noqa: E402
 from mire_factory.prompts import LABEL_KEY  # noqa: E402
 from mire_factory.sharegpt import read_sharegpt  # noqa: E402
 from mire_factory.taxonomy import LABELS  # noqa: E402
 
 SAMPLE = REPO.parent / "shared" / "mire_sample"
+DEV = REPO.parent / "shared" / "mire_dev"
 
 
 class Ours:
@@ -162,17 +165,25 @@ def run_case(model_dir: str, dataset_dir: Path, max_new_tokens: int, batch_size:
     return result, model
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="a Qwen2-VL checkpoint; default: the tests' random-weight tiny model")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--sources", nargs="+", choices=["synthetic", "mire_sample"], default=["synthetic", "mire_sample"])
+    p.add_argument("--sources", nargs="+", choices=["synthetic", "mire_sample", "mire_dev"], default=["synthetic", "mire_sample"])
     cases = ["plain:12", "cot:48", "cot:100"]
     p.add_argument("--cases", nargs="+", choices=cases, default=cases, help="prompt variant:max_new_tokens")
     p.add_argument("--out", default="constrained_engines.json")
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    with OutputSet() as outs:
+        staged = outs.path(args.out)  # an unwritable --out fails now, not after minutes
+        summary = measure(args)
+        staged.write_text(json.dumps(summary, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    print(f"wrote {args.out}")
+    return 0
 
+
+def measure(args) -> dict:
     from importlib.metadata import version
 
     import torch
@@ -190,6 +201,8 @@ def main() -> None:
     sources = {"synthetic": (work / "synthetic.json", work / "images")}
     if (SAMPLE / "train_sample.json").is_file():
         sources["mire_sample"] = (SAMPLE / "train_sample.json", SAMPLE / "images")
+    if (DEV / "train_dev.json").is_file():
+        sources["mire_dev"] = (DEV / "train_dev.json", DEV / "images")
     sources = {name: paths for name, paths in sources.items() if name in args.sources}
     cases, model = [], None
     for name, (input_file, image_dir) in sources.items():
@@ -203,9 +216,8 @@ def main() -> None:
     summary = {"torch": torch.__version__, "xgrammar": version("xgrammar"), "threads": torch.get_num_threads(),
                "cpu": platform.processor() or platform.machine(), "model": args.model or "tiny (random weights)",
                "cases": cases}
-    Path(args.out).write_text(json.dumps(summary, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-    print(f"wrote {args.out}")
+    return summary
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

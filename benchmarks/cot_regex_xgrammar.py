@@ -37,7 +37,7 @@ if str(REPO) not in sys.path:
 
 from mire_factory.infer.answer import answer_paths, reason_chars  # noqa: E402
 from mire_factory.infer.constrained import answer_regex  # noqa: E402
-from mire_factory.io import MireInputError, run_cli  # noqa: E402
+from mire_factory.io import MireInputError, OutputSet, run_cli  # noqa: E402
 from mire_factory.prompts import format_cot_answer  # noqa: E402
 from mire_factory.taxonomy import LABELS  # noqa: E402
 from mire_factory.tiny_model import load_qwen2_tokenizer  # noqa: E402
@@ -103,6 +103,15 @@ def main(argv: list[str] | None = None) -> int:
         raise MireInputError("xgrammar is not importable: pip install --target DIR xgrammar==0.2.3 "
                              "apache-tvm-ffi==0.1.9, then PYTHONPATH=DIR") from None
 
+    with OutputSet() as outs:
+        staged = outs.path(args.out) if args.out else None  # an unwritable --out fails now, not after minutes
+        out = measure(xgr, args)
+        if staged:
+            staged.write_text(json.dumps(out, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    return 0
+
+
+def measure(xgr, args) -> dict:
     tokenizer = load_qwen2_tokenizer()
     stop_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
     info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=VOCAB_SIZE, stop_token_ids=[stop_id])
@@ -154,9 +163,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(row, ensure_ascii=False), flush=True)
     out = {"xgrammar": getattr(xgr, "__version__", None) or _version("xgrammar"), "python": platform.python_version(),
            "machine": platform.machine(), "walks": args.walks, "max_new_tokens": args.max_new_tokens, "rows": rows}
-    if args.out:
-        args.out.write_text(json.dumps(out, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
-    return 0
+    return out
 
 
 def _version(name: str) -> str | None:

@@ -185,8 +185,11 @@ def parses(path: Path) -> str | None:
         if path.suffix == ".json":
             json.loads(path.read_text(encoding="utf-8"))
         elif path.suffix == ".jsonl":
+            # blank lines are allowed, as the project's readers (io.numbered_jsonl) allow them: a log resumed from a
+            # file that had one keeps it (found by a draw whose existing info file began with a blank line)
             for line in path.read_text(encoding="utf-8").splitlines():
-                json.loads(line)
+                if line.strip():
+                    json.loads(line)
         elif path.suffix == ".csv":
             import pandas as pd
 
