@@ -234,6 +234,68 @@ def test_harness_smoke_every_stage_then_resumes(split, tiny_model_dir, tmp_path)
         "--dialogue_image_max_pixels 3136', not '--augment 2'; use another name or --workdir"]
 
 
+@pytest.mark.parametrize(("spec", "message"), [
+    ("nope=6", "no --variant named 'nope'"),
+    ("plain6=0", "expected NAME=EPOCHS with EPOCHS a number above 0"),
+    ("plain6=six", "expected NAME=EPOCHS with EPOCHS a number above 0"),
+    ("plain6=nan", "expected NAME=EPOCHS with EPOCHS a number above 0"),
+    ("plain6", "expected NAME=EPOCHS with EPOCHS a number above 0"),
+])
+def test_bad_variant_epochs_is_one_line(split, tmp_path, spec, message):
+    from benchmarks.quality.run import main
+
+    proc = call_main(main, "--train_file", split / "train.json", "--test_file", split / "test.json", "--image_dir",
+                     split / "images", "--out", "t", "--workdir", tmp_path / "w", "--device", "cpu",
+                     "--variant", "plain6=--augment 0", "--variant_epochs", spec)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"error: --variant_epochs {spec!r}: {message}"]
+    assert not (tmp_path / "w").exists()  # refused before any stage
+
+
+def test_variant_epochs_reach_its_runs_and_a_run_of_other_steps_trains_anew(split, tmp_path):
+    """The equal-steps control for --augment 1 (twice the rows): the plain data, twice the epochs. Only that
+    variant's runs change; a finished run is reused only when it trained the steps asked for now."""
+    from benchmarks.quality.run import (
+        Plan,
+        Recipe,
+        parse_variant,
+        run_epochs,
+        set_variant_epochs,
+        tokenize_spec,
+        train_overrides,
+        train_steps,
+        trained,
+    )
+
+    variants = [parse_variant("plain6=--augment 0", None), parse_variant("augment=--augment 1", None)]
+    set_variant_epochs(variants, "plain6=6")
+    plan = Plan(train_file=split / "train.json", test_file=split / "test.json", image_dir=split / "images",
+                test_image_dir=split / "images", seeds=[0], name="t", work=tmp_path / "w", model_dir=tmp_path / "m",
+                gguf=None, info_file=None, ocr_convert_args="", device="cuda", smoke=False,
+                recipe=Recipe(batch_size=2, grad_accum=4, epochs=3.0, evals=1), variants=variants)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "mire_train.json").write_text(json.dumps([{}] * 86), encoding="utf-8")  # 86 rows: 11 steps an epoch
+
+    def overrides(variant):
+        return dict(o.split("=", 1) for o in train_overrides(plan, data, tmp_path / "o", 0,
+                                                             epochs=run_epochs(plan, variant)))
+
+    assert [run_epochs(plan, v) for v in ("label", "augment", "plain6")] == [3.0, 3.0, 6.0]
+    assert (overrides("label")["num_train_epochs"], overrides("label")["eval_steps"]) == ("3.0", "33")
+    assert (overrides("plain6")["num_train_epochs"], overrides("plain6")["eval_steps"]) == ("6.0", "66")
+    assert train_steps(plan, 86, 6.0) == 2 * train_steps(plan, 86) == 66
+    assert tokenize_spec(plan, data) == [o for o in tokenize_spec(plan, data)
+                                         if not o.startswith(("num_train_epochs=", "eval_steps="))]
+
+    ft = tmp_path / "ft"
+    ft.mkdir()
+    (ft / "config.json").write_text("{}")
+    (ft / "model.safetensors").write_bytes(b"")
+    (ft / "trainer_state.json").write_text(json.dumps({"max_steps": 33}))
+    assert trained(ft) and trained(ft, 33) and not trained(ft, 66)
+
+
 @pytest.mark.slow
 def test_each_data_variant_is_tokenized_once_and_its_runs_load_it(split, tiny_model_dir, tmp_path):
     """The tokenize stage saves a data folder's train and evaluation datasets once (LLaMA-Factory's get_dataset on

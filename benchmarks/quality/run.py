@@ -2,7 +2,7 @@
 
     python benchmarks/quality/run.py --train_file T.json --test_file S.json --image_dir IMAGES --seeds 0 1 \
         --out NAME (--model_dir M | --gguf G.gguf) [--workdir W] [--info_file OCR.jsonl] [--smoke]
-    [--variant NAME="TOOLS.CONVERT ARGS" ...]
+    [--variant NAME="TOOLS.CONVERT ARGS" ...] [--variant_epochs NAME=EPOCHS ...]
 
 Every stage goes through the project's own tools, as a user would run them:
   model      tools.make_tiny_model --preset real-0.5b --gguf G (real Qwen2.5-Coder-0.5B-Instruct language model,
@@ -119,6 +119,7 @@ class Variant:
     convert_args: str  # as given ({info_file} kept: the results name no machine's paths)
     train_args: list[str]
     test_args: list[str]
+    epochs: float | None = None  # --variant_epochs: its runs' epochs (default: the recipe's)
 
     def data(self, work: Path) -> Path:
         return work / f"data_{self.name}"
@@ -265,31 +266,38 @@ def infer_and_score(plan: Plan, model: Path, data: Path, out: Path, label: str) 
     os.replace(out / "metrics.json.tmp", out / "metrics.json")  # the stage's done-marker comes last
 
 
-def train_steps(plan: Plan, rows: int | None = None) -> int:
+def run_epochs(plan: Plan, variant: str) -> float:
+    """The epochs of a run of `variant` (label, ocr or a --variant's name): its --variant_epochs, else the recipe's."""
+    return next((v.epochs for v in plan.variants if v.name == variant and v.epochs is not None), plan.recipe.epochs)
+
+
+def train_steps(plan: Plan, rows: int | None = None, epochs: float | None = None) -> int:
     """Optimizer steps of a run on `rows` training rows (default: the train file's records; an augmented variant
-    has more rows, so more steps an epoch)."""
+    has more rows, so more steps an epoch) over `epochs` (default: the recipe's)."""
     r = plan.recipe
     rows = len(read_json(plan.train_file)) if rows is None else rows
     per_epoch = -(-rows // (r.batch_size * r.grad_accum))
-    return max(1, int(per_epoch * r.epochs)) if not plan.smoke else 2
+    return max(1, int(per_epoch * (r.epochs if epochs is None else epochs))) if not plan.smoke else 2
 
 
 def train_rows(data: Path) -> int:
     return len(read_json(data / "mire_train.json"))
 
 
-def train_overrides(plan: Plan, data: Path, out: Path, seed: int, tokenized: Path | None = None) -> list[str]:
+def train_overrides(plan: Plan, data: Path, out: Path, seed: int, tokenized: Path | None = None,
+                    epochs: float | None = None) -> list[str]:
     """configs/qwen2_vl_2b_full_sft.yaml as shipped, except these (Recipe says why for each). The one list both the
     tokenize stage and the training runs use, so the data the runs load is tokenized with their own cutoff_len,
     template, image pixels, datasets and workers. `tokenized`: LLaMA-Factory's tokenized_path (default: the data
-    folder's, see tokenized_dir)."""
+    folder's, see tokenized_dir). `epochs`: the run's (default: the recipe's)."""
     r = plan.recipe
-    steps = train_steps(plan, train_rows(data))
+    epochs = r.epochs if epochs is None else epochs
+    steps = train_steps(plan, train_rows(data), epochs)
     o = {
         "model_name_or_path": plan.model_dir, "dataset_dir": data, "dataset": "mire_train",
         "eval_dataset": EVAL_DATASET, "tokenized_path": tokenized or tokenized_dir(data), "output_dir": out,
         "seed": seed,
-        "learning_rate": r.learning_rate, "num_train_epochs": r.epochs,
+        "learning_rate": r.learning_rate, "num_train_epochs": epochs,
         "per_device_train_batch_size": r.batch_size, "gradient_accumulation_steps": r.grad_accum,
         "disable_gradient_checkpointing": str(not r.gradient_checkpointing).lower(),
         "per_device_eval_batch_size": r.eval_batch_size, "eval_steps": max(1, steps // r.evals),
@@ -326,7 +334,8 @@ def train(plan: Plan, data: Path, variant: str, seed: int) -> None:
     shutil.rmtree(run, ignore_errors=True)  # a new model: the old run's predictions and scores are stale
     run.mkdir(parents=True)
     run_logged(plan, f"train_{variant}_s{seed}", python_tool("mire_factory.train", RECIPE,
-                                                             *train_overrides(plan, data, run / "ft", seed)),
+                                                             *train_overrides(plan, data, run / "ft", seed,
+                                                                              epochs=run_epochs(plan, variant))),
                train_env(plan))
 
 
@@ -342,8 +351,9 @@ TOKENIZE_SPEC = "harness_tokenize.json"  # in tokenized_dir: the overrides it wa
 def tokenize_spec(plan: Plan, data: Path) -> list[str]:
     """The overrides that made tokenized_dir(data): a training run's, less what differs between runs (output_dir,
     seed: the seed does not enter LLaMA-Factory's preprocessing of one train and one evaluation dataset without
-    val_size or streaming) and tokenized_path itself."""
-    skip = ("output_dir=", "seed=", "tokenized_path=")
+    val_size or streaming), tokenized_path itself, and the length of training (--variant_epochs), which preprocessing
+    does not read."""
+    skip = ("output_dir=", "seed=", "tokenized_path=", "num_train_epochs=", "eval_steps=")
     return [o for o in train_overrides(plan, data, plan.work, 0) if not o.startswith(skip)]
 
 
@@ -379,9 +389,11 @@ def tokenize(plan: Plan, data: Path, variant: str) -> None:
     log(f"    tokenized_path of every {variant} run: {target}")  # (the log names the .partial folder it was saved in)
 
 
-def trained(out: Path) -> bool:
-    return (out / "trainer_state.json").is_file() and (out / "config.json").is_file() and any(
+def trained(out: Path, steps: int | None = None) -> bool:
+    """A saved model; with `steps`, trained for that many optimizer steps (a rerun with other epochs trains anew)."""
+    done = (out / "trainer_state.json").is_file() and (out / "config.json").is_file() and any(
         out.glob("model*.safetensors"))
+    return done and (steps is None or read_json(out / "trainer_state.json").get("max_steps") == steps)
 
 
 def ocr_available(plan: Plan) -> str | None:
@@ -456,6 +468,23 @@ def parse_variant(spec: str, info_file: Path | None) -> Variant:
         else:
             test_tokens.append(token)
     return Variant(name, given, tokens, test_tokens)
+
+
+def set_variant_epochs(variants: list[Variant], spec: str) -> None:
+    """--variant_epochs NAME=EPOCHS onto the --variant NAME; bad: one line, exit 2."""
+    name, _, text = spec.partition("=")
+    try:
+        epochs = float(text)
+    except ValueError:
+        epochs = 0.0
+    if not epochs > 0 or epochs != epochs or epochs == float("inf"):
+        raise MireInputError(f"--variant_epochs {spec!r}: expected NAME=EPOCHS with EPOCHS a number above 0")
+    variant = next((v for v in variants if v.name == name), None)
+    if variant is None:
+        raise MireInputError(f"--variant_epochs {spec!r}: no --variant named {name!r}")
+    if variant.epochs is not None:
+        raise MireInputError(f"--variant_epochs {spec!r}: {name!r} is given twice")
+    variant.epochs = epochs
 
 
 def _number(token: str) -> bool:
@@ -693,7 +722,8 @@ def variant_report(plan: Plan, v: Variant, fine_tuned: dict) -> dict:
     data = v.data(plan.work)
     rows = train_rows(data) if (data / "mire_train.json").is_file() else None
     return {**scores, "convert_args": v.convert_args, "test_convert_args": shlex.join(v.test_args),
-            "train_rows": rows, "train_steps": train_steps(plan, rows) if rows is not None else None,
+            "epochs": run_epochs(plan, v.name),
+            "train_rows": rows, "train_steps": train_steps(plan, rows, run_epochs(plan, v.name)) if rows is not None else None,
             "vs_fine_tuned": diff}
 
 
@@ -787,7 +817,8 @@ def run(plan: Plan, results_dir: Path) -> dict:
 
 def fine_tune_one(plan: Plan, variant: str, data: Path, seed: int) -> None:
     run = run_dir(plan, variant, seed)
-    stage(plan, f"train_{variant}_s{seed}", trained(run / "ft"), train, plan, data, variant, seed)
+    steps = train_steps(plan, train_rows(data), run_epochs(plan, variant))
+    stage(plan, f"train_{variant}_s{seed}", trained(run / "ft", steps), train, plan, data, variant, seed)
     stage(plan, f"infer_{variant}_s{seed}", (run / "infer" / "metrics.json").is_file(),
           infer_and_score, plan, run / "ft", data, run / "infer", f"{variant}_s{seed}")
 
@@ -871,6 +902,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="a data variant, repeatable: tools.convert with ARGS added (train, test and evaluation split; "
                         f"{', '.join(TRAIN_ONLY_CONVERT_FLAGS)} on the train file only), trained per seed and reported "
                         "under variants.NAME, e.g. augment=\"--augment 1\" ({info_file} is replaced)")
+    p.add_argument("--variant_epochs", action="append", default=[], metavar="NAME=EPOCHS",
+                   help="a --variant's runs train EPOCHS epochs instead of the recipe's, e.g. plain6=6 with "
+                        "--variant plain6=\"--augment 0\": the plain data for as many steps as --augment 1 at 3")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     p.add_argument("--results_dir", type=Path, default=RESULTS)
     p.add_argument("--parallel", type=int, default=1,
@@ -904,6 +938,8 @@ def main(argv: list[str] | None = None) -> int:
     names = [v.name for v in variants]
     if len(set(names)) < len(names):
         raise MireInputError(f"--variant: the name {next(n for n in names if names.count(n) > 1)!r} is given twice")
+    for spec in args.variant_epochs:
+        set_variant_epochs(variants, spec)
     if args.device == "auto":
         import torch
 
