@@ -254,17 +254,19 @@ def test_bad_variant_epochs_is_one_line(split, tmp_path, spec, message):
 
 def test_variant_epochs_reach_its_runs_and_a_run_of_other_steps_trains_anew(split, tmp_path):
     """The equal-steps control for --augment 1 (twice the rows): the plain data, twice the epochs. Only that
-    variant's runs change; a finished run is reused only when it trained the steps asked for now."""
+    variant's runs change; a finished run is reused only when it trained the epochs asked for now."""
     from benchmarks.quality.run import (
+        RUN_SPEC,
         Plan,
         Recipe,
         parse_variant,
+        run_dir,
         run_epochs,
         set_variant_epochs,
         tokenize_spec,
         train_overrides,
         train_steps,
-        trained,
+        trained_as_planned,
     )
 
     variants = [parse_variant("plain6=--augment 0", None), parse_variant("augment=--augment 1", None)]
@@ -288,12 +290,15 @@ def test_variant_epochs_reach_its_runs_and_a_run_of_other_steps_trains_anew(spli
     assert tokenize_spec(plan, data) == [o for o in tokenize_spec(plan, data)
                                          if not o.startswith(("num_train_epochs=", "eval_steps="))]
 
-    ft = tmp_path / "ft"
-    ft.mkdir()
-    (ft / "config.json").write_text("{}")
-    (ft / "model.safetensors").write_bytes(b"")
-    (ft / "trainer_state.json").write_text(json.dumps({"max_steps": 33}))
-    assert trained(ft) and trained(ft, 33) and not trained(ft, 66)
+    ft = run_dir(plan, "plain6", 0) / "ft"
+    ft.mkdir(parents=True)
+    for name in ("config.json", "trainer_state.json", "model.safetensors"):
+        (ft / name).write_text("{}")
+    assert not trained_as_planned(plan, "plain6", 0)  # no record of its epochs: trained anew
+    (ft.parent / RUN_SPEC).write_text(json.dumps({"epochs": 3.0}))
+    assert not trained_as_planned(plan, "plain6", 0)  # trained for 3 epochs, 6 asked for now
+    (ft.parent / RUN_SPEC).write_text(json.dumps({"epochs": 6.0}))
+    assert trained_as_planned(plan, "plain6", 0)
 
 
 @pytest.mark.slow

@@ -333,10 +333,12 @@ def train(plan: Plan, data: Path, variant: str, seed: int) -> None:
     run = run_dir(plan, variant, seed)
     shutil.rmtree(run, ignore_errors=True)  # a new model: the old run's predictions and scores are stale
     run.mkdir(parents=True)
+    epochs = run_epochs(plan, variant)
     run_logged(plan, f"train_{variant}_s{seed}", python_tool("mire_factory.train", RECIPE,
                                                              *train_overrides(plan, data, run / "ft", seed,
-                                                                              epochs=run_epochs(plan, variant))),
+                                                                              epochs=epochs)),
                train_env(plan))
+    write_json_atomic(run / RUN_SPEC, {"epochs": epochs})
 
 
 def tokenized_dir(data: Path) -> Path:
@@ -389,11 +391,20 @@ def tokenize(plan: Plan, data: Path, variant: str) -> None:
     log(f"    tokenized_path of every {variant} run: {target}")  # (the log names the .partial folder it was saved in)
 
 
-def trained(out: Path, steps: int | None = None) -> bool:
-    """A saved model; with `steps`, trained for that many optimizer steps (a rerun with other epochs trains anew)."""
-    done = (out / "trainer_state.json").is_file() and (out / "config.json").is_file() and any(
+def trained(out: Path) -> bool:
+    return (out / "trainer_state.json").is_file() and (out / "config.json").is_file() and any(
         out.glob("model*.safetensors"))
-    return done and (steps is None or read_json(out / "trainer_state.json").get("max_steps") == steps)
+
+
+RUN_SPEC = "harness_run.json"  # in a run's folder, written when its training ended: the epochs it trained
+
+
+def trained_as_planned(plan: Plan, variant: str, seed: int) -> bool:
+    """train's done-marker: a saved model trained for the epochs asked for now (a rerun with other --epochs or
+    --variant_epochs trains anew)."""
+    run = run_dir(plan, variant, seed)
+    return trained(run / "ft") and (run / RUN_SPEC).is_file() and \
+        read_json(run / RUN_SPEC).get("epochs") == run_epochs(plan, variant)
 
 
 def ocr_available(plan: Plan) -> str | None:
@@ -817,8 +828,7 @@ def run(plan: Plan, results_dir: Path) -> dict:
 
 def fine_tune_one(plan: Plan, variant: str, data: Path, seed: int) -> None:
     run = run_dir(plan, variant, seed)
-    steps = train_steps(plan, train_rows(data), run_epochs(plan, variant))
-    stage(plan, f"train_{variant}_s{seed}", trained(run / "ft", steps), train, plan, data, variant, seed)
+    stage(plan, f"train_{variant}_s{seed}", trained_as_planned(plan, variant, seed), train, plan, data, variant, seed)
     stage(plan, f"infer_{variant}_s{seed}", (run / "infer" / "metrics.json").is_file(),
           infer_and_score, plan, run / "ft", data, run / "infer", f"{variant}_s{seed}")
 
