@@ -34,6 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from mire_factory.answers import is_strict_answer  # noqa: E402
 from mire_factory.convert import convert  # noqa: E402
 from mire_factory.infer.answer import AnswerConstraints, guided_decoding  # noqa: E402
 from mire_factory.infer.args import InferArgs  # noqa: E402
@@ -41,7 +42,6 @@ from mire_factory.infer.constrained import GrammarLogitsProcessor, make_prefix_a
 from mire_factory.infer.hf_backend import GenItem, length_sorted_batches, load_hf_model, prepare_batch  # noqa: E402
 from mire_factory.infer.pipeline import dataset_variant, prepare  # noqa: E402
 from mire_factory.io import OutputSet, run_cli  # noqa: E402
-from mire_factory.prompts import LABEL_KEY  # noqa: E402
 from mire_factory.sharegpt import read_sharegpt  # noqa: E402
 from mire_factory.taxonomy import LABELS  # noqa: E402
 
@@ -99,17 +99,6 @@ class Xgrammar:
         return {"logits_processor": LogitsProcessorList([LogitsProcessor([self.grammars[t] for t in tasks])])}
 
 
-def exact(text: str, task: str, answer_format: str) -> bool:
-    """The answer is in the format, with a label of the task (no repair)."""
-    if answer_format == "label":
-        return text in LABELS[task]
-    try:
-        answer = json.loads(text)
-    except ValueError:
-        return False
-    return isinstance(answer, dict) and answer.get(LABEL_KEY) in LABELS[task]
-
-
 def generate_all(model, comp, batches, engine, max_new_tokens: int) -> tuple[dict[int, str], float, float, int]:
     """Answers by record index, wall and CPU seconds (this process, all its threads: what other work on the machine
     changes least), and tokens generated (up to each row's stop token)."""
@@ -152,7 +141,7 @@ def run_case(model_dir: str, dataset_dir: Path, max_new_tokens: int, batch_size:
             times.append(seconds)
             cpu_times.append(cpu_s)
         invalid = [(r.id, answers[engine.name][i]) for i, r in enumerate(records)
-                   if not exact(answers[engine.name][i], r.task, variant.answer_format)]
+                   if not is_strict_answer(answers[engine.name][i], r.task, variant.answer_format)]
         result[engine.name] = {"build_s": round(engine.build_s, 3), "generate_s": round(min(times), 3),
                                "generate_s_all": [round(t, 3) for t in times],
                                "generate_cpu_s": round(min(cpu_times), 3),

@@ -35,6 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from mire_factory.answers import is_strict_answer  # noqa: E402
 from mire_factory.infer.answer import answer_paths, reason_chars  # noqa: E402
 from mire_factory.infer.constrained import answer_regex  # noqa: E402
 from mire_factory.io import MireInputError, OutputSet, run_cli  # noqa: E402
@@ -80,14 +81,6 @@ def control_tokens_allowed(xgr, compiled, info, tokenizer, prefix: str) -> int:
     words = bitmask[0].to(torch.int64) & 0xFFFFFFFF
     vocab = vocab_bytes(tokenizer)
     return sum(1 for i, v in enumerate(vocab) if v and any(b < 0x20 for b in v) and (int(words[i // 32]) >> (i % 32)) & 1)
-
-
-def is_strict_cot_answer(text: str, task: str) -> bool:
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError:
-        return False
-    return isinstance(obj, dict) and obj.get("所属类别") in LABELS[task]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,7 +135,7 @@ def measure(xgr, args) -> dict:
                 steps.append(len(tokens))
                 per_answer.append(sum(f))
                 ended += done
-                strict += done and is_strict_cot_answer(tokenizer.decode([t for t in tokens if t != stop_id]), task)
+                strict += done and is_strict_answer(tokenizer.decode([t for t in tokens if t != stop_id]), task, "cot")
             row = {"task": task, "form": "factored" if factor else "one alternative per label",
                    "regex_chars": len(regex), "reason_chars": free, "compile_s": round(compile_s, 3),
                    "compiled_mb": round(compiled.memory_size_bytes / 2**20, 1),

@@ -24,7 +24,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from .prompts import LABEL_KEY
+from .prompts import LABEL_KEY, REASON_KEY
 from .taxonomy import LABELS, TASKS, Task, label_similarities, match_label, normalize_label
 
 # Keys a JSON answer may carry its label under, most specific first.
@@ -38,6 +38,19 @@ INVALID = "(invalid)"  # what an invalid answer is scored as: a class no gold ha
 # How an answer was read. Valid: exact, normalized, contained, truncated, similar, filled. Invalid: the rest.
 FIXED_HOWS = ("contained", "truncated", "similar")
 INVALID_HOWS = ("empty", "unmatched", "other_task", "missing", "failed")
+
+
+def is_strict_answer(text: str, task: str, answer_format: str) -> bool:
+    """The answer exactly as constrained decoding must write it, no repair: a label of the task ("label"), or a JSON
+    object with exactly the keys 理由 and 所属类别, the latter a label of the task ("cot"). What the validity counts
+    of `--constrained` (benchmarks) measure; scoring reads answers leniently (read_answer)."""
+    if answer_format == "label":
+        return text in LABELS[task]
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        return False
+    return isinstance(obj, dict) and set(obj) == {REASON_KEY, LABEL_KEY} and obj[LABEL_KEY] in LABELS[task]
 
 _FENCE = re.compile(r"```[a-zA-Z]*\s*|```")
 _KEY_ALTERNATION = "|".join(re.escape(k) for k in ANSWER_KEYS)

@@ -389,3 +389,21 @@ def test_position_pairing_checks_prompts_rendered_by_llamafactory(mire_sample, t
     _write_jsonl(preds, rows)
     code, _, err = _cal_acc(capsys, "--test_file", test_file, "--prediction_file", preds, "--by_position")
     assert code == 2 and "line 1: field 'prompt': another conversation" in err and "1 more rows disagree" in err, err
+
+
+def test_strict_answers_are_exactly_what_constrained_decoding_writes():
+    """is_strict_answer: the validity counts of --constrained (no repair), unlike read_answer's lenient reading."""
+    from mire_factory.answers import is_strict_answer
+    from mire_factory.prompts import format_cot_answer
+
+    image, dialogue = IMAGE_LABELS[0], DIALOGUE_LABELS[0]
+    assert is_strict_answer(image, "image", "label") and not is_strict_answer(f" {image}", "image", "label")
+    assert not is_strict_answer(dialogue, "image", "label")
+    for position in ("last", "first"):
+        assert is_strict_answer(format_cot_answer("因为\t截图", dialogue, position), "dialogue", "cot")  # escaped
+    raw_tab = format_cot_answer("因为@截图", dialogue).replace("@", "\t")  # as the H200's 11 invalid answers
+    assert not is_strict_answer(raw_tab, "dialogue", "cot")
+    assert not is_strict_answer(format_cot_answer("r", image), "dialogue", "cot")
+    assert not is_strict_answer(json.dumps({"所属类别": dialogue}, ensure_ascii=False), "dialogue", "cot")
+    assert not is_strict_answer(json.dumps({"理由": "r", "所属类别": dialogue, "x": 1}), "dialogue", "cot")
+    assert not is_strict_answer(f'{{"理由": "r", "所属类别": "{dialogue}"', "dialogue", "cot")

@@ -16,18 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from mire_factory.taxonomy import LABELS  # noqa: E402
-
-
-def valid(row: dict, answer_format: str) -> bool:
-    labels = LABELS[row["task"]]
-    if answer_format == "label":
-        return row["predict"] in labels
-    try:
-        obj = json.loads(row["predict"])
-    except json.JSONDecodeError:
-        return False
-    return isinstance(obj, dict) and set(obj) == {"理由", "所属类别"} and obj["所属类别"] in labels
+from mire_factory.answers import is_strict_answer  # noqa: E402
 
 
 def main() -> int:
@@ -40,7 +29,7 @@ def main() -> int:
     counts: Counter = Counter()
     bad = []
     for row in rows:
-        ok = valid(row, args.answer_format)
+        ok = is_strict_answer(row["predict"], row["task"], args.answer_format)
         counts[(row["task"], ok)] += 1
         if not ok and len(bad) < 5:
             bad.append({"id": row["id"], "task": row["task"], "predict": row["predict"][:200]})
