@@ -407,3 +407,31 @@ def test_strict_answers_are_exactly_what_constrained_decoding_writes():
     assert not is_strict_answer(json.dumps({"所属类别": dialogue}, ensure_ascii=False), "dialogue", "cot")
     assert not is_strict_answer(json.dumps({"理由": "r", "所属类别": dialogue, "x": 1}), "dialogue", "cot")
     assert not is_strict_answer(f'{{"理由": "r", "所属类别": "{dialogue}"', "dialogue", "cot")
+
+
+def test_answer_validity_counts_strictly_and_refuses_bad_lines_in_one_line(tmp_path):
+    """benchmarks/gpu/answer_validity.py (the GPU check's counter): strict counts, exit 1 when any is invalid; a bad
+    line or field is one error line, exit 2, no --json_out written."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    from mire_factory.prompts import format_cot_answer
+
+    script = REPO / "benchmarks" / "gpu" / "answer_validity.py"
+    rows = [{"id": "a", "task": "dialogue", "predict": format_cot_answer("因为", X)},
+            {"id": "b", "task": "dialogue", "predict": format_cot_answer("@", X).replace("@", "\t")}]
+    preds = tmp_path / "p.jsonl"
+    preds.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    out = tmp_path / "v.json"
+    proc = subprocess.run([sys.executable, script, "--prediction_file", preds, "--answer_format", "cot",
+                           "--json_out", out], capture_output=True, text=True)
+    assert proc.returncode == 1, proc.stderr
+    assert json.loads(out.read_text(encoding="utf-8"))["by_task"]["dialogue"] == {"valid": 1, "of": 2}
+    preds.write_text(json.dumps({"id": "c", "task": "dialogue"}) + "\n", encoding="utf-8")
+    out.unlink()
+    proc = subprocess.run([sys.executable, script, "--prediction_file", preds, "--answer_format", "cot",
+                           "--json_out", out], capture_output=True, text=True)
+    assert proc.returncode == 2 and not out.exists()
+    assert proc.stderr.strip().splitlines() == [f"error: {preds}: line 1 (id 'c'): field 'predict' missing or not "
+                                                "valid: None"]

@@ -17,15 +17,24 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from mire_factory.answers import is_strict_answer  # noqa: E402
+from mire_factory.io import MireInputError, read_numbered_jsonl, run_cli, write_text_atomic  # noqa: E402
+from mire_factory.taxonomy import TASKS  # noqa: E402
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--prediction_file", required=True)
     parser.add_argument("--answer_format", choices=["label", "cot"], required=True)
     parser.add_argument("--json_out")
-    args = parser.parse_args()
-    rows = [json.loads(line) for line in Path(args.prediction_file).read_text(encoding="utf-8").splitlines() if line]
+    args = parser.parse_args(argv)
+    rows = []
+    for lineno, row in read_numbered_jsonl(args.prediction_file):  # a broken line: one error naming file and line
+        for field, ok in (("id", isinstance(row.get("id"), str)), ("task", row.get("task") in TASKS),
+                          ("predict", isinstance(row.get("predict"), str))):
+            if not ok:
+                raise MireInputError(f"{args.prediction_file}: line {lineno} (id {row.get('id')!r}): field {field!r} "
+                                     f"missing or not valid: {row.get(field)!r}")
+        rows.append(row)
     counts: Counter = Counter()
     bad = []
     for row in rows:
@@ -36,13 +45,13 @@ def main() -> int:
     result = {"answer_format": args.answer_format, "predictions": len(rows),
               "valid": sum(n for (_, ok), n in counts.items() if ok),
               "by_task": {t: {"valid": counts[(t, True)], "of": counts[(t, True)] + counts[(t, False)]}
-                          for t in ("image", "dialogue")},
+                          for t in TASKS},
               "invalid_examples": bad}
     print(json.dumps(result, ensure_ascii=False))
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps(result, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+        write_text_atomic(args.json_out, json.dumps(result, ensure_ascii=False, indent=1) + "\n")
     return 0 if result["valid"] == result["predictions"] else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)
