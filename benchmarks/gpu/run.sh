@@ -7,7 +7,8 @@
 #        launcher_7b_2gpu, infer_2b, infer_2b_compiled, infer_2b_phases,
 #        issue 20 (one H200, no DeepSpeed, low-bit AdamW states; needs torchao in .whl): ours_7b_1gpu,
 #        ours_7b_1gpu_long, ours_7b_1gpu_b2, ours_7b_1gpu_sr, ours_7b_1gpu_sr_long, ours_7b_1gpu_ao4,
-#        ours_7b_1gpu_liger, ours_7b_1gpu_pack, loss_2b (2B, 100 steps: fp32 Adam states against the low-bit ones).
+#        ours_7b_1gpu_liger, ours_7b_1gpu_pack, loss_2b (2B, 100 steps: fp32 Adam states against the low-bit ones),
+#        lora_7b, freeze_7b, lora_2b, freeze_2b (configs/qwen2_vl_{lora,freeze}_sft.yaml as shipped).
 # Results (JSON + logs) go to $OUT (the device tool fetches it) or /tmp/bench_out.
 # Needs .whl (benchmarks/gpu/fetch_wheels.sh) and .gpu_data (benchmarks/gpu/prepare_data.py) carried along.
 set -uo pipefail
@@ -105,6 +106,9 @@ for name in "$@"; do
         $RECIPE_2B model_name_or_path=$MODELS/m2b dataset_dir=.gpu_data/mire eval_dataset=null \
         preprocessing_num_workers=8 dataloader_num_workers=4 seed=42 data_seed=42 > "$OUT/loss_2b.log" 2>&1
       echo "rc=$?"; tail -6 "$OUT/loss_2b.log" ;;
+    # the LoRA and freeze recipes as shipped (freeze: ZeRO-2, 25 of 28 layers); MFU still counts 6 x all LLM params
+    lora_7b|lora_2b) RECIPE=configs/qwen2_vl_lora_sft.yaml train $name 1 ${name#lora_} ;;
+    freeze_7b|freeze_2b) RECIPE=configs/qwen2_vl_freeze_sft.yaml train $name 1 ${name#freeze_} ;;
     launcher_7b_2gpu)
       model 7b && FORCE_TORCHRUN=1 NPROC_PER_NODE=2 timeout 540 python3 -m mire_factory.train $RECIPE model_name_or_path=$MODELS/m7b \
         deepspeed=configs/ds_zero3.json mire_f1_max_samples=16 \
