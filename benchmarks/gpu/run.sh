@@ -45,6 +45,8 @@ train() {  # label nproc preset extra-overrides...
     --label "$label" --out "$OUT/$label.json" $RECIPE model_name_or_path=$MODELS/m$preset "${COMMON[@]}" "$@" \
     > "$OUT/$label.log" 2>&1
   local rc=$?; grep -E "^BENCH|Error|error:|Killed|OOM|out of memory" "$OUT/$label.log" | tail -5; echo "rc=$rc"
+  # run_sft saves the model at the end (a 7B fp32 save is 30 GB): two of them filled the lent machine's disk once
+  rm -rf /tmp/run
   free -g | head -2
 }
 for name in "$@"; do

@@ -66,30 +66,23 @@ def count_params(model_dir: str) -> dict:
     return {"llm_params": layers * per_layer + embed, "vision_params": vision, "patch_size": v.patch_size}
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--warmup_steps", type=int, default=3)
-    parser.add_argument("--label", default="")
-    parser.add_argument("config")
-    parser.add_argument("overrides", nargs="*")
-    ns = parser.parse_args()
-    args = read_config(ns.config, ns.overrides)
-    args["include_num_input_tokens_seen"] = "non_padding"
-    # timed as mire_factory.train trains: the cuDNN SDPA backend off (NaN gradients on Hopper) unless the
-    # overrides say mire_cudnn_sdp=true; the figures in results/ before 2026-12-02's second lease ran with it on
-    set_cudnn_sdp(own_flag(args, "mire_cudnn_sdp", False, ns.config))
-    timer = StepTimer()
-    report = OptimizerReport()  # which optimizer, state types and parameter dtypes were measured
+class ResultWriter(TrainerCallback):
+    """Writes the figures when training ends, before run_sft saves the model: a failed save (a full disk on the lent
+    machine lost the 11-image run's figures once) must not lose them."""
 
+    def __init__(self, write):
+        self.write, self.written = write, False
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.write()
+        self.written = True
+
+
+def write_result(ns, args, timer, report, wall: float) -> None:
     import torch
-    from llamafactory.train.tuner import run_exp
 
-    start = time.perf_counter()
-    run_exp(args=args, callbacks=[timer, report])
-    wall = time.perf_counter() - start
     if int(os.getenv("RANK", "0")) != 0:
-        return 0
+        return
     world = int(os.getenv("WORLD_SIZE", "1"))
     samples_per_step = args.get("per_device_train_batch_size", 1) * args.get("gradient_accumulation_steps", 1) * world
     steps = timer.step_times[ns.warmup_steps :]
@@ -127,6 +120,32 @@ def main() -> int:
     Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
     Path(ns.out).write_text(json.dumps(result, indent=2))
     print("BENCH", json.dumps(result))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--warmup_steps", type=int, default=3)
+    parser.add_argument("--label", default="")
+    parser.add_argument("config")
+    parser.add_argument("overrides", nargs="*")
+    ns = parser.parse_args()
+    args = read_config(ns.config, ns.overrides)
+    args["include_num_input_tokens_seen"] = "non_padding"
+    # timed as mire_factory.train trains: the cuDNN SDPA backend off (NaN gradients on Hopper) unless the
+    # overrides say mire_cudnn_sdp=true; the figures in results/ before 2026-12-02's second lease ran with it on
+    set_cudnn_sdp(own_flag(args, "mire_cudnn_sdp", False, ns.config))
+    timer = StepTimer()
+    report = OptimizerReport()  # which optimizer, state types and parameter dtypes were measured
+
+    from llamafactory.train.tuner import run_exp
+
+    start = time.perf_counter()
+    writer = ResultWriter(lambda: write_result(ns, args, timer, report, time.perf_counter() - start))
+    run_exp(args=args, callbacks=[timer, report, writer])
+    if not writer.written:  # a trainer that never reached on_train_end: no figures to report
+        print(f"error: training ended without a result for {ns.out}", file=sys.stderr)
+        return 1
     return 0
 
 
