@@ -1,0 +1,41 @@
+"""benchmarks/gpu/train_bench.py, the producer of every training figure in BENCHMARKS.md: a real LLaMA-Factory run of
+the tiny model on CPU writes its figures, and writes them before run_sft saves the model (on the H200 a full disk
+failed the 11-image 7B run's save and, with it, its figures)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+
+@pytest.mark.slow
+def test_figures_are_written_when_training_ends_before_the_model_is_saved(tiny_model_dir, tiny_train_data, tmp_path):
+    out, run_dir = tmp_path / "bench.json", tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/gpu/train_bench.py", "--label", "cpu", "--out", str(out), "--warmup_steps", "1",
+         "configs/qwen2_vl_7b_1gpu_full_sft.yaml", f"model_name_or_path={tiny_model_dir}",
+         f"dataset_dir={tiny_train_data}", "eval_dataset=null", "eval_strategy='no'", "save_strategy='no'", "max_steps=3",
+         "report_to=none", f"output_dir={run_dir}", "bf16=false", "optim=adamw_torch", "image_max_pixels=12544",
+         "preprocessing_num_workers=1", "dataloader_num_workers=0", "gradient_accumulation_steps=2", "plot_loss=false"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "DISABLE_VERSION_CHECK": "1"},
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["label"] == "cpu" and result["device"] == "cpu"
+    assert result["steps_timed"] == 2 and result["samples_per_step"] == 2  # 3 steps, 1 untimed; batch 1 x 2
+    sps = result["samples_per_s"]
+    assert 0 < sps["min"] <= sps["median"] <= sps["max"]
+    assert result["tokens_per_s"] > 0 and result["tokens_per_sample"] > 0
+    assert result["optimizer"].startswith("optimizer torch.optim.adamw.AdamW (optim=adamw_torch,")
+    assert result["mfu"] is None  # no peak is known for a CPU
+    saved = run_dir / "model.safetensors"
+    assert saved.exists()  # run_sft did save, after the figures were on disk
+    assert out.stat().st_mtime_ns <= saved.stat().st_mtime_ns
+    assert proc.stdout.count("BENCH ") == 1
