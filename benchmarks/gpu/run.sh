@@ -63,8 +63,9 @@ for name in "$@"; do
     ours_2b_recipe) RECIPE=$RECIPE_2B train ours_2b_recipe 1 2b ;;
     ours_2b_recipe_long) RECIPE=$RECIPE_2B train ours_2b_recipe_long 1 2b dataset=mire_long max_steps=8 ;;
     # issue 20's 2B target (>= 6x baseline_2b_fit's samples/s): the 2B recipe with packing (samples/s counts packed
-    # sequences: divide tokens/s by the unpacked 1174 tokens a record), micro-batches of 4, no checkpointing at 2 x 4
-    ours_2b_pack) RECIPE=$RECIPE_2B train ours_2b_pack 1 2b neat_packing=true ;;
+    # sequences: divide tokens/s by the unpacked 1174 tokens a record; train_bench counts all input ids there), micro-batches of 4, no checkpointing at 2 x 4
+    ours_2b_pack) RECIPE=$RECIPE_2B train ours_2b_pack 1 2b neat_packing=true per_device_train_batch_size=1 \
+      gradient_accumulation_steps=8 ;;  # one packed sequence a micro-batch: no padding, tokens counted exactly
     ours_2b_b4) RECIPE=$RECIPE_2B train ours_2b_b4 1 2b per_device_train_batch_size=4 gradient_accumulation_steps=2 ;;
     ours_2b_nogc_b2*) RECIPE=$RECIPE_2B train $name 1 2b disable_gradient_checkpointing=true \
       $([[ $name == *long ]] && echo dataset=mire_long max_steps=8) ;;

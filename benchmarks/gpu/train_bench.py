@@ -102,7 +102,8 @@ def write_result(ns, args, timer, report, wall: float) -> None:
         "world_size": world,
         "steps_timed": len(steps),
         "warmup_steps": ns.warmup_steps,
-        "samples_per_step": samples_per_step,
+        "samples_per_step": samples_per_step,  # packed runs: packed sequences, several records each
+        "tokens_counted": args["include_num_input_tokens_seen"],
         "samples_per_s": {"min": min(per_step_sps), "median": statistics.median(per_step_sps), "max": max(per_step_sps),
                           "mean": samples_per_step * len(steps) / total_time},
         "tokens_per_s": sum(toks) / total_time,
@@ -131,7 +132,11 @@ def main() -> int:
     parser.add_argument("overrides", nargs="*")
     ns = parser.parse_args()
     args = read_config(ns.config, ns.overrides)
-    args["include_num_input_tokens_seen"] = "non_padding"
+    # Packed runs (neat_packing) hand the model a 4D float mask, whose sum the Trainer's "non_padding" count takes
+    # for a token count (about -1e18 on the CPU): count every input id there; at one packed sequence per micro-batch
+    # there is no padding to count.
+    packed = bool(args.get("neat_packing") or args.get("packing"))
+    args["include_num_input_tokens_seen"] = "all" if packed else "non_padding"
     # timed as mire_factory.train trains: the cuDNN SDPA backend off (NaN gradients on Hopper) unless the
     # overrides say mire_cudnn_sdp=true; the figures in results/ before 2026-12-02's second lease ran with it on
     set_cudnn_sdp(own_flag(args, "mire_cudnn_sdp", False, ns.config))
