@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, call_main
 
 
 @pytest.mark.slow
@@ -47,3 +47,25 @@ def test_figures_are_written_when_training_ends_before_the_model_is_saved(recipe
     assert saved.exists()  # run_sft did save, after the figures were on disk
     assert out.stat().st_mtime_ns <= saved.stat().st_mtime_ns
     assert proc.stdout.count("BENCH ") == 1
+
+
+def load_train_bench():
+    spec = importlib.util.spec_from_file_location("train_bench", REPO / "benchmarks" / "gpu" / "train_bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--out", "{tmp}/r.json", "configs/nope.yaml"], "error: configs/nope.yaml: config file not found"),
+    (["--out", "{tmp}/r.json", "configs/qwen2_vl_2b_full_sft.yaml", "max_steps"],
+     "error: configs/qwen2_vl_2b_full_sft.yaml: field 'max_steps': override must be key=value"),
+    (["--out", "{tmp}/file/r.json", "configs/qwen2_vl_2b_full_sft.yaml"], "is a file, not a directory"),
+])
+def test_bad_input_is_one_line_exit_2_before_any_training(args, expected, tmp_path):
+    (tmp_path / "file").write_text("x")
+    proc = call_main(load_train_bench().main, *(a.format(tmp=tmp_path) for a in args))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "r.json").exists()

@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from transformers import TrainerCallback  # noqa: E402
 
+from mire_factory.io import OutputSet, run_cli  # noqa: E402
 from mire_factory.train import OptimizerReport, own_flag, read_config, set_cudnn_sdp  # noqa: E402
 
 DENSE_BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
@@ -78,11 +79,12 @@ class ResultWriter(TrainerCallback):
         self.written = True
 
 
-def write_result(ns, args, timer, report, wall: float) -> None:
+def bench_result(ns, args, timer, report, wall: float) -> dict | None:
+    """The figures (None on ranks other than 0)."""
     import torch
 
     if int(os.getenv("RANK", "0")) != 0:
-        return
+        return None
     world = int(os.getenv("WORLD_SIZE", "1"))
     samples_per_step = args.get("per_device_train_batch_size", 1) * args.get("gradient_accumulation_steps", 1) * world
     steps = timer.step_times[ns.warmup_steps :]
@@ -118,19 +120,17 @@ def write_result(ns, args, timer, report, wall: float) -> None:
         "mfu": (llm_flops / total_time / world) / (peak * 1e12) if peak else None,
         "wall_s": wall,
     }
-    Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(ns.out).write_text(json.dumps(result, indent=2))
-    print("BENCH", json.dumps(result))
+    return result
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--warmup_steps", type=int, default=3)
     parser.add_argument("--label", default="")
     parser.add_argument("config")
     parser.add_argument("overrides", nargs="*")
-    ns = parser.parse_args()
+    ns = parser.parse_args(argv)
     args = read_config(ns.config, ns.overrides)
     # Packed runs (neat_packing) hand the model a 4D float mask, whose sum the Trainer's "non_padding" count takes
     # for a token count (about -1e18 on the CPU): count every input id there; at one packed sequence per micro-batch
@@ -145,14 +145,23 @@ def main() -> int:
 
     from llamafactory.train.tuner import run_exp
 
-    start = time.perf_counter()
-    writer = ResultWriter(lambda: write_result(ns, args, timer, report, time.perf_counter() - start))
-    run_exp(args=args, callbacks=[timer, report, writer])
-    if not writer.written:  # a trainer that never reached on_train_end: no figures to report
-        print(f"error: training ended without a result for {ns.out}", file=sys.stderr)
-        return 1
+    with OutputSet() as outs:
+        outs.path(ns.out)  # an unwritable --out fails now, not after the training
+
+        def write(result: dict | None) -> None:
+            if result is not None:
+                outs.write_json(ns.out, result)
+                outs.commit()
+                print("BENCH", json.dumps(result))
+
+        start = time.perf_counter()
+        writer = ResultWriter(lambda: write(bench_result(ns, args, timer, report, time.perf_counter() - start)))
+        run_exp(args=args, callbacks=[timer, report, writer])
+        if not writer.written:  # a trainer that never reached on_train_end: no figures to report
+            print(f"error: training ended without a result for {ns.out}", file=sys.stderr)
+            return 1
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)
