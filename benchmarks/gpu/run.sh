@@ -63,7 +63,8 @@ for name in "$@"; do
     ours_2b_recipe) RECIPE=$RECIPE_2B train ours_2b_recipe 1 2b ;;
     ours_2b_recipe_long) RECIPE=$RECIPE_2B train ours_2b_recipe_long 1 2b dataset=mire_long max_steps=8 ;;
     # issue 20's 2B target (>= 6x baseline_2b_fit's samples/s): the 2B recipe with packing (samples/s counts packed
-    # sequences: divide tokens/s by the unpacked 1174 tokens a record; train_bench counts all input ids there), micro-batches of 4, no checkpointing at 2 x 4
+    # sequences: divide tokens/s by the unpacked 1174 tokens a record; train_bench counts all input ids there),
+    # micro-batches of 4, no checkpointing at 2 x 4, 8-bit Adam states
     ours_2b_pack) RECIPE=$RECIPE_2B train ours_2b_pack 1 2b neat_packing=true per_device_train_batch_size=1 \
       gradient_accumulation_steps=8 ;;  # one packed sequence a micro-batch: no padding, tokens counted exactly
     ours_2b_b4) RECIPE=$RECIPE_2B train ours_2b_b4 1 2b per_device_train_batch_size=4 gradient_accumulation_steps=2 ;;
@@ -99,10 +100,10 @@ for name in "$@"; do
     # bf16 weights with stochastic rounding, 8-bit states: ~45 GB of weights, gradients and states instead of ~75
     ours_7b_1gpu_sr*) RECIPE=$RECIPE_7B1 train $name 1 7b "${SR[@]}" \
       $([[ $name == *long ]] && echo dataset=mire_long max_steps=8) ;;
-    # 4-bit states (torchao AdamW4bit) over fp32 master weights
-    # no gradient checkpointing: no recompute (a quarter of the FLOPs at 6N); 48 GB were free at batch 1 with it
+    # no gradient checkpointing: no recompute (a quarter of a step's work with it); 48 GB were free at batch 1 with it
     ours_7b_1gpu_nogc*) RECIPE=$RECIPE_7B1 train $name 1 7b disable_gradient_checkpointing=true \
       $([[ $name == *long ]] && echo dataset=mire_long max_steps=8) ;;
+    # 4-bit states (torchao AdamW4bit) over fp32 master weights
     ours_7b_1gpu_ao4) RECIPE=$RECIPE_7B1 train ours_7b_1gpu_ao4 1 7b optim=adamw_torch_4bit ;;
     # Liger's fused linear cross entropy, RMSNorm, SwiGLU, mrope at 7B (slowest at 2B, where the vocabulary dominates)
     ours_7b_1gpu_liger) RECIPE=$RECIPE_7B1 train ours_7b_1gpu_liger 1 7b enable_liger_kernel=true ;;
