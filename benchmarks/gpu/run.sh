@@ -9,7 +9,8 @@
 #        ours_7b_1gpu_long, ours_7b_1gpu_b2, ours_7b_1gpu_sr, ours_7b_1gpu_sr_long, ours_7b_1gpu_ao4,
 #        ours_7b_1gpu_liger, ours_7b_1gpu_pack, loss_2b (2B, 100 steps: fp32 Adam states against the low-bit ones),
 #        lora_7b, freeze_7b, lora_2b, freeze_2b (configs/qwen2_vl_{lora,freeze}_sft.yaml as shipped),
-#        ours_7b_1gpu_nogc(_long), ours_2b_pack, ours_2b_b4, ours_2b_nogc_b2(_long), ours_2b_ao8.
+#        ours_7b_1gpu_nogc(_long), ours_7b_1gpu_compile, ours_2b_pack, ours_2b_b4, ours_2b_nogc_b2(_long), ours_2b_ao8,
+#        ours_2b_compile.
 # Results (JSON + logs) go to $OUT (the device tool fetches it) or /tmp/bench_out.
 # Needs .whl (benchmarks/gpu/fetch_wheels.sh) and .gpu_data (benchmarks/gpu/prepare_data.py) carried along.
 set -uo pipefail
@@ -71,6 +72,9 @@ for name in "$@"; do
     ours_2b_nogc_b2*) RECIPE=$RECIPE_2B train $name 1 2b disable_gradient_checkpointing=true \
       $([[ $name == *long ]] && echo dataset=mire_long max_steps=8) ;;
     ours_2b_ao8) RECIPE=$RECIPE_2B train ours_2b_ao8 1 2b optim=adamw_torch_8bit ;;
+    # torch.compile of the model (the Trainer's torch_compile): fewer, fused kernels per micro-batch; shapes vary with
+    # every batch, so its first steps recompile (trained 4 steps on the CPU with the tiny model)
+    ours_2b_compile) RECIPE=$RECIPE_2B train ours_2b_compile 1 2b torch_compile=true ;;
     # no gradient checkpointing: faster on the sample, out of memory on the 11-image dialogues (*_long)
     ours_2b_nogc*) RECIPE=$RECIPE_2B train $name 1 2b disable_gradient_checkpointing=true per_device_train_batch_size=1 \
       gradient_accumulation_steps=8 $([[ $name == *long ]] && echo dataset=mire_long max_steps=8) ;;
@@ -103,6 +107,7 @@ for name in "$@"; do
     # no gradient checkpointing: no recompute (a quarter of a step's work with it); 48 GB were free at batch 1 with it
     ours_7b_1gpu_nogc*) RECIPE=$RECIPE_7B1 train $name 1 7b disable_gradient_checkpointing=true \
       $([[ $name == *long ]] && echo dataset=mire_long max_steps=8) ;;
+    ours_7b_1gpu_compile) RECIPE=$RECIPE_7B1 train ours_7b_1gpu_compile 1 7b torch_compile=true ;;
     # 4-bit states (torchao AdamW4bit) over fp32 master weights
     ours_7b_1gpu_ao4) RECIPE=$RECIPE_7B1 train ours_7b_1gpu_ao4 1 7b optim=adamw_torch_4bit ;;
     # Liger's fused linear cross entropy, RMSNorm, SwiGLU, mrope at 7B (slowest at 2B, where the vocabulary dominates)
