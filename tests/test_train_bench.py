@@ -49,8 +49,8 @@ def test_figures_are_written_when_training_ends_before_the_model_is_saved(recipe
     assert proc.stdout.count("BENCH ") == 1
 
 
-def load_train_bench():
-    spec = importlib.util.spec_from_file_location("train_bench", REPO / "benchmarks" / "gpu" / "train_bench.py")
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / "gpu" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -64,8 +64,43 @@ def load_train_bench():
 ])
 def test_bad_input_is_one_line_exit_2_before_any_training(args, expected, tmp_path):
     (tmp_path / "file").write_text("x")
-    proc = call_main(load_train_bench().main, *(a.format(tmp=tmp_path) for a in args))
+    proc = call_main(load_script("train_bench").main, *(a.format(tmp=tmp_path) for a in args))
     assert proc.returncode == 2, proc.stdout + proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "r.json").exists()
+
+
+LEASE7 = REPO / "benchmarks" / "gpu" / "results" / "h200"
+
+
+def test_training_table_gives_the_ratio_and_packed_runs_records_per_second(tmp_path):
+    packed = json.loads((LEASE7 / "issue20_lease7" / "ours_7b_1gpu.json").read_text())
+    # a packed run: 2 sequences a step of 4 records each, so its samples/s is a quarter of its records/s
+    packed.update(label="packed", overrides=[*packed["overrides"], "neat_packing=true"], tokens_counted="all",
+                  samples_per_s={k: v / 4 for k, v in packed["samples_per_s"].items()})
+    (tmp_path / "packed.json").write_text(json.dumps(packed))
+    proc = call_main(load_script("training_table").main, LEASE7 / "ours_7b_zero3.json",
+                     LEASE7 / "issue20_lease7" / "ours_7b_1gpu.json", tmp_path / "packed.json",
+                     "--baseline", "ours_7b_zero3")
+    assert proc.returncode == 0, proc.stderr
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in proc.stdout.splitlines()[2:]}
+    assert rows["`ours_7b_zero3`"][5] == "1.00x"
+    assert rows["`ours_7b_1gpu`"][1] == "2.90" and rows["`ours_7b_1gpu`"][5] == "1.51x"
+    # the unpacked runs' mean tokens a record (1174.3 and 1174.3) turn the packed run's tokens/s into records/s
+    assert rows["`packed` (packed)"][1] == "2.90" and rows["`packed` (packed)"][5] == "1.51x"
+    assert rows["`packed` (packed)"][0].endswith("(0.72)")
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("missing", "missing.json"), ("not_result", "field 'samples_per_s': missing"),
+    ("baseline", "error: --baseline: no result is labelled 'nope'"),
+])
+def test_training_table_bad_input_is_one_line_exit_2(case, expected, tmp_path):
+    (tmp_path / "not_result.json").write_text(json.dumps({"label": "x"}))
+    args = {"missing": [tmp_path / "missing.json"], "not_result": [tmp_path / "not_result.json"],
+            "baseline": [LEASE7 / "ours_7b_zero3.json", "--baseline", "nope"]}[case]
+    proc = call_main(load_script("training_table").main, *args)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and expected in lines[0] and "Traceback" not in proc.stderr
