@@ -148,6 +148,8 @@ def _new_temp(path: Path) -> Path:
             os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
         except FileExistsError:
             continue
+        except OSError as exc:  # name the file the user asked for, not the hidden temp beside it
+            raise MireInputError(problem(path, None, None, f"cannot be written ({exc.strerror or exc})")) from exc
         return tmp
     raise FileExistsError(f"no free temp name beside {path}")
 

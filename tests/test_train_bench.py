@@ -61,6 +61,8 @@ def load_script(name: str):
     (["--out", "{tmp}/r.json", "configs/qwen2_vl_2b_full_sft.yaml", "max_steps"],
      "error: configs/qwen2_vl_2b_full_sft.yaml: field 'max_steps': override must be key=value"),
     (["--out", "{tmp}/file/r.json", "configs/qwen2_vl_2b_full_sft.yaml"], "is a file, not a directory"),
+    # /proc takes no new file, root or not: the line names the --out asked for, not the hidden temp beside it
+    (["--out", "/proc/mire-r.json", "configs/qwen2_vl_2b_full_sft.yaml"], "error: /proc/mire-r.json: cannot be written"),
 ])
 def test_bad_input_is_one_line_exit_2_before_any_training(args, expected, tmp_path):
     (tmp_path / "file").write_text("x")
