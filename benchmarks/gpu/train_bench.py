@@ -118,7 +118,7 @@ def bench_result(ns, args, timer, report, wall: float) -> dict | None:
         "params": params,
         "optimizer": report.line,
         "mfu": (llm_flops / total_time / world) / (peak * 1e12) if peak else None,
-        "wall_s": wall,
+        "wall_s": wall,  # from run_exp's start to the end of training (until 2026-12-03: to the end of the save)
     }
     return result
 
