@@ -2,7 +2,7 @@
 
 python benchmarks/gpu/training_table.py RESULT.json [RESULT.json ...] [--baseline LABEL] [--record_tokens 1174.34]
 
-A packed run (tokens_counted "all" with neat_packing among its overrides) counts packed sequences as samples; its
+A packed run (train_bench's tokens_counted "all": neat_packing) counts packed sequences as samples; its
 records/s is its tokens/s divided by an unpacked record's tokens (--record_tokens, by default the unpacked runs' own
 mean), which is what compares with the other runs and with the baseline.
 """
@@ -21,7 +21,7 @@ FIELDS = ("label", "samples_per_s", "tokens_per_s", "tokens_per_sample", "peak_g
 
 
 def is_packed(result: dict) -> bool:
-    return any(o.replace(" ", "") in ("neat_packing=true", "packing=true") for o in result.get("overrides", []))
+    return result.get("tokens_counted") == "all"  # train_bench counts all input ids for packed runs only
 
 
 def load(path: str) -> dict:
