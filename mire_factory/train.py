@@ -6,6 +6,8 @@ OmegaConf), plus our own keys, removed before LLaMA-Factory sees them:
   mire_f1_max_new_tokens (default 100, at most 100), mire_f1_max_samples (default: the whole validation set);
   mire_cudnn_sdp (default false): keep PyTorch's cuDNN attention backend, which the launcher turns off (its backward
     gave NaN gradients from the first step on an H200, pytorch/pytorch#196678);
+  mire_right_pad_causal (default false): the language model's attention without a mask for right-padded training
+    batches, so SDPA runs its flash kernel (exact for every real token; attention.py says why);
   mire_nan_guard (default true): stop at the first logged non-finite grad_norm or loss, save no final model, and
     exit 4 with one line naming the step, the value and the likely fixes (nan_guard.py);
   mire_tokenize_only (default false): with tokenized_path, only tokenize the train and evaluation datasets (no
@@ -33,6 +35,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from . import attention
 from .cot import SECOND_TURN
 from .dataset_info import COT_LAYOUT_KEY, DATASET_INFO, read_dataset_info
 from .f1_callback import F1Callback
@@ -43,7 +46,7 @@ from .rules import MAX_NEW_TOKENS
 logger = logging.getLogger(__name__)
 
 OWN_KEYS = ("mire_f1_max_new_tokens", "mire_f1_max_samples", "mire_cudnn_sdp", "mire_nan_guard",
-            "mire_tokenize_only")
+            "mire_tokenize_only", "mire_right_pad_causal")
 F1_PLOT_KEYS = ("eval_f1", "eval_f1_image", "eval_f1_dialogue")
 
 
@@ -221,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     set_cudnn_sdp(own_flag(args, "mire_cudnn_sdp", False, config))
     if own_flag(args, "mire_nan_guard", True, config):
         callbacks.append(NanGuardCallback())
+    if own_flag(args, "mire_right_pad_causal", False, config):
+        callbacks.append(attention.callback())
     started = TrainingStarted()
     callbacks += [started, OptimizerReport()]
     from llamafactory.train.tuner import run_exp

@@ -17,7 +17,8 @@ from conftest import REPO, call_main
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe, extra", [("qwen2_vl_7b_1gpu_full_sft", []), ("qwen2_vl_lora_sft", []),
+@pytest.mark.parametrize("recipe, extra", [("qwen2_vl_7b_1gpu_full_sft", []),
+                                           ("qwen2_vl_lora_sft", ["mire_right_pad_causal=true"]),
                                            ("qwen2_vl_2b_full_sft", ["neat_packing=true", "cutoff_len=2048"])])
 def test_figures_are_written_when_training_ends_before_the_model_is_saved(recipe, extra, tiny_model_dir,
                                                                          tiny_train_data, tmp_path):
@@ -25,7 +26,7 @@ def test_figures_are_written_when_training_ends_before_the_model_is_saved(recipe
     out, run_dir = tmp_path / "bench.json", tmp_path / "run"
     proc = subprocess.run(
         [sys.executable, "benchmarks/gpu/train_bench.py", "--label", "cpu", "--out", str(out), "--warmup_steps", "1",
-         f"configs/{recipe}.yaml", f"model_name_or_path={tiny_model_dir}",
+         "--profile", f"configs/{recipe}.yaml", f"model_name_or_path={tiny_model_dir}",
          f"dataset_dir={tiny_train_data}", "eval_dataset=null", "eval_strategy='no'", "save_strategy='no'", "max_steps=3",
          "report_to=none", f"output_dir={run_dir}", "bf16=false", "optim=adamw_torch", "image_max_pixels=12544",
          "preprocessing_num_workers=1", "dataloader_num_workers=0", "gradient_accumulation_steps=2", "plot_loss=false", "per_device_train_batch_size=1", *extra],
@@ -38,9 +39,15 @@ def test_figures_are_written_when_training_ends_before_the_model_is_saved(recipe
     assert result["steps_timed"] == 2 and result["samples_per_step"] == 2  # 3 steps, 1 untimed; batch 1 x 2
     sps = result["samples_per_s"]
     assert 0 < sps["min"] <= sps["median"] <= sps["max"]
+    # mire_right_pad_causal reaches the model (through a LoRA wrapper too) and is recorded
+    assert result["right_pad_causal"] is ("mire_right_pad_causal=true" in extra)
+    # --profile: the untimed warm-up step, its kernels by time beside the figures
+    assert result["profiled_step"]["step"] == 0 and result["profiled_step"]["wall_s"] > 0
+    profile = out.with_suffix(".profile.txt").read_text()
+    assert profile.startswith("step 0: ") and "aten::" in profile
     # a packed run's 4D mask summed as a token count gave about -1e18: all input ids are counted there instead
     assert 0 < result["tokens_per_sample"] < 2048 * 2 and result["tokens_per_s"] > 0
-    assert result["tokens_counted"] == ("all" if extra else "non_padding")
+    assert result["tokens_counted"] == ("all" if "neat_packing=true" in extra else "non_padding")
     assert result["optimizer"].startswith("optimizer torch.optim.adamw.AdamW (optim=adamw_torch,")
     assert result["mfu"] is None  # no peak is known for a CPU
     saved = run_dir / ("adapter_model.safetensors" if "lora" in recipe else "model.safetensors")

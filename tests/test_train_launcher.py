@@ -301,15 +301,16 @@ def test_launcher_stops_a_diverging_training_with_one_line(tiny_model_dir, tiny_
 
 @pytest.mark.slow
 def test_launcher_options_keep_cudnn_sdp_and_train_on(tiny_model_dir, tiny_train_data, tmp_path, monkeypatch,
-                                                      cudnn_sdp_restored):
+                                                      cudnn_sdp_restored, caplog):
     """mire_cudnn_sdp=true leaves the backend on; mire_nan_guard=false trains the same run to the end (so the
-    divergence the guard stops above is real)."""
+    divergence the guard stops above is real); mire_right_pad_causal=true switches the language model's attention."""
     import torch
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     torch.backends.cuda.enable_cudnn_sdp(True)
     out = tmp_path / "out"
-    proc = diverging_training(tiny_model_dir, tiny_train_data, out, "mire_cudnn_sdp=true", "mire_nan_guard=false")
+    proc = diverging_training(tiny_model_dir, tiny_train_data, out, "mire_cudnn_sdp=true", "mire_nan_guard=false",
+                              "mire_right_pad_causal=true")
     assert torch.backends.cuda.cudnn_sdp_enabled() is True
     assert proc.returncode == 0, proc.stderr[-4000:]
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]
@@ -318,6 +319,8 @@ def test_launcher_options_keep_cudnn_sdp_and_train_on(tiny_model_dir, tiny_train
     assert (out / "model.safetensors").is_file()
     saved = (out / "training_args.yaml").read_text()
     assert "mire_cudnn_sdp" not in saved and "mire_nan_guard" not in saved  # our keys never reach LLaMA-Factory
+    assert "mire_right_pad_causal" not in saved
+    assert any("sdpa_right_pad_causal" in r.getMessage() for r in caplog.records)
 
 
 def test_cudnn_sdp_switch_says_why_where_it_matters(monkeypatch, caplog, cudnn_sdp_restored):

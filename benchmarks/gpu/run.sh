@@ -7,10 +7,11 @@
 #        launcher_7b_2gpu, infer_2b, infer_2b_compiled, infer_2b_phases,
 #        issue 20 (one H200, no DeepSpeed, low-bit AdamW states; needs torchao in .whl): ours_7b_1gpu,
 #        ours_7b_1gpu_long, ours_7b_1gpu_b2, ours_7b_1gpu_sr, ours_7b_1gpu_sr_long, ours_7b_1gpu_ao4,
-#        ours_7b_1gpu_liger, ours_7b_1gpu_pack, loss_2b (2B, 100 steps: fp32 Adam states against the low-bit ones),
+#        ours_7b_1gpu_liger, ours_7b_1gpu_pack, ours_7b_1gpu_pack_liger,
+#        loss_2b (2B, 100 steps: fp32 Adam states against the low-bit ones),
 #        lora_7b, freeze_7b, lora_2b, freeze_2b (configs/qwen2_vl_{lora,freeze}_sft.yaml as shipped),
 #        ours_7b_1gpu_nogc(_long), ours_7b_1gpu_compile, ours_2b_pack, ours_2b_b4, ours_2b_nogc_b2(_long), ours_2b_ao8,
-#        ours_2b_compile.
+#        ours_2b_compile; any training NAME+flash (mire_right_pad_causal=true, labelled NAME_flash).
 # Results (JSON + logs) go to $OUT (the device tool fetches it) or /tmp/bench_out.
 # Needs .whl (benchmarks/gpu/fetch_wheels.sh) and .gpu_data (benchmarks/gpu/prepare_data.py) carried along.
 set -uo pipefail
@@ -40,11 +41,11 @@ model() {
   [ -f $MODELS/m$1/config.json ] || python3 -m tools.make_tiny_model --out $MODELS/m$1 --preset $1 --device cuda
 }
 train() {  # label nproc preset extra-overrides...
-  local label=$1 nproc=$2 preset=$3; shift 3
+  local label=$1$SUFFIX nproc=$2 preset=$3; shift 3
   model "$preset" || return 1
   echo "=== $label"; nvidia-smi --query-gpu=name,memory.used --format=csv,noheader
   torchrun --nproc_per_node "$nproc" --master_port $((29500 + RANDOM % 1000)) benchmarks/gpu/train_bench.py \
-    --label "$label" --out "$OUT/$label.json" $RECIPE model_name_or_path=$MODELS/m$preset "${COMMON[@]}" "$@" \
+    --profile --label "$label" --out "$OUT/$label.json" $RECIPE model_name_or_path=$MODELS/m$preset "${COMMON[@]}" "$@" "${EXTRA[@]}" \
     > "$OUT/$label.log" 2>&1
   local rc=$?; grep -E "^BENCH|Error|error:|Killed|OOM|out of memory" "$OUT/$label.log" | tail -5; echo "rc=$rc"
   # run_sft saves the model at the end (a 7B fp32 save is 30 GB): two of them filled the lent machine's disk once
@@ -52,6 +53,10 @@ train() {  # label nproc preset extra-overrides...
   free -g | head -2
 }
 for name in "$@"; do
+  # NAME+flash: NAME with the language model's attention mask-free on right-padded batches (mire_right_pad_causal,
+  # mire_factory/attention.py: SDPA's flash kernel instead of the memory-efficient one), labelled NAME_flash
+  EXTRA=(); SUFFIX=""
+  if [[ $name == *+flash ]]; then name=${name%+flash}; EXTRA=(mire_right_pad_causal=true); SUFFIX=_flash; fi
   case $name in
     smoke) python3 -c "import llamafactory, deepspeed, transformers, torch; print(llamafactory.__version__, deepspeed.__version__, transformers.__version__, torch.__version__, torch.cuda.get_device_name(0))"
            nvidia-smi --query-gpu=name,memory.total --format=csv; free -g | head -2; nproc; df -h /tmp "$PWD" ;;
@@ -66,8 +71,10 @@ for name in "$@"; do
     # issue 20's 2B target (>= 6x baseline_2b_fit's samples/s): the 2B recipe with packing (samples/s counts packed
     # sequences: divide tokens/s by the unpacked 1174 tokens a record; train_bench counts all input ids there),
     # micro-batches of 4, no checkpointing at 2 x 4, 8-bit Adam states
+    # one packed sequence (~8 records of the sample) a micro-batch and a step: no padding, tokens counted exactly,
+    # about the recipes' 8 records an optimizer step
     ours_2b_pack) RECIPE=$RECIPE_2B train ours_2b_pack 1 2b neat_packing=true per_device_train_batch_size=1 \
-      gradient_accumulation_steps=8 ;;  # one packed sequence a micro-batch: no padding, tokens counted exactly
+      gradient_accumulation_steps=1 ;;
     ours_2b_b4) RECIPE=$RECIPE_2B train ours_2b_b4 1 2b per_device_train_batch_size=4 gradient_accumulation_steps=2 ;;
     ours_2b_nogc_b2*) RECIPE=$RECIPE_2B train $name 1 2b disable_gradient_checkpointing=true \
       $([[ $name == *long ]] && echo dataset=mire_long max_steps=8) ;;
@@ -113,9 +120,13 @@ for name in "$@"; do
     # Liger's fused linear cross entropy, RMSNorm, SwiGLU, mrope at 7B (slowest at 2B, where the vocabulary dominates)
     ours_7b_1gpu_liger) RECIPE=$RECIPE_7B1 train ours_7b_1gpu_liger 1 7b enable_liger_kernel=true ;;
     # LLaMA-Factory's neat_packing: records packed up to cutoff_len, each with its own mrope positions and a
-    # block-diagonal attention mask (dense 4D under sdpa: no flash-attn in the kit); 1 packed sequence x 8.
-    # Its samples/s counts packed sequences (several records each): compare its tokens/s and MFU
-    ours_7b_1gpu_pack) RECIPE=$RECIPE_7B1 train ours_7b_1gpu_pack 1 7b neat_packing=true ;;
+    # block-diagonal attention mask (dense 4D under sdpa: no flash-attn in the kit), packs up to cutoff_len (10240).
+    # Its samples/s counts packed sequences (several records each): training_table.py gives records/s
+    # accumulation 1: a packed sequence holds ~8 records of the sample, the recipe's 8 records an optimizer step
+    ours_7b_1gpu_pack) RECIPE=$RECIPE_7B1 train ours_7b_1gpu_pack 1 7b neat_packing=true gradient_accumulation_steps=1 ;;
+    # packed with Liger's fused linear cross entropy: no 10240 x 152k fp32 logits a sequence
+    ours_7b_1gpu_pack_liger) RECIPE=$RECIPE_7B1 train ours_7b_1gpu_pack_liger 1 7b neat_packing=true \
+      gradient_accumulation_steps=1 enable_liger_kernel=true ;;
     # 2B, 100 optimizer steps on the same data and seed: fp32 Adam states (the 2B recipe as shipped) against
     # torchao's 8-bit states over fp32 weights and over bf16 weights with stochastic rounding (loss_compare.json,
     # loss_compare.png, one log and trainer_state.json per run); about 2-3 min a run at the 2B recipe's 7 samples/s
@@ -158,7 +169,9 @@ for name in "$@"; do
     wait:*)  # wait (up to WAIT_S seconds) for detached benchmarks, then copy their results to $OUT
       names=${name#wait:}; for _ in $(seq 1 "${WAIT_S:-540}"); do
         grep -q "^bg-done" "/tmp/bg_$names.txt" 2>/dev/null && break; sleep 1; done
-      cat "/tmp/bg_$names.txt"; for n in ${names//,/ }; do cp /tmp/bench_out/"$n"* "$OUT"/ 2>/dev/null
+      cat "/tmp/bg_$names.txt"; for n in ${names//,/ }; do
+        [[ $n == *+flash ]] && n=${n%+flash}_flash
+        cp /tmp/bench_out/"$n"* "$OUT"/ 2>/dev/null
         case $n in infer*) cp /tmp/bench_out/bench_infer* "$OUT"/ 2>/dev/null ;;
                    loss*) cp -r /tmp/bench_out/"$n" "$OUT"/ 2>/dev/null ;; esac
         tail -c 1500 /tmp/bench_out/"$n".log 2>/dev/null; done ;;

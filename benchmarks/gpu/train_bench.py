@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from transformers import TrainerCallback  # noqa: E402
 
+from mire_factory import attention  # noqa: E402
 from mire_factory.io import OutputSet, run_cli  # noqa: E402
 from mire_factory.train import OptimizerReport, own_flag, read_config, set_cudnn_sdp  # noqa: E402
 
@@ -53,6 +54,45 @@ class StepTimer(TrainerCallback):
         self.tokens.append(state.num_input_tokens_seen - self._tok0)
 
 
+class StepProfiler(TrainerCallback):
+    """torch.profiler over one optimizer step, the last warm-up one (untimed, so the figures keep no profiler
+    overhead): where a step's time goes, by kernel, and how much of the step the GPU was busy at all."""
+
+    def __init__(self, step: int):
+        self.step, self.summary, self._prof, self._t0 = step, None, None, 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        import torch
+
+        if state.global_step != self.step:
+            return
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if torch.cuda.is_available():
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        self._prof = torch.profiler.profile(activities=activities)
+        self._prof.__enter__()
+        self._t0 = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        import torch
+
+        if self._prof is None:
+            return
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - self._t0
+        self._prof.__exit__(None, None, None)
+        events = self._prof.key_averages()
+        # kernels only (device-type events): an op's row holds its kernels' time too, so summing every row counts
+        # it twice (the eighth lease's JSONs did: their gpu_busy_s is about twice the kernels' time)
+        busy_us = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+        sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+        self.summary = {"step": self.step, "wall_s": wall, "gpu_busy_s": busy_us / 1e6,
+                        "gpu_busy_fraction": busy_us / 1e6 / wall if wall else None,
+                        "table": events.table(sort_by=sort, row_limit=40, max_name_column_width=70)}
+        self._prof = None
+
+
 def count_params(model_dir: str) -> dict:
     from transformers import AutoConfig
 
@@ -79,7 +119,8 @@ class ResultWriter(TrainerCallback):
         self.written = True
 
 
-def bench_result(ns, args, timer, report, wall: float) -> dict | None:
+def bench_result(ns, args, timer, report, wall: float, profiler: StepProfiler | None = None,
+                 right_pad=None) -> dict | None:
     """The figures (None on ranks other than 0)."""
     import torch
 
@@ -118,8 +159,11 @@ def bench_result(ns, args, timer, report, wall: float) -> dict | None:
         "params": params,
         "optimizer": report.line,
         "mfu": (llm_flops / total_time / world) / (peak * 1e12) if peak else None,
+        "right_pad_causal": bool(right_pad and right_pad.enabled),  # mire_factory/attention.py
         "wall_s": wall,  # from run_exp's start to the end of training (until 2026-12-03: to the end of the save)
     }
+    if profiler is not None and profiler.summary is not None:
+        result["profiled_step"] = {k: v for k, v in profiler.summary.items() if k != "table"}
     return result
 
 
@@ -128,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True)
     parser.add_argument("--warmup_steps", type=int, default=3)
     parser.add_argument("--label", default="")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile the last warm-up step: OUT's .profile.txt (kernels by GPU time), busy fraction")
     parser.add_argument("config")
     parser.add_argument("overrides", nargs="*")
     ns = parser.parse_args(argv)
@@ -140,23 +186,32 @@ def main(argv: list[str] | None = None) -> int:
     # timed as mire_factory.train trains: the cuDNN SDPA backend off (NaN gradients on Hopper) unless the
     # overrides say mire_cudnn_sdp=true; the figures in results/ before 2026-12-02's second lease ran with it on
     set_cudnn_sdp(own_flag(args, "mire_cudnn_sdp", False, ns.config))
+    right_pad = attention.callback() if own_flag(args, "mire_right_pad_causal", False, ns.config) else None
     timer = StepTimer()
     report = OptimizerReport()  # which optimizer, state types and parameter dtypes were measured
 
     from llamafactory.train.tuner import run_exp
 
+    profiler = StepProfiler(max(ns.warmup_steps - 1, 0)) if ns.profile else None
+    profile_out = str(Path(ns.out).with_suffix(".profile.txt"))
     with OutputSet() as outs:
         outs.path(ns.out)  # an unwritable --out fails now, not after the training
 
         def write(result: dict | None) -> None:
             if result is not None:
                 outs.write_json(ns.out, result)
+                if profiler is not None and profiler.summary is not None:
+                    s = profiler.summary
+                    outs.write_text(profile_out, f"step {s['step']}: {s['wall_s']:.3f} s wall, GPU busy "
+                                    f"{s['gpu_busy_s']:.3f} s\n{s['table']}\n")
                 outs.commit()
                 print("BENCH", json.dumps(result))
 
         start = time.perf_counter()
-        writer = ResultWriter(lambda: write(bench_result(ns, args, timer, report, time.perf_counter() - start)))
-        run_exp(args=args, callbacks=[timer, report, writer])
+        writer = ResultWriter(lambda: write(bench_result(ns, args, timer, report, time.perf_counter() - start,
+                                                         profiler, right_pad)))
+        callbacks = [timer, report, writer] + [c for c in (profiler, right_pad) if c is not None]
+        run_exp(args=args, callbacks=callbacks)
         if not writer.written:  # a trainer that never reached on_train_end: no figures to report
             print(f"error: training ended without a result for {ns.out}", file=sys.stderr)
             return 1
