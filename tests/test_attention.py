@@ -5,6 +5,7 @@ condition); left padding and other masks keep transformers' own mask."""
 from __future__ import annotations
 
 import collections
+import json
 
 import pytest
 import torch
@@ -77,3 +78,28 @@ def test_the_mask_function_skips_only_right_padded_causal_batches():
     packed = attention.right_pad_causal_mask(1, 4, 4, mask_function=blocks, attention_mask=right[:1],
                                              allow_is_causal_skip=False)  # as create_causal_mask asks for it
     assert packed is not None and not bool(packed[0, 0, 3, 0])
+
+
+def test_a_training_with_it_logs_the_same_losses_and_gradient_norms(tiny_model_dir, tiny_train_data, tmp_path,
+                                                                   monkeypatch):
+    """Two real optimizer steps through `python -m mire_factory.train` (batches of 2 records, right-padded by
+    LLaMA-Factory's collator), with and without mire_right_pad_causal: the same loss and grad_norm at each step."""
+    from conftest import call_main
+    from mire_factory import train
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    history = {}
+    for flag in ("false", "true"):
+        out = tmp_path / flag
+        proc = call_main(train.main, "configs/qwen2_vl_2b_full_sft.yaml", f"model_name_or_path={tiny_model_dir}",
+                         f"dataset_dir={tiny_train_data}", f"output_dir={out}", "bf16=false", "eval_strategy='no'",
+                         "image_max_pixels=12544", "preprocessing_num_workers=1", "dataloader_num_workers=0",
+                         "max_steps=2", "per_device_train_batch_size=2", "gradient_accumulation_steps=1",
+                         "logging_steps=1", "save_strategy='no'", "plot_loss=false", "learning_rate=1e-3",
+                         f"mire_right_pad_causal={flag}")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        logged = json.loads((out / "trainer_state.json").read_text())["log_history"]
+        history[flag] = [(e["loss"], e["grad_norm"]) for e in logged if "grad_norm" in e]
+    assert len(history["true"]) == 2
+    for (loss_off, norm_off), (loss_on, norm_on) in zip(history["false"], history["true"], strict=True):
+        assert loss_on == pytest.approx(loss_off, rel=1e-4) and norm_on == pytest.approx(norm_off, rel=1e-4)
