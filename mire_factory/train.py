@@ -8,6 +8,8 @@ OmegaConf), plus our own keys, removed before LLaMA-Factory sees them:
     gave NaN gradients from the first step on an H200, pytorch/pytorch#196678);
   mire_right_pad_causal (default false): the language model's attention without a mask for right-padded training
     batches, so SDPA runs its flash kernel (exact for every real token; attention.py says why);
+  mire_packed_varlen (default false): the same, and neat_packing's packed records attended one by one (PyTorch's
+    varlen flash kernel on CUDA) instead of through a dense block-diagonal mask;
   mire_nan_guard (default true): stop at the first logged non-finite grad_norm or loss, save no final model, and
     exit 4 with one line naming the step, the value and the likely fixes (nan_guard.py);
   mire_tokenize_only (default false): with tokenized_path, only tokenize the train and evaluation datasets (no
@@ -46,7 +48,7 @@ from .rules import MAX_NEW_TOKENS
 logger = logging.getLogger(__name__)
 
 OWN_KEYS = ("mire_f1_max_new_tokens", "mire_f1_max_samples", "mire_cudnn_sdp", "mire_nan_guard",
-            "mire_tokenize_only", "mire_right_pad_causal")
+            "mire_tokenize_only", "mire_right_pad_causal", "mire_packed_varlen")
 F1_PLOT_KEYS = ("eval_f1", "eval_f1_image", "eval_f1_dialogue")
 
 
@@ -224,8 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     set_cudnn_sdp(own_flag(args, "mire_cudnn_sdp", False, config))
     if own_flag(args, "mire_nan_guard", True, config):
         callbacks.append(NanGuardCallback())
-    if own_flag(args, "mire_right_pad_causal", False, config):
-        callbacks.append(attention.callback())
+    right_pad, packed = (own_flag(args, key, False, config) for key in ("mire_right_pad_causal", "mire_packed_varlen"))
+    if right_pad or packed:
+        callbacks.append(attention.callback(packed))
     started = TrainingStarted()
     callbacks += [started, OptimizerReport()]
     from llamafactory.train.tuner import run_exp

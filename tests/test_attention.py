@@ -103,3 +103,77 @@ def test_a_training_with_it_logs_the_same_losses_and_gradient_norms(tiny_model_d
     assert len(history["true"]) == 2
     for (loss_off, norm_off), (loss_on, norm_on) in zip(history["false"], history["true"], strict=True):
         assert loss_on == pytest.approx(loss_off, rel=1e-4) and norm_on == pytest.approx(norm_off, rel=1e-4)
+
+
+def lf_packed_mask(indices: list[list[int]]) -> torch.Tensor:
+    """LLaMA-Factory's own 4D mask for neat_packing (record numbers per token, 0 = padding)."""
+    from llamafactory.data.collator import prepare_4d_attention_mask
+
+    return prepare_4d_attention_mask(torch.tensor(indices), torch.float32)
+
+
+def test_records_are_read_off_llamafactorys_packed_mask_and_other_masks_are_refused():
+    mask = lf_packed_mask([[1, 1, 1, 2, 2, 3, 3, 3, 0, 0], [1, 1, 1, 1, 1, 1, 2, 2, 2, 2]])
+    assert attention.packed_records(mask).tolist() == [0, 3, 5, 8, 9, 10, 16, 20]
+    # a sliding window (not block-diagonal), a full causal mask with a hole, a 2D mask: not packing
+    window = torch.ones(8, 8, dtype=torch.bool).tril() & ~torch.ones(8, 8, dtype=torch.bool).tril(-3)
+    assert attention.packed_records(window[None, None]) is None
+    holed = lf_packed_mask([[1] * 8])
+    holed[0, 0, 6, 2] = torch.finfo(torch.float32).min
+    assert attention.packed_records(holed) is None
+    assert attention.packed_records(torch.ones(1, 8)) is None
+
+
+def test_packed_records_attend_as_under_the_dense_mask():
+    """The per-record path against transformers' SDPA with LLaMA-Factory's mask, grouped-query heads included, for
+    every non-padding token; gradients too."""
+    from types import SimpleNamespace
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    indices = [[1] * 5 + [2] * 7 + [3] * 3 + [0] * 1, [1] * 9 + [2] * 7]
+    mask = lf_packed_mask(indices)
+    module = SimpleNamespace(num_key_value_groups=2, is_causal=True, training=True)
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 16, 8, requires_grad=True)
+    k, v = torch.randn(2, 2, 16, 8, requires_grad=True), torch.randn(2, 2, 16, 8, requires_grad=True)
+    dense, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=0.3)
+    packed, _ = attention.packed_varlen_attention(module, q, k, v, mask, scaling=0.3)
+    real = torch.tensor(indices) > 0
+    torch.testing.assert_close(packed[real], dense[real])
+    grads = [torch.autograd.grad(out[real].square().sum(), (q, k, v)) for out in (dense, packed)]
+    for g_dense, g_packed in zip(*grads, strict=True):
+        torch.testing.assert_close(g_packed, g_dense)
+
+
+def test_a_packed_training_with_it_logs_the_same_losses(tiny_model_dir, tiny_train_data, tmp_path, monkeypatch):
+    """Two optimizer steps of neat_packing through `python -m mire_factory.train`, with and without
+    mire_packed_varlen: the per-record path ran, and the losses and gradient norms are the dense mask's."""
+    from conftest import call_main
+    from mire_factory import train
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    calls = collections.Counter()
+    records_attention = attention._records_attention
+
+    def counted(*args, **kwargs):
+        calls["records"] += 1
+        return records_attention(*args, **kwargs)
+
+    monkeypatch.setattr(attention, "_records_attention", counted)
+    history = {}
+    for flag in ("false", "true"):
+        out = tmp_path / flag
+        proc = call_main(train.main, "configs/qwen2_vl_2b_full_sft.yaml", f"model_name_or_path={tiny_model_dir}",
+                         f"dataset_dir={tiny_train_data}", f"output_dir={out}", "bf16=false", "eval_strategy='no'",
+                         "image_max_pixels=12544", "preprocessing_num_workers=1", "dataloader_num_workers=0",
+                         "max_steps=2", "per_device_train_batch_size=1", "gradient_accumulation_steps=1",
+                         "neat_packing=true", "cutoff_len=1024", "logging_steps=1", "save_strategy='no'",
+                         "plot_loss=false", "learning_rate=1e-3", f"mire_packed_varlen={flag}")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        logged = json.loads((out / "trainer_state.json").read_text())["log_history"]
+        history[flag] = [(e["loss"], e["grad_norm"]) for e in logged if "grad_norm" in e]
+        assert (calls["records"] > 0) is (flag == "true")
+    assert len(history["true"]) == 2
+    for (loss_off, norm_off), (loss_on, norm_on) in zip(history["false"], history["true"], strict=True):
+        assert loss_on == pytest.approx(loss_off, rel=1e-4) and norm_on == pytest.approx(norm_off, rel=1e-4)

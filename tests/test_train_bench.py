@@ -19,7 +19,8 @@ from conftest import REPO, call_main
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe, extra", [("qwen2_vl_7b_1gpu_full_sft", []),
                                            ("qwen2_vl_lora_sft", ["mire_right_pad_causal=true"]),
-                                           ("qwen2_vl_2b_full_sft", ["neat_packing=true", "cutoff_len=2048"])])
+                                           ("qwen2_vl_2b_full_sft", ["neat_packing=true", "cutoff_len=2048",
+                                                                    "mire_packed_varlen=true"])])
 def test_figures_are_written_when_training_ends_before_the_model_is_saved(recipe, extra, tiny_model_dir,
                                                                          tiny_train_data, tmp_path):
     assert importlib.util.find_spec("torchao") is not None  # the dev extra's: the setting LoRA once failed in
@@ -39,8 +40,10 @@ def test_figures_are_written_when_training_ends_before_the_model_is_saved(recipe
     assert result["steps_timed"] == 2 and result["samples_per_step"] == 2  # 3 steps, 1 untimed; batch 1 x 2
     sps = result["samples_per_s"]
     assert 0 < sps["min"] <= sps["median"] <= sps["max"]
-    # mire_right_pad_causal reaches the model (through a LoRA wrapper too) and is recorded
-    assert result["right_pad_causal"] is ("mire_right_pad_causal=true" in extra)
+    # mire_right_pad_causal / mire_packed_varlen reach the model (through a LoRA wrapper too) and are recorded
+    assert result["right_pad_causal"] is any(flag in extra for flag in ("mire_right_pad_causal=true",
+                                                                        "mire_packed_varlen=true"))
+    assert result["packed_varlen"] is ("mire_packed_varlen=true" in extra)
     # --profile: the untimed warm-up step, its kernels by time beside the figures
     assert result["profiled_step"]["step"] == 0 and result["profiled_step"]["wall_s"] > 0
     profile = out.with_suffix(".profile.txt").read_text()

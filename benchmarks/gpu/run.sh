@@ -8,10 +8,11 @@
 #        issue 20 (one H200, no DeepSpeed, low-bit AdamW states; needs torchao in .whl): ours_7b_1gpu,
 #        ours_7b_1gpu_long, ours_7b_1gpu_b2, ours_7b_1gpu_sr, ours_7b_1gpu_sr_long, ours_7b_1gpu_ao4,
 #        ours_7b_1gpu_liger, ours_7b_1gpu_pack, ours_7b_1gpu_pack_liger,
-#        loss_2b (2B, 100 steps: fp32 Adam states against the low-bit ones),
+#        loss_2b (2B, 100 steps: fp32 Adam states against the low-bit ones), loss_pack_2b (dense vs varlen),
 #        lora_7b, freeze_7b, lora_2b, freeze_2b (configs/qwen2_vl_{lora,freeze}_sft.yaml as shipped),
 #        ours_7b_1gpu_nogc(_long), ours_7b_1gpu_compile, ours_2b_pack, ours_2b_b4, ours_2b_nogc_b2(_long), ours_2b_ao8,
-#        ours_2b_compile; any training NAME+flash (mire_right_pad_causal=true, labelled NAME_flash).
+#        ours_2b_compile; any training NAME+flash (mire_right_pad_causal=true, labelled NAME_flash) or NAME+varlen
+#        (mire_packed_varlen=true, labelled NAME_varlen).
 # Results (JSON + logs) go to $OUT (the device tool fetches it) or /tmp/bench_out.
 # Needs .whl (benchmarks/gpu/fetch_wheels.sh) and .gpu_data (benchmarks/gpu/prepare_data.py) carried along.
 set -uo pipefail
@@ -54,9 +55,11 @@ train() {  # label nproc preset extra-overrides...
 }
 for name in "$@"; do
   # NAME+flash: NAME with the language model's attention mask-free on right-padded batches (mire_right_pad_causal,
-  # mire_factory/attention.py: SDPA's flash kernel instead of the memory-efficient one), labelled NAME_flash
+  # mire_factory/attention.py: SDPA's flash kernel instead of the memory-efficient one), labelled NAME_flash;
+  # NAME+varlen: that and packed records attended one by one (mire_packed_varlen), labelled NAME_varlen
   EXTRA=(); SUFFIX=""
   if [[ $name == *+flash ]]; then name=${name%+flash}; EXTRA=(mire_right_pad_causal=true); SUFFIX=_flash; fi
+  if [[ $name == *+varlen ]]; then name=${name%+varlen}; EXTRA=(mire_packed_varlen=true); SUFFIX=_varlen; fi
   case $name in
     smoke) python3 -c "import llamafactory, deepspeed, transformers, torch; print(llamafactory.__version__, deepspeed.__version__, transformers.__version__, torch.__version__, torch.cuda.get_device_name(0))"
            nvidia-smi --query-gpu=name,memory.total --format=csv; free -g | head -2; nproc; df -h /tmp "$PWD" ;;
@@ -137,6 +140,15 @@ for name in "$@"; do
         $RECIPE_2B model_name_or_path=$MODELS/m2b dataset_dir=.gpu_data/mire eval_dataset=null \
         preprocessing_num_workers=8 dataloader_num_workers=4 seed=42 data_seed=42 > "$OUT/loss_2b.log" 2>&1
       echo "rc=$?"; tail -6 "$OUT/loss_2b.log" ;;
+    # packed 2B training, the dense block-diagonal mask against per-record varlen attention (mire_packed_varlen):
+    # the same data and seed, 30 steps; the losses must agree within bf16 noise
+    loss_pack_2b)
+      model 2b && python3 benchmarks/gpu/loss_compare.py --out "$OUT/loss_pack_2b" --steps ${LOSS_STEPS:-30} \
+        --variant "dense=" --variant "varlen=mire_packed_varlen=true" \
+        $RECIPE_2B model_name_or_path=$MODELS/m2b dataset_dir=.gpu_data/mire eval_dataset=null neat_packing=true \
+        per_device_train_batch_size=1 gradient_accumulation_steps=1 preprocessing_num_workers=8 \
+        dataloader_num_workers=4 seed=42 data_seed=42 > "$OUT/loss_pack_2b.log" 2>&1
+      echo "rc=$?"; tail -6 "$OUT/loss_pack_2b.log" ;;
     # the LoRA and freeze recipes as shipped (freeze: ZeRO-2, 25 of 28 layers); MFU still counts 6 x all LLM params
     lora_7b|lora_2b) RECIPE=configs/qwen2_vl_lora_sft.yaml train $name 1 ${name#lora_} ;;
     freeze_7b|freeze_2b) RECIPE=configs/qwen2_vl_freeze_sft.yaml train $name 1 ${name#freeze_} ;;
@@ -171,6 +183,7 @@ for name in "$@"; do
         grep -q "^bg-done" "/tmp/bg_$names.txt" 2>/dev/null && break; sleep 1; done
       cat "/tmp/bg_$names.txt"; for n in ${names//,/ }; do
         [[ $n == *+flash ]] && n=${n%+flash}_flash
+        [[ $n == *+varlen ]] && n=${n%+varlen}_varlen
         cp /tmp/bench_out/"$n"* "$OUT"/ 2>/dev/null
         case $n in infer*) cp /tmp/bench_out/bench_infer* "$OUT"/ 2>/dev/null ;;
                    loss*) cp -r /tmp/bench_out/"$n" "$OUT"/ 2>/dev/null ;; esac

@@ -160,6 +160,7 @@ def bench_result(ns, args, timer, report, wall: float, profiler: StepProfiler | 
         "optimizer": report.line,
         "mfu": (llm_flops / total_time / world) / (peak * 1e12) if peak else None,
         "right_pad_causal": bool(right_pad and right_pad.enabled),  # mire_factory/attention.py
+        "packed_varlen": bool(right_pad and right_pad.enabled and right_pad.packed),
         "wall_s": wall,  # from run_exp's start to the end of training (until 2026-12-03: to the end of the save)
     }
     if profiler is not None and profiler.summary is not None:
@@ -186,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     # timed as mire_factory.train trains: the cuDNN SDPA backend off (NaN gradients on Hopper) unless the
     # overrides say mire_cudnn_sdp=true; the figures in results/ before 2026-12-02's second lease ran with it on
     set_cudnn_sdp(own_flag(args, "mire_cudnn_sdp", False, ns.config))
-    right_pad = attention.callback() if own_flag(args, "mire_right_pad_causal", False, ns.config) else None
+    flags = [own_flag(args, key, False, ns.config) for key in ("mire_right_pad_causal", "mire_packed_varlen")]
+    right_pad = attention.callback(packed=flags[1]) if any(flags) else None
     timer = StepTimer()
     report = OptimizerReport()  # which optimizer, state types and parameter dtypes were measured
 
