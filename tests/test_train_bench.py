@@ -71,6 +71,10 @@ def load_script(name: str):
     (["--out", "{tmp}/r.json", "configs/qwen2_vl_2b_full_sft.yaml", "max_steps"],
      "error: configs/qwen2_vl_2b_full_sft.yaml: field 'max_steps': override must be key=value"),
     (["--out", "{tmp}/file/r.json", "configs/qwen2_vl_2b_full_sft.yaml"], "is a file, not a directory"),
+    (["--out", "{tmp}/r.json", "configs/qwen2_vl_2b_full_sft.yaml", "mire_packed_varlen=2"],
+     "field 'mire_packed_varlen': must be true or false, got 2"),
+    (["--profile", "--warmup_steps", "0", "--out", "{tmp}/r.json", "configs/qwen2_vl_2b_full_sft.yaml"],
+     "field '--profile': needs --warmup_steps >= 1"),
     # /proc takes no new file, root or not: the line names the --out asked for, not the hidden temp beside it
     (["--out", "/proc/mire-r.json", "configs/qwen2_vl_2b_full_sft.yaml"], "error: /proc/mire-r.json: cannot be written"),
 ])

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from transformers import TrainerCallback  # noqa: E402
 
 from mire_factory import attention  # noqa: E402
-from mire_factory.io import OutputSet, run_cli  # noqa: E402
+from mire_factory.io import MireInputError, OutputSet, problem, run_cli  # noqa: E402
 from mire_factory.train import OptimizerReport, own_flag, read_config, set_cudnn_sdp  # noqa: E402
 
 DENSE_BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
@@ -178,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("config")
     parser.add_argument("overrides", nargs="*")
     ns = parser.parse_args(argv)
+    if ns.profile and ns.warmup_steps < 1:
+        raise MireInputError(problem(ns.config, None, "--profile", "needs --warmup_steps >= 1 (it profiles the last "
+                                                                    "warm-up step, which the figures leave out)"))
     args = read_config(ns.config, ns.overrides)
     # Packed runs (neat_packing) hand the model a 4D float mask, whose sum the Trainer's "non_padding" count takes
     # for a token count (about -1e18 on the CPU): count every input id there; at one packed sequence per micro-batch
