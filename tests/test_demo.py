@@ -76,3 +76,24 @@ def test_the_demo_asks_for_huge_pages_and_says_when_there_are_none(tmp_path, mon
         assert (demo.huge_pages_note() is not None) is noted
     setting.unlink()
     assert demo.huge_pages_note() is None
+
+
+def test_the_demo_trains_in_bf16_only_where_the_cpu_multiplies_it_natively(tmp_path, monkeypatch):
+    """On an AVX2-only CPU a bf16 matmul runs PyTorch's scalar reference GEMM: the demo's training took over 20 min
+    there. Where the CPU has AVX512-BF16 or AMX the recipe's bf16 stays."""
+    from pathlib import Path
+
+    from mire_factory import demo
+
+    flags = set()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        flags = {f for line in cpuinfo.read_text().splitlines() if line.startswith("flags") for f in line.split()}
+        assert demo.cpu_has_native_bf16() is bool(flags & {"avx512_bf16", "amx_tile", "amx_bf16"})
+    args = (DemoConfig(workdir=tmp_path), tmp_path / "m", tmp_path / "d", tmp_path / "o")
+    for native, expected in ((True, False), (False, True)):
+        monkeypatch.setattr(demo, "cpu_has_native_bf16", lambda native=native: native)
+        overrides = demo.train_overrides(*args)
+        assert ("bf16=false" in overrides) is expected
+        assert f"num_train_epochs={4.0 if expected else 3.0}" in overrides  # fp32 learns more slowly
+        assert (demo.bf16_note() is not None) is expected
