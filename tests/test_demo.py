@@ -93,7 +93,5 @@ def test_the_demo_trains_in_bf16_only_where_the_cpu_multiplies_it_natively(tmp_p
     args = (DemoConfig(workdir=tmp_path), tmp_path / "m", tmp_path / "d", tmp_path / "o")
     for native, expected in ((True, False), (False, True)):
         monkeypatch.setattr(demo, "cpu_has_native_bf16", lambda native=native: native)
-        overrides = demo.train_overrides(*args)
-        assert ("bf16=false" in overrides) is expected
-        assert f"num_train_epochs={4.0 if expected else 3.0}" in overrides  # fp32 learns more slowly
+        assert ("bf16=false" in demo.train_overrides(*args)) is expected
         assert (demo.bf16_note() is not None) is expected
