@@ -80,26 +80,28 @@ def test_the_mask_function_skips_only_right_padded_causal_batches():
     assert packed is not None and not bool(packed[0, 0, 3, 0])
 
 
+def two_steps(model_dir, data_dir, out, *extra) -> list[tuple[float, float]]:
+    """(loss, grad_norm) of each of two real optimizer steps of `python -m mire_factory.train` (run in-process)."""
+    from conftest import call_main
+    from mire_factory import train
+
+    proc = call_main(train.main, "configs/qwen2_vl_2b_full_sft.yaml", f"model_name_or_path={model_dir}",
+                     f"dataset_dir={data_dir}", f"output_dir={out}", "bf16=false", "eval_strategy='no'",
+                     "image_max_pixels=12544", "preprocessing_num_workers=1", "dataloader_num_workers=0", "max_steps=2",
+                     "gradient_accumulation_steps=1", "logging_steps=1", "save_strategy='no'", "plot_loss=false",
+                     "learning_rate=1e-3", *extra)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    logged = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    return [(e["loss"], e["grad_norm"]) for e in logged if "grad_norm" in e]
+
+
 def test_a_training_with_it_logs_the_same_losses_and_gradient_norms(tiny_model_dir, tiny_train_data, tmp_path,
                                                                    monkeypatch):
     """Two real optimizer steps through `python -m mire_factory.train` (batches of 2 records, right-padded by
     LLaMA-Factory's collator), with and without mire_right_pad_causal: the same loss and grad_norm at each step."""
-    from conftest import call_main
-    from mire_factory import train
-
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    history = {}
-    for flag in ("false", "true"):
-        out = tmp_path / flag
-        proc = call_main(train.main, "configs/qwen2_vl_2b_full_sft.yaml", f"model_name_or_path={tiny_model_dir}",
-                         f"dataset_dir={tiny_train_data}", f"output_dir={out}", "bf16=false", "eval_strategy='no'",
-                         "image_max_pixels=12544", "preprocessing_num_workers=1", "dataloader_num_workers=0",
-                         "max_steps=2", "per_device_train_batch_size=2", "gradient_accumulation_steps=1",
-                         "logging_steps=1", "save_strategy='no'", "plot_loss=false", "learning_rate=1e-3",
-                         f"mire_right_pad_causal={flag}")
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        logged = json.loads((out / "trainer_state.json").read_text())["log_history"]
-        history[flag] = [(e["loss"], e["grad_norm"]) for e in logged if "grad_norm" in e]
+    history = {flag: two_steps(tiny_model_dir, tiny_train_data, tmp_path / flag, "per_device_train_batch_size=2",
+                               f"mire_right_pad_causal={flag}") for flag in ("false", "true")}
     assert len(history["true"]) == 2
     for (loss_off, norm_off), (loss_on, norm_on) in zip(history["false"], history["true"], strict=True):
         assert loss_on == pytest.approx(loss_off, rel=1e-4) and norm_on == pytest.approx(norm_off, rel=1e-4)
@@ -149,9 +151,6 @@ def test_packed_records_attend_as_under_the_dense_mask():
 def test_a_packed_training_with_it_logs_the_same_losses(tiny_model_dir, tiny_train_data, tmp_path, monkeypatch):
     """Two optimizer steps of neat_packing through `python -m mire_factory.train`, with and without
     mire_packed_varlen: the per-record path ran, and the losses and gradient norms are the dense mask's."""
-    from conftest import call_main
-    from mire_factory import train
-
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     calls = collections.Counter()
     records_attention = attention._records_attention
@@ -163,16 +162,8 @@ def test_a_packed_training_with_it_logs_the_same_losses(tiny_model_dir, tiny_tra
     monkeypatch.setattr(attention, "_records_attention", counted)
     history = {}
     for flag in ("false", "true"):
-        out = tmp_path / flag
-        proc = call_main(train.main, "configs/qwen2_vl_2b_full_sft.yaml", f"model_name_or_path={tiny_model_dir}",
-                         f"dataset_dir={tiny_train_data}", f"output_dir={out}", "bf16=false", "eval_strategy='no'",
-                         "image_max_pixels=12544", "preprocessing_num_workers=1", "dataloader_num_workers=0",
-                         "max_steps=2", "per_device_train_batch_size=1", "gradient_accumulation_steps=1",
-                         "neat_packing=true", "cutoff_len=1024", "logging_steps=1", "save_strategy='no'",
-                         "plot_loss=false", "learning_rate=1e-3", f"mire_packed_varlen={flag}")
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        logged = json.loads((out / "trainer_state.json").read_text())["log_history"]
-        history[flag] = [(e["loss"], e["grad_norm"]) for e in logged if "grad_norm" in e]
+        history[flag] = two_steps(tiny_model_dir, tiny_train_data, tmp_path / flag, "per_device_train_batch_size=1",
+                                  "neat_packing=true", "cutoff_len=1024", f"mire_packed_varlen={flag}")
         assert (calls["records"] > 0) is (flag == "true")
     assert len(history["true"]) == 2
     for (loss_off, norm_off), (loss_on, norm_on) in zip(history["false"], history["true"], strict=True):
