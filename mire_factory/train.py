@@ -10,6 +10,8 @@ OmegaConf), plus our own keys, removed before LLaMA-Factory sees them:
     batches, so SDPA runs its flash kernel (exact for every real token; attention.py says why);
   mire_packed_varlen (default false): the same, and neat_packing's packed records attended one by one (PyTorch's
     varlen flash kernel on CUDA) instead of through a dense block-diagonal mask;
+  mire_label_logits_only (default false): in training, the output layer and the loss at the label positions only,
+    not at every prompt position (exact: the same loss; label_logits.py says why);
   mire_nan_guard (default true): stop at the first logged non-finite grad_norm or loss, save no final model, and
     exit 4 with one line naming the step, the value and the likely fixes (nan_guard.py);
   mire_tokenize_only (default false): with tokenized_path, only tokenize the train and evaluation datasets (no
@@ -37,7 +39,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from . import attention
+from . import attention, label_logits
 from .cot import SECOND_TURN
 from .dataset_info import COT_LAYOUT_KEY, DATASET_INFO, read_dataset_info
 from .f1_callback import F1Callback
@@ -48,7 +50,7 @@ from .rules import MAX_NEW_TOKENS
 logger = logging.getLogger(__name__)
 
 OWN_KEYS = ("mire_f1_max_new_tokens", "mire_f1_max_samples", "mire_cudnn_sdp", "mire_nan_guard",
-            "mire_tokenize_only", "mire_right_pad_causal", "mire_packed_varlen")
+            "mire_tokenize_only", "mire_right_pad_causal", "mire_packed_varlen", "mire_label_logits_only")
 F1_PLOT_KEYS = ("eval_f1", "eval_f1_image", "eval_f1_dialogue")
 
 
@@ -229,6 +231,11 @@ def main(argv: list[str] | None = None) -> int:
     right_pad, packed = (own_flag(args, key, False, config) for key in ("mire_right_pad_causal", "mire_packed_varlen"))
     if right_pad or packed:
         callbacks.append(attention.callback(packed))
+    if own_flag(args, "mire_label_logits_only", False, config):
+        if args.get("use_liger_kernel"):
+            raise MireInputError(problem(config, None, "mire_label_logits_only", "use_liger_kernel already computes "
+                                         "the training loss without the full logits; set only one of them"))
+        callbacks.append(label_logits.callback())
     started = TrainingStarted()
     callbacks += [started, OptimizerReport()]
     from llamafactory.train.tuner import run_exp
