@@ -18,7 +18,8 @@ from conftest import REPO, call_main
 
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe, extra", [("qwen2_vl_7b_1gpu_full_sft", []),
-                                           ("qwen2_vl_lora_sft", ["mire_right_pad_causal=true"]),
+                                           ("qwen2_vl_lora_sft", ["mire_right_pad_causal=true",
+                                                                  "mire_label_logits_only=true"]),
                                            ("qwen2_vl_2b_full_sft", ["neat_packing=true", "cutoff_len=2048",
                                                                     "mire_packed_varlen=true"])])
 def test_figures_are_written_when_training_ends_before_the_model_is_saved(recipe, extra, tiny_model_dir,
@@ -44,6 +45,7 @@ def test_figures_are_written_when_training_ends_before_the_model_is_saved(recipe
     assert result["right_pad_causal"] is any(flag in extra for flag in ("mire_right_pad_causal=true",
                                                                         "mire_packed_varlen=true"))
     assert result["packed_varlen"] is ("mire_packed_varlen=true" in extra)
+    assert result["label_logits_only"] is ("mire_label_logits_only=true" in extra)  # through LoRA's wrapper
     # --profile: the untimed warm-up step, its kernels by time beside the figures
     assert result["profiled_step"]["step"] == 0 and result["profiled_step"]["wall_s"] > 0
     profile = out.with_suffix(".profile.txt").read_text()

@@ -11,8 +11,9 @@
 #        loss_2b (2B, 100 steps: fp32 Adam states against the low-bit ones), loss_pack_2b (dense vs varlen),
 #        lora_7b, freeze_7b, lora_2b, freeze_2b (configs/qwen2_vl_{lora,freeze}_sft.yaml as shipped),
 #        ours_7b_1gpu_nogc(_long), ours_7b_1gpu_compile, ours_2b_pack, ours_2b_b4, ours_2b_nogc_b2(_long), ours_2b_ao8,
-#        ours_2b_compile; any training NAME+flash (mire_right_pad_causal=true, labelled NAME_flash) or NAME+varlen
-#        (mire_packed_varlen=true, labelled NAME_varlen).
+#        ours_2b_compile; any training NAME+flash (mire_right_pad_causal=true, labelled NAME_flash), NAME+varlen
+#        (mire_packed_varlen=true, labelled NAME_varlen), NAME+logits (mire_label_logits_only=true, NAME_logits),
+#        combined as NAME+flash+logits (NAME_flash_logits).
 # Results (JSON + logs) go to $OUT (the device tool fetches it) or /tmp/bench_out.
 # Needs .whl (benchmarks/gpu/fetch_wheels.sh) and .gpu_data (benchmarks/gpu/prepare_data.py) carried along.
 set -uo pipefail
@@ -57,9 +58,18 @@ for name in "$@"; do
   # NAME+flash: NAME with the language model's attention mask-free on right-padded batches (mire_right_pad_causal,
   # mire_factory/attention.py: SDPA's flash kernel instead of the memory-efficient one), labelled NAME_flash;
   # NAME+varlen: that and packed records attended one by one (mire_packed_varlen), labelled NAME_varlen
+  # NAME+logits: the output layer at label positions only (mire_label_logits_only, label_logits.py), NAME_logits;
+  # suffixes combine (NAME+flash+logits: NAME_flash_logits)
   EXTRA=(); SUFFIX=""
-  if [[ $name == *+flash ]]; then name=${name%+flash}; EXTRA=(mire_right_pad_causal=true); SUFFIX=_flash; fi
-  if [[ $name == *+varlen ]]; then name=${name%+varlen}; EXTRA=(mire_packed_varlen=true); SUFFIX=_varlen; fi
+  while [[ $name == *+* ]]; do
+    case ${name##*+} in
+      flash) EXTRA=(mire_right_pad_causal=true "${EXTRA[@]}"); SUFFIX=_flash$SUFFIX ;;
+      varlen) EXTRA=(mire_packed_varlen=true "${EXTRA[@]}"); SUFFIX=_varlen$SUFFIX ;;
+      logits) EXTRA=(mire_label_logits_only=true "${EXTRA[@]}"); SUFFIX=_logits$SUFFIX ;;
+      *) break ;;
+    esac
+    name=${name%+*}
+  done
   case $name in
     smoke) python3 -c "import llamafactory, deepspeed, transformers, torch; print(llamafactory.__version__, deepspeed.__version__, transformers.__version__, torch.__version__, torch.cuda.get_device_name(0))"
            nvidia-smi --query-gpu=name,memory.total --format=csv; free -g | head -2; nproc; df -h /tmp "$PWD" ;;
@@ -182,8 +192,7 @@ for name in "$@"; do
       names=${name#wait:}; for _ in $(seq 1 "${WAIT_S:-540}"); do
         grep -q "^bg-done" "/tmp/bg_$names.txt" 2>/dev/null && break; sleep 1; done
       cat "/tmp/bg_$names.txt"; for n in ${names//,/ }; do
-        [[ $n == *+flash ]] && n=${n%+flash}_flash
-        [[ $n == *+varlen ]] && n=${n%+varlen}_varlen
+        n=${n//+/_}  # NAME+flash+logits ran as NAME_flash_logits
         cp /tmp/bench_out/"$n"* "$OUT"/ 2>/dev/null
         case $n in infer*) cp /tmp/bench_out/bench_infer* "$OUT"/ 2>/dev/null ;;
                    loss*) cp -r /tmp/bench_out/"$n" "$OUT"/ 2>/dev/null ;; esac

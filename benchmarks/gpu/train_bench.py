@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from transformers import TrainerCallback  # noqa: E402
 
 from mire_factory import attention  # noqa: E402
+from mire_factory import label_logits as label_logits_module  # noqa: E402
 from mire_factory.io import MireInputError, OutputSet, problem, run_cli  # noqa: E402
 from mire_factory.train import OptimizerReport, own_flag, read_config, set_cudnn_sdp  # noqa: E402
 
@@ -104,7 +105,8 @@ def count_params(model_dir: str) -> dict:
     embed = t.vocab_size * d * (1 if cfg.tie_word_embeddings else 2)
     e = v.embed_dim
     vision = v.depth * (4 * e * e + 2 * e * e * v.mlp_ratio) + (e * 4) * (e * 4) + e * 4 * v.hidden_size
-    return {"llm_params": layers * per_layer + embed, "vision_params": vision, "patch_size": v.patch_size}
+    return {"llm_params": layers * per_layer + embed, "output_layer_params": t.vocab_size * d,
+            "vision_params": vision, "patch_size": v.patch_size}
 
 
 class ResultWriter(TrainerCallback):
@@ -120,7 +122,7 @@ class ResultWriter(TrainerCallback):
 
 
 def bench_result(ns, args, timer, report, wall: float, profiler: StepProfiler | None = None,
-                 right_pad=None) -> dict | None:
+                 right_pad=None, label_logits=None) -> dict | None:
     """The figures (None on ranks other than 0)."""
     import torch
 
@@ -134,7 +136,10 @@ def bench_result(ns, args, timer, report, wall: float, profiler: StepProfiler | 
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     peak = next((v for k, v in DENSE_BF16_PEAK_TFLOPS.items() if k in device), None)
     # tokens include image placeholder tokens; each merged image token stands for 4 vision patches
-    llm_flops = 6 * params["llm_params"] * sum(toks)
+    # with mire_label_logits_only the output layer runs at the few label positions only: its FLOPs are left out
+    # (conservatively, at every token), so that MFU counts work done, not work skipped
+    label_only = bool(label_logits and label_logits.enabled)
+    llm_flops = 6 * (params["llm_params"] - (params["output_layer_params"] if label_only else 0)) * sum(toks)
     total_time = sum(steps)
     per_step_sps = [samples_per_step / s for s in steps]
     result = {
@@ -161,6 +166,7 @@ def bench_result(ns, args, timer, report, wall: float, profiler: StepProfiler | 
         "mfu": (llm_flops / total_time / world) / (peak * 1e12) if peak else None,
         "right_pad_causal": bool(right_pad and right_pad.enabled),  # mire_factory/attention.py
         "packed_varlen": bool(right_pad and right_pad.enabled and right_pad.packed),
+        "label_logits_only": label_only,  # mire_factory/label_logits.py
         "wall_s": wall,  # from run_exp's start to the end of training (until 2026-12-03: to the end of the save)
     }
     if profiler is not None and profiler.summary is not None:
@@ -192,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     set_cudnn_sdp(own_flag(args, "mire_cudnn_sdp", False, ns.config))
     flags = [own_flag(args, key, False, ns.config) for key in ("mire_right_pad_causal", "mire_packed_varlen")]
     right_pad = attention.callback(packed=flags[1]) if any(flags) else None
+    label_logits = label_logits_module.callback() if own_flag(args, "mire_label_logits_only", False, ns.config) else None
     timer = StepTimer()
     report = OptimizerReport()  # which optimizer, state types and parameter dtypes were measured
 
@@ -214,8 +221,8 @@ def main(argv: list[str] | None = None) -> int:
 
         start = time.perf_counter()
         writer = ResultWriter(lambda: write(bench_result(ns, args, timer, report, time.perf_counter() - start,
-                                                         profiler, right_pad)))
-        callbacks = [timer, report, writer] + [c for c in (profiler, right_pad) if c is not None]
+                                                         profiler, right_pad, label_logits)))
+        callbacks = [timer, report, writer] + [c for c in (profiler, right_pad, label_logits) if c is not None]
         run_exp(args=args, callbacks=callbacks)
         if not writer.written:  # a trainer that never reached on_train_end: no figures to report
             print(f"error: training ended without a result for {ns.out}", file=sys.stderr)
