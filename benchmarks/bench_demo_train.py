@@ -1,11 +1,12 @@
 """The demo's training step on the CPU with and without transparent huge pages: where its time goes.
 
     python -m benchmarks.bench_demo_train --what lm_head [--steps 10]       # the 152k-vocab output layer + loss alone
-    python -m benchmarks.bench_demo_train --what train [--steps 40]         # the demo's llamafactory-cli train
+    python -m benchmarks.bench_demo_train --what train [--steps 40]         # the demo's training (mire_factory.train)
         [--envs default,glibc,torch,demo] [--workdir DIR] [--out rows.json]
 
-`train` runs the demo's own `llamafactory-cli train` (its recipe, overrides, data and model) for --steps steps per
-setting; `lm_head` times the step's dominant part in one process: bf16 logits over 1400 positions x 151,936 tokens,
+`train` runs the demo's own training command (mire_factory.train: its recipe, overrides, data and model) for
+--steps steps per setting (since 2026-12-03 with the logits at label positions only, where huge pages no longer
+change the training time); `lm_head` times the step's dominant part in one process: bf16 logits over 1400 positions x 151,936 tokens,
 the fp32 cross entropy and its backward. Both print wall time, CPU time (user, sys), minor page faults and, for
 `train`, the trainer's samples/s. Settings: default (nothing), glibc (GLIBC_TUNABLES=glibc.malloc.hugetlb=1, glibc
 >= 2.35), torch (THP_MEM_ALLOC_ENABLE=1, PyTorch's allocator), demo (what mire_factory.demo sets: the glibc switch).

@@ -1,8 +1,9 @@
 """The whole pipeline on an embedded default: synthetic MIRE data, a tiny real-tokenizer Qwen2-VL, CPU only.
 
-Every step is the product's own: tools.validate, tools.convert, `llamafactory-cli train` on the full-SFT recipe
-(overrides only for model size, steps and devices), tools.vllm_infer (hf backend), tools.convert2submit and
-tools.cal_acc. The untrained model is scored first, so the gain from training shows.
+Every step is the product's own: tools.validate, tools.convert, `python -m mire_factory.train` (LLaMA-Factory's
+run_exp, as `llamafactory-cli train` runs it, with the per-task F1 callback) on the full-SFT recipe (overrides only
+for model size, steps and devices, and the launcher's exact label-positions-only logits), tools.vllm_infer (hf
+backend), tools.convert2submit and tools.cal_acc. The untrained model is scored first, so the gain from training shows.
 """
 
 from __future__ import annotations
@@ -27,8 +28,10 @@ from .tiny_model import make_tiny_model
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "configs" / "qwen2_vl_full_sft.yaml"
 
-# Six classes per task, each with a strong colour / phrase signal: what a 2-layer, 128-wide model learns in ~140
-# CPU steps. The label strings, instructions and formats are the real ones.
+# Six classes per task, each with a strong colour / phrase signal: what a 2-layer, 128-wide model learns in ~290
+# CPU steps. The label strings, instructions and formats are the real ones. 212 records a task: with 106 the
+# dialogues were learned by some seeds only (fp32, 2026-12-03: overall F1 0.95, 1.00, 0.80, 0.98 for seeds 0-3;
+# with 212, 1.00 for seeds 0-5); benchmarks/demo_seeds_2026-12-03/.
 DEMO_IMAGE_CLASSES = ("实物拍摄(含售后)", "商品头图", "订单详情页面", "支付页面", "退款页面", "物流页面-物流跟踪页面")
 DEMO_DIALOGUE_CLASSES = ("反馈密封性不好", "是否好用", "商品材质", "单品推荐", "何时上货", "气泡")
 DATA_STYLE = dict(image_classes=DEMO_IMAGE_CLASSES, dialogue_classes=DEMO_DIALOGUE_CLASSES, image_size=(168, 168),
@@ -39,7 +42,7 @@ DATA_STYLE = dict(image_classes=DEMO_IMAGE_CLASSES, dialogue_classes=DEMO_DIALOG
 class DemoConfig:
     workdir: Path
     seed: int = 0
-    train_per_task: int = 106
+    train_per_task: int = 212
     test_per_task: int = 30
     epochs: float = 3.0
     learning_rate: float = 5e-3  # a random-weight tiny model needs a far larger step than fine-tuning a 7B one
@@ -47,28 +50,12 @@ class DemoConfig:
     max_new_tokens: int = 16
 
 
-# Each step allocates and frees gigabytes of logits (152k vocab, every position, bf16 then fp32 for the loss and its
-# gradient). Blocks that large are mapped afresh by the allocator every step and the kernel zero-fills them at first
-# touch, page by page: with 4 KiB pages that costs as much as the step's arithmetic. glibc's transparent huge pages
-# for malloc (glibc >= 2.35; ignored elsewhere) cut the page faults ~160x (benchmarks/bench_demo_train.py; 40 demo
-# steps: bf16 76 s -> 47 s). They need the kernel to offer THP (`madvise` or `always`); with `never` the demo trains
-# ~1.6x slower (README: 5:27 against 3:38), and says so. PyTorch's own switch (THP_MEM_ALLOC_ENABLE=1, any glibc)
-# cuts the faults as much (benchmarks/bench_demo_train.py), but it also aligns every large tensor to 2 MiB, which
-# may change how CPU kernels block their sums; not checked, so the demo keeps the glibc switch alone.
+# glibc's transparent huge pages for malloc (glibc >= 2.35; ignored elsewhere; the kernel must offer THP). They
+# mattered when every step allocated gigabytes of full-vocabulary logits (40 bf16 steps: 76 s -> 47 s); with the
+# logits at label positions only, 40 fp32 steps trained in 52.8 s without and 54.6 s with them (2026-12-03, 2-core
+# AVX2 CPU, benchmarks/bench_demo_train.py --what train --envs default,demo), with 18x fewer page faults. Kept: it
+# costs nothing where the kernel offers THP.
 CPU_TRAIN_ENV = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
-THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
-
-
-def huge_pages_note() -> str | None:
-    """A line for the demo's output when the kernel offers no transparent huge pages (training then runs slower)."""
-    try:
-        setting = THP_SETTING.read_text().strip()
-    except OSError:
-        return None
-    if "[never]" in setting:
-        return (f"  note: the kernel offers no transparent huge pages ({THP_SETTING}: {setting}); training runs about "
-                "1.6x slower than with them (echo madvise > that file, as root, enables them)")
-    return None
 
 _START = time.perf_counter()
 
@@ -77,32 +64,20 @@ def _step(n: int, total: int, text: str) -> None:
     print(f"\n[{n}/{total}] (t={time.perf_counter() - _START:.0f}s) {text}", flush=True)
 
 
-def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX: where oneDNN multiplies bf16 natively. Elsewhere (an AVX2-only CPU, e.g. an AMD EPYC
-    without AVX-512) a bf16 matmul falls back to PyTorch's scalar reference GEMM (`cpublas_gemm_impl`): the demo's
-    training ran over 20 minutes there instead of about 4. torch.cpu's checks are what PyTorch's own CPU kernels
-    dispatch on; no public API says it."""
-    import torch
-
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-
-
-def bf16_note() -> str | None:
-    """A line for the demo's output when this CPU trains in fp32 instead of the recipe's bf16."""
-    if cpu_has_native_bf16():
-        return None
-    return "  note: this CPU has no native bf16 (AVX512-BF16 or AMX): the demo trains in fp32 (bf16=false)"
-
-
 def train_overrides(cfg: DemoConfig, model_dir: Path, data_dir: Path, out_dir: Path) -> list[str]:
-    """The recipe stays as shipped except for model size, steps and devices (CPU: no DeepSpeed; bf16 as shipped
-    where the CPU multiplies bf16 natively, fp32 elsewhere)."""
+    """The recipe stays as shipped except for model size, steps and devices (CPU: no DeepSpeed, fp32) and the
+    launcher's mire_label_logits_only: the 151,936-token output layer at the ~5 answer positions of a record
+    instead of all ~300 (the same loss; on a 2-core AVX2 CPU the full logits were 5.3 s of a 5.5 s fp32 step).
+    fp32, not the recipe's bf16: the demo's outcome must not depend on the CPU (bf16 on the CPU ran natively only
+    with AVX512-BF16 or AMX, elsewhere PyTorch's scalar reference GEMM: over 20 minutes of training), and a tiny
+    random-weight model lands differently with each arithmetic."""
     return [
         f"model_name_or_path={model_dir}",
         f"dataset_dir={data_dir}",
         f"output_dir={out_dir}",
         "deepspeed=null",
-        "use_cpu=true",  # keeps the recipe's bf16 (autocast on the CPU): with CPU_TRAIN_ENV, 1.7x faster than fp32
+        "use_cpu=true",
+        "bf16=false",
         f"per_device_train_batch_size={cfg.batch_size}",
         "gradient_accumulation_steps=1",
         f"num_train_epochs={cfg.epochs}",
@@ -113,12 +88,12 @@ def train_overrides(cfg: DemoConfig, model_dir: Path, data_dir: Path, out_dir: P
         "save_steps=1000",
         "logging_steps=12",
         f"seed={cfg.seed}",
-        *([] if cpu_has_native_bf16() else ["bf16=false"]),
+        "mire_label_logits_only=true",
     ]
 
 
 def train_command(cfg: DemoConfig, model_dir: Path, data_dir: Path, out_dir: Path) -> list[str]:
-    return [str(Path(sys.executable).with_name("llamafactory-cli")), "train", str(RECIPE),
+    return [sys.executable, "-m", "mire_factory.train", str(RECIPE),
             *train_overrides(cfg, model_dir, data_dir, out_dir)]
 
 
@@ -237,18 +212,16 @@ def _run_demo(cfg: DemoConfig) -> dict:
     _step(4, total, "scoring the untrained model (tools.vllm_infer --backend hf, tools.cal_acc)")
     before = infer_and_score(model_dir, mire, paths["gold"], paths["test"], work / "untrained", cfg, plots=False)
 
-    _step(5, total, f"training: llamafactory-cli train {RECIPE.relative_to(REPO)} (full SFT; CPU overrides)")
+    _step(5, total, f"training: python -m mire_factory.train {RECIPE.relative_to(REPO)} (LLaMA-Factory, full SFT; "
+          "CPU overrides)")
     saves = work / "saves"
     cmd = train_command(cfg, model_dir, mire, saves)
     log = work / "train_stdout.log"
     print("  $ " + " ".join(cmd), flush=True)
     print(f"  (LLaMA-Factory's whole standard output, example token ids included: {log})", flush=True)
-    for note in (huge_pages_note(), bf16_note()):
-        if note:
-            print(note, flush=True)
     code = run_filtered(cmd, {**os.environ, **cpu_train_env()}, log)
     if code != 0:
-        raise SystemExit(f"llamafactory-cli train failed with exit code {code}; see {log}")
+        raise SystemExit(f"mire_factory.train failed with exit code {code}; see {log}")
 
     _step(6, total, "inference with the trained model, submission CSV, official metric")
     after = infer_and_score(saves, mire, paths["gold"], paths["test"], work / "trained", cfg, plots=True)

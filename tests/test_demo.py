@@ -63,35 +63,19 @@ def test_the_demo_hides_llamafactorys_example_dump_and_nothing_else(capsys):
     assert shown == "[5/7] training\n{'loss': 11.9, 'epoch': 0.2}\n\ndone\n"
 
 
-def test_the_demo_asks_for_huge_pages_and_says_when_there_are_none(tmp_path, monkeypatch):
+def test_the_demo_asks_for_huge_pages():
     from mire_factory import demo
 
-    env = demo.cpu_train_env()
-    assert env["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
-    setting = tmp_path / "enabled"
-    monkeypatch.setattr(demo, "THP_SETTING", setting)
-    for text, noted in (("always [madvise] never", False), ("[always] madvise never", False),
-                        ("always madvise [never]", True)):
-        setting.write_text(text + "\n")
-        assert (demo.huge_pages_note() is not None) is noted
-    setting.unlink()
-    assert demo.huge_pages_note() is None
+    assert demo.cpu_train_env()["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
 
 
-def test_the_demo_trains_in_bf16_only_where_the_cpu_multiplies_it_natively(tmp_path, monkeypatch):
-    """On an AVX2-only CPU a bf16 matmul runs PyTorch's scalar reference GEMM: the demo's training took over 20 min
-    there. Where the CPU has AVX512-BF16 or AMX the recipe's bf16 stays."""
-    from pathlib import Path
+def test_the_demo_trains_in_fp32_through_the_launcher_with_label_logits_only(tmp_path):
+    """One arithmetic on every CPU (bf16 ran PyTorch's scalar GEMM on an AVX2-only CPU, and the tiny model's outcome
+    moved with the arithmetic); the launcher computes the output layer at the label positions only."""
+    import sys
 
     from mire_factory import demo
 
-    flags = set()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        flags = {f for line in cpuinfo.read_text().splitlines() if line.startswith("flags") for f in line.split()}
-        assert demo.cpu_has_native_bf16() is bool(flags & {"avx512_bf16", "amx_tile", "amx_bf16"})
-    args = (DemoConfig(workdir=tmp_path), tmp_path / "m", tmp_path / "d", tmp_path / "o")
-    for native, expected in ((True, False), (False, True)):
-        monkeypatch.setattr(demo, "cpu_has_native_bf16", lambda native=native: native)
-        assert ("bf16=false" in demo.train_overrides(*args)) is expected
-        assert (demo.bf16_note() is not None) is expected
+    cmd = demo.train_command(DemoConfig(workdir=tmp_path), tmp_path / "m", tmp_path / "d", tmp_path / "o")
+    assert cmd[:4] == [sys.executable, "-m", "mire_factory.train", str(demo.RECIPE)]
+    assert "bf16=false" in cmd and "mire_label_logits_only=true" in cmd and "deepspeed=null" in cmd
