@@ -17,19 +17,27 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from mire_factory.demo import DemoConfig, run_demo  # noqa: E402
-from mire_factory.io import write_json_atomic  # noqa: E402
+from mire_factory.io import run_cli, write_json_atomic  # noqa: E402
+
+
+def int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--train_per_task", default="212")
+    parser.add_argument("--seeds", type=int_list, default=[0, 1, 2])
+    parser.add_argument("--train_per_task", type=int_list, default=[212])
     parser.add_argument("--out", required=True)
     ns = parser.parse_args(argv)
     out = Path(ns.out)
     rows = []
-    for n in (int(v) for v in ns.train_per_task.split(",")):
-        for seed in (int(v) for v in ns.seeds.split(",")):
+    out.mkdir(parents=True, exist_ok=True)  # an unwritable --out fails now, in one line, not after a demo run
+    for n in ns.train_per_task:
+        for seed in ns.seeds:
             summary = run_demo(DemoConfig(workdir=out / f"n{n}_s{seed}", seed=seed, train_per_task=n))
             state = json.loads((out / f"n{n}_s{seed}" / "saves" / "trainer_state.json").read_text(encoding="utf-8"))
             train_s = next(h["train_runtime"] for h in state["log_history"] if "train_runtime" in h)
@@ -45,4 +53,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)
