@@ -4,7 +4,7 @@ position of the prompt.
 Why: an SFT record of this task is a prompt of hundreds to thousands of tokens and an answer of a few (a label, or a
 reason under 100 tokens); its labels are -100 everywhere else. transformers' causal-LM forward still computes the
 151,936-token output layer at every position and upcasts all of it to fp32 for the loss: on the demo's CPU that is
-5.3 s of a step in fp32 (1,400 positions), against 0.24 s at the ~20 label positions
+4.5 s of a step in fp32 (1,400 positions), against 0.1 s at the ~20 label positions
 (benchmarks/bench_demo_train.py --what lm_head). On a GPU it is a 7B step's 545M-parameter output layer at every
 position and gigabytes of fp32 logits per micro-batch (not measured on a GPU yet).
 Why it is exact: the loss is the same sum of cross-entropy terms (positions whose next token is a label) with the

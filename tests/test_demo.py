@@ -63,12 +63,6 @@ def test_the_demo_hides_llamafactorys_example_dump_and_nothing_else(capsys):
     assert shown == "[5/7] training\n{'loss': 11.9, 'epoch': 0.2}\n\ndone\n"
 
 
-def test_the_demo_asks_for_huge_pages():
-    from mire_factory import demo
-
-    assert demo.cpu_train_env()["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
-
-
 def test_the_demo_trains_in_fp32_through_the_launcher_with_label_logits_only(tmp_path):
     """One arithmetic on every CPU (bf16 ran PyTorch's scalar GEMM on an AVX2-only CPU, and the tiny model's outcome
     moved with the arithmetic); the launcher computes the output layer at the label positions only."""
