@@ -7,10 +7,10 @@
 #        launcher_7b_2gpu, infer_2b, infer_2b_compiled, infer_2b_phases,
 #        issue 20 (one H200, no DeepSpeed, low-bit AdamW states; needs torchao in .whl): ours_7b_1gpu,
 #        ours_7b_1gpu_long, ours_7b_1gpu_b2, ours_7b_1gpu_sr, ours_7b_1gpu_sr_long, ours_7b_1gpu_ao4,
-#        ours_7b_1gpu_liger, ours_7b_1gpu_pack, ours_7b_1gpu_pack_liger,
+#        ours_7b_1gpu_liger, ours_7b_1gpu_pack(_nogc)(_long), ours_7b_1gpu_pack_liger,
 #        loss_2b (2B, 100 steps: fp32 Adam states against the low-bit ones), loss_pack_2b (dense vs varlen),
 #        lora_7b, freeze_7b, lora_2b, freeze_2b (configs/qwen2_vl_{lora,freeze}_sft.yaml as shipped),
-#        ours_7b_1gpu_nogc(_long), ours_7b_1gpu_compile, ours_2b_pack, ours_2b_b4, ours_2b_nogc_b2(_long), ours_2b_ao8,
+#        ours_7b_1gpu_nogc(_long), ours_7b_1gpu_compile, ours_2b_pack(_nogc), ours_2b_b4, ours_2b_nogc_b2(_long), ours_2b_ao8,
 #        ours_2b_compile; any training NAME+flash (mire_right_pad_causal=true, labelled NAME_flash), NAME+varlen
 #        (mire_packed_varlen=true, labelled NAME_varlen), NAME+logits (mire_label_logits_only=true, NAME_logits),
 #        combined as NAME+flash+logits (NAME_flash_logits).
@@ -86,8 +86,9 @@ for name in "$@"; do
     # micro-batches of 4, no checkpointing at 2 x 4, 8-bit Adam states
     # one packed sequence (~8 records of the sample) a micro-batch and a step: no padding, tokens counted exactly,
     # about the recipes' 8 records an optimizer step
-    ours_2b_pack) RECIPE=$RECIPE_2B train ours_2b_pack 1 2b neat_packing=true per_device_train_batch_size=1 \
-      gradient_accumulation_steps=1 ;;
+    # *_nogc: no recompute (a packed 2B sequence's activations are ~20 GB)
+    ours_2b_pack|ours_2b_pack_nogc) RECIPE=$RECIPE_2B train $name 1 2b neat_packing=true per_device_train_batch_size=1 \
+      gradient_accumulation_steps=1 $([[ $name == *nogc ]] && echo disable_gradient_checkpointing=true) ;;
     ours_2b_b4) RECIPE=$RECIPE_2B train ours_2b_b4 1 2b per_device_train_batch_size=4 gradient_accumulation_steps=2 ;;
     ours_2b_nogc_b2*) RECIPE=$RECIPE_2B train $name 1 2b disable_gradient_checkpointing=true \
       $([[ $name == *long ]] && echo dataset=mire_long max_steps=8) ;;
@@ -136,7 +137,12 @@ for name in "$@"; do
     # block-diagonal attention mask (dense 4D under sdpa: no flash-attn in the kit), packs up to cutoff_len (10240).
     # Its samples/s counts packed sequences (several records each): training_table.py gives records/s
     # accumulation 1: a packed sequence holds ~8 records of the sample, the recipe's 8 records an optimizer step
-    ours_7b_1gpu_pack) RECIPE=$RECIPE_7B1 train ours_7b_1gpu_pack 1 7b neat_packing=true gradient_accumulation_steps=1 ;;
+    # *_nogc: no recompute (~45 GB of activations a 10,240-token sequence by arithmetic, if it fits); *_long: the
+    # 11-image dialogues packed, one 8,881-token record a sequence, for the packed recipe's peak memory
+    ours_7b_1gpu_pack|ours_7b_1gpu_pack_nogc|ours_7b_1gpu_pack_long|ours_7b_1gpu_pack_nogc_long)
+      RECIPE=$RECIPE_7B1 train $name 1 7b neat_packing=true gradient_accumulation_steps=1 \
+        $([[ $name == *nogc* ]] && echo disable_gradient_checkpointing=true) \
+        $([[ $name == *long ]] && echo dataset=mire_long max_steps=8) ;;
     # packed with Liger's fused linear cross entropy: no 10240 x 152k fp32 logits a sequence
     ours_7b_1gpu_pack_liger) RECIPE=$RECIPE_7B1 train ours_7b_1gpu_pack_liger 1 7b neat_packing=true \
       gradient_accumulation_steps=1 enable_liger_kernel=true ;;
