@@ -10,7 +10,7 @@
 #        ours_7b_1gpu_liger, ours_7b_1gpu_pack(_nogc)(_long), ours_7b_1gpu_pack_liger,
 #        loss_2b (2B, 100 steps: fp32 Adam states against the low-bit ones), loss_pack_2b (dense vs varlen),
 #        lora_7b, freeze_7b, lora_2b, freeze_2b (configs/qwen2_vl_{lora,freeze}_sft.yaml as shipped),
-#        ours_7b_1gpu_nogc(_long), ours_7b_1gpu_compile, ours_2b_pack(_nogc), ours_2b_b4, ours_2b_nogc_b2(_long), ours_2b_ao8,
+#        ours_7b_1gpu_nogc(_long), ours_7b_1gpu_compile, ours_2b_pack(_nogc), ours_2b_pack20k_nogc, ours_2b_b4, ours_2b_nogc_b2(_long), ours_2b_ao8,
 #        ours_2b_compile; any training NAME+flash (mire_right_pad_causal=true, labelled NAME_flash), NAME+varlen
 #        (mire_packed_varlen=true, labelled NAME_varlen), NAME+logits (mire_label_logits_only=true, NAME_logits),
 #        combined as NAME+flash+logits (NAME_flash_logits).
@@ -61,7 +61,7 @@ for name in "$@"; do
   # NAME+logits: the output layer at label positions only (mire_label_logits_only, label_logits.py), NAME_logits;
   # suffixes combine (NAME+flash+logits: NAME_flash_logits)
   EXTRA=(); SUFFIX=""
-  while [[ $name == *+* ]]; do
+  while [[ $name != bg:* && $name != wait:* && $name == *+* ]]; do
     case ${name##*+} in
       flash) EXTRA=(mire_right_pad_causal=true "${EXTRA[@]}"); SUFFIX=_flash$SUFFIX ;;
       varlen) EXTRA=(mire_packed_varlen=true "${EXTRA[@]}"); SUFFIX=_varlen$SUFFIX ;;
@@ -87,8 +87,11 @@ for name in "$@"; do
     # one packed sequence (~8 records of the sample) a micro-batch and a step: no padding, tokens counted exactly,
     # about the recipes' 8 records an optimizer step
     # *_nogc: no recompute (a packed 2B sequence's activations are ~20 GB)
-    ours_2b_pack|ours_2b_pack_nogc) RECIPE=$RECIPE_2B train $name 1 2b neat_packing=true per_device_train_batch_size=1 \
-      gradient_accumulation_steps=1 $([[ $name == *nogc ]] && echo disable_gradient_checkpointing=true) ;;
+    # *_pack20k*: packs of 20,480 tokens (~17 records) a step, half the steps' fixed costs a record
+    ours_2b_pack|ours_2b_pack_nogc|ours_2b_pack20k_nogc) RECIPE=$RECIPE_2B train $name 1 2b neat_packing=true \
+      per_device_train_batch_size=1 gradient_accumulation_steps=1 \
+      $([[ $name == *nogc ]] && echo disable_gradient_checkpointing=true) \
+      $([[ $name == *pack20k* ]] && echo cutoff_len=20480) ;;
     ours_2b_b4) RECIPE=$RECIPE_2B train ours_2b_b4 1 2b per_device_train_batch_size=4 gradient_accumulation_steps=2 ;;
     ours_2b_nogc_b2*) RECIPE=$RECIPE_2B train $name 1 2b disable_gradient_checkpointing=true \
       $([[ $name == *long ]] && echo dataset=mire_long max_steps=8) ;;
@@ -192,12 +195,12 @@ for name in "$@"; do
     bg:*)  # start benchmarks detached (they outlive this call), one after the other: bg:A,B,C; collect with wait:A,B,C
       names=${name#bg:}
       OUT=/tmp/bench_out setsid nohup bash -c "bash benchmarks/gpu/run.sh ${names//,/ }; echo bg-done" \
-        > "/tmp/bg_$names.txt" 2>&1 < /dev/null &
+        > "/tmp/bg_$(echo "$names" | md5sum | cut -c1-12).txt" 2>&1 < /dev/null &
       echo "started $names in the background" ;;
     wait:*)  # wait (up to WAIT_S seconds) for detached benchmarks, then copy their results to $OUT
-      names=${name#wait:}; for _ in $(seq 1 "${WAIT_S:-540}"); do
-        grep -q "^bg-done" "/tmp/bg_$names.txt" 2>/dev/null && break; sleep 1; done
-      cat "/tmp/bg_$names.txt"; for n in ${names//,/ }; do
+      names=${name#wait:}; log=/tmp/bg_$(echo "$names" | md5sum | cut -c1-12).txt  # the bg: call's log
+      for _ in $(seq 1 "${WAIT_S:-540}"); do grep -q "^bg-done" "$log" 2>/dev/null && break; sleep 1; done
+      cat "$log"; for n in ${names//,/ }; do
         n=${n//+/_}  # NAME+flash+logits ran as NAME_flash_logits
         cp /tmp/bench_out/"$n"* "$OUT"/ 2>/dev/null
         case $n in infer*) cp /tmp/bench_out/bench_infer* "$OUT"/ 2>/dev/null ;;
