@@ -50,9 +50,17 @@ def test_figures_are_written_when_training_ends_before_the_model_is_saved(recipe
     assert result["profiled_step"]["step"] == 0 and result["profiled_step"]["wall_s"] > 0
     profile = out.with_suffix(".profile.txt").read_text()
     assert profile.startswith("step 0: ") and "aten::" in profile
-    # a packed run's 4D mask summed as a token count gave about -1e18: all input ids are counted there instead
-    assert 0 < result["tokens_per_sample"] < 2048 * 2 and result["tokens_per_s"] > 0
-    assert result["tokens_counted"] == ("all" if "neat_packing=true" in extra else "non_padding")
+    # a packed run's 4D mask summed as a token count gave about -1e18; LLaMA-Factory pads each pack to cutoff_len:
+    # its real tokens and records are counted off the mask, so records outnumber packs and tokens stay under
+    # the packs' length
+    assert result["tokens_per_s"] > 0
+    if "neat_packing=true" in extra:
+        assert result["tokens_counted"] == "real"
+        assert 0 < result["tokens_per_sample"] < 2048
+        assert result["records_per_s"] > result["samples_per_s"]["mean"]
+    else:
+        assert result["tokens_counted"] == "non_padding" and 0 < result["tokens_per_sample"] < 2048
+        assert result["records_per_s"] == pytest.approx(result["samples_per_s"]["mean"])
     assert result["optimizer"].startswith("optimizer torch.optim.adamw.AdamW (optim=adamw_torch,")
     assert result["mfu"] is None  # no peak is known for a CPU
     saved = run_dir / ("adapter_model.safetensors" if "lora" in recipe else "model.safetensors")
@@ -109,6 +117,49 @@ def test_training_table_gives_the_ratio_and_packed_runs_records_per_second(tmp_p
     # the unpacked runs' mean tokens a record (1174.3 and 1174.3) turn the packed run's tokens/s into records/s
     assert rows["`packed` (packed)"][1] == "2.90" and rows["`packed` (packed)"][5] == "1.51x"
     assert rows["`packed` (packed)"][0].endswith("(0.72)")
+
+
+def test_pack_stats_counts_the_records_and_real_tokens_of_llamafactorys_packs(tiny_model_dir, tiny_train_data, tmp_path):
+    """pack_stats.py through LLaMA-Factory's own preprocessing: every training record lands in some pack, the packs
+    have cutoff_len's length, and padding is not counted as tokens."""
+    out = tmp_path / "stats.json"
+    common = ["configs/qwen2_vl_2b_full_sft.yaml", f"model_name_or_path={tiny_model_dir}",
+              f"dataset_dir={tiny_train_data}", "neat_packing=true", "image_max_pixels=12544",
+              "preprocessing_num_workers=1", f"output_dir={tmp_path / 'run'}"]
+    proc = call_main(load_script("pack_stats").main, "--out", out, *common, "cutoff_len=1024")
+    assert proc.returncode == 0, proc.stderr
+    stats = json.loads(out.read_text())
+    train = json.loads((tiny_train_data / "mire_train.json").read_text())
+    assert stats["dataset"] == "mire_train" and stats["records"] == len(train) and stats["pack_length"] == 1024
+    assert stats["records_per_pack"]["max"] > 1  # short records share packs
+    assert 0 < stats["real_tokens"] < stats["packs"] * 1024 and stats["fill"] == stats["real_tokens"] / (
+        stats["packs"] * 1024)
+    bad = call_main(load_script("pack_stats").main, *common, "dataset_dir=/nonexistent")
+    lines = bad.stderr.strip().splitlines()
+    assert bad.returncode == 2 and len(lines) == 1 and "dataset_info.json" in lines[0]
+
+
+def test_training_table_counts_old_packed_runs_records_from_pack_statistics(tmp_path):
+    """Packed results before 2026-12-04 counted the packs' padding as tokens: with pack_stats.py's figures for the
+    run's pack length and dataset, records/s is packs/s x records a pack and tokens/s and MFU shrink by the fill."""
+    packed = json.loads((LEASE7 / "issue20_lease7" / "ours_7b_1gpu.json").read_text())
+    packed.update(label="old_packed", overrides=[*packed["overrides"], "neat_packing=true"], tokens_counted="all",
+                  tokens_per_s=2048.0, tokens_per_sample=1024.0, mfu=0.2)  # 2 packs a second
+    (tmp_path / "packed.json").write_text(json.dumps(packed))
+    stats = {"dataset": "mire_train", "pack_length": 1024, "fill": 0.75, "records_per_pack": {"mean": 3.0},
+             "real_tokens_per_pack": {"mean": 768.0}}
+    (tmp_path / "stats.json").write_text(json.dumps(stats))
+    (tmp_path / "other.json").write_text(json.dumps({**stats, "dataset": "mire_long", "fill": 0.5}))
+    proc = call_main(load_script("training_table").main, LEASE7 / "issue20_lease7" / "ours_7b_1gpu.json",
+                     tmp_path / "packed.json", "--baseline", "ours_7b_1gpu", "--pack_stats", tmp_path / "other.json",
+                     tmp_path / "stats.json")
+    assert proc.returncode == 0, proc.stderr
+    row = [c.strip() for c in proc.stdout.splitlines()[-1].split("|")[2:-1]]
+    assert row[1:] == ["6.00", "1536", "91.1 GiB", "15.0%", f"{6.0 / 2.90:.2f}x"]  # the recipe's own mire_train
+    # without them: tokens/s over the unpacked runs' tokens a record, the padding counted as records
+    proc = call_main(load_script("training_table").main, LEASE7 / "issue20_lease7" / "ours_7b_1gpu.json",
+                     tmp_path / "packed.json")
+    assert proc.stdout.splitlines()[-1].split("|")[3].strip() == f"{2048 / 1174.34:.2f}"
 
 
 @pytest.mark.parametrize("case, expected", [

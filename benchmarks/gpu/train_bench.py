@@ -31,12 +31,45 @@ from mire_factory.train import OptimizerReport, own_flag, read_config, set_cudnn
 DENSE_BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 
-class StepTimer(TrainerCallback):
+class PackedCounts:
+    """Real tokens and records of packed micro-batches, read off the 4D mask the model is given: LLaMA-Factory pads
+    every pack to cutoff_len, and the Trainer's own count sums that float mask (about -1e18)."""
+
     def __init__(self):
+        self.tokens = 0
+        self.records = 0
+
+    def hook(self, module, args, kwargs):
+        import torch
+
+        mask = kwargs.get("attention_mask")
+        if not module.training or mask is None or mask.dim() != 4:
+            return
+        visible = mask[:, 0] == 0 if mask.dtype != torch.bool else mask[:, 0]
+        real = visible.diagonal(dim1=-2, dim2=-1)  # a real token sees itself; padding sees nothing
+        starts = real.clone()  # a record starts at a real token that cannot see the one before it
+        starts[:, 1:] &= ~visible[:, 1:, :-1].diagonal(dim1=-2, dim2=-1)
+        self.tokens += int(real.sum())
+        self.records += int(starts.sum())
+
+
+class StepTimer(TrainerCallback):
+    def __init__(self, packed: bool = False):
         self.step_times: list[float] = []
         self.tokens: list[int] = []
+        self.records: list[int] = []
+        self.packed = PackedCounts() if packed else None
         self._t0 = None
-        self._tok0 = 0
+        self._tok0 = self._rec0 = 0
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if self.packed is not None:
+            model.register_forward_pre_hook(self.packed.hook, with_kwargs=True)
+
+    def _counts(self, state) -> tuple[int, int]:
+        if self.packed is not None:
+            return self.packed.tokens, self.packed.records
+        return state.num_input_tokens_seen, 0
 
     def on_step_begin(self, args, state, control, **kwargs):
         import torch
@@ -44,7 +77,7 @@ class StepTimer(TrainerCallback):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         self._t0 = time.perf_counter()
-        self._tok0 = state.num_input_tokens_seen
+        self._tok0, self._rec0 = self._counts(state)
 
     def on_step_end(self, args, state, control, **kwargs):
         import torch
@@ -52,7 +85,9 @@ class StepTimer(TrainerCallback):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         self.step_times.append(time.perf_counter() - self._t0)
-        self.tokens.append(state.num_input_tokens_seen - self._tok0)
+        tokens, records = self._counts(state)
+        self.tokens.append(tokens - self._tok0)
+        self.records.append(records - self._rec0)
 
 
 class StepProfiler(TrainerCallback):
@@ -151,11 +186,15 @@ def bench_result(ns, args, timer, report, wall: float, profiler: StepProfiler | 
         "steps_timed": len(steps),
         "warmup_steps": ns.warmup_steps,
         "samples_per_step": samples_per_step,  # packed runs: packed sequences, several records each
-        "tokens_counted": args["include_num_input_tokens_seen"],
+        # packed runs: "real", the non-padding tokens of the packs (until 2026-12-04 "all": the padding counted too)
+        "tokens_counted": "real" if timer.packed is not None else args["include_num_input_tokens_seen"],
         "samples_per_s": {"min": min(per_step_sps), "median": statistics.median(per_step_sps), "max": max(per_step_sps),
                           "mean": samples_per_step * len(steps) / total_time},
         "tokens_per_s": sum(toks) / total_time,
         "tokens_per_sample": sum(toks) / (samples_per_step * len(steps)),
+        # records a second: packed runs count the records in their packs, the others are one record a sample
+        "records_per_s": (sum(timer.records[ns.warmup_steps:]) if timer.packed is not None
+                          else samples_per_step * len(steps)) / total_time,
         "step_time_s": {"min": min(steps), "median": statistics.median(steps), "max": max(steps)},
         "peak_gpu_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
         # CPU offload: optimizer states, fp32 grads and pinned buffers live in this process's host memory
@@ -189,17 +228,17 @@ def main(argv: list[str] | None = None) -> int:
                                                                     "warm-up step, which the figures leave out)"))
     args = read_config(ns.config, ns.overrides)
     # Packed runs (neat_packing) hand the model a 4D float mask, whose sum the Trainer's "non_padding" count takes
-    # for a token count (about -1e18 on the CPU): count every input id there; at one packed sequence per micro-batch
-    # there is no padding to count.
-    packed = bool(args.get("neat_packing") or args.get("packing"))
-    args["include_num_input_tokens_seen"] = "all" if packed else "non_padding"
+    # for a token count (about -1e18 on the CPU): StepTimer counts their real tokens and records off that mask.
+    # (packing without neat_packing gives a 2D mask of ones, padding included: counted as unpacked sequences)
+    packed = bool(args.get("neat_packing"))
+    args["include_num_input_tokens_seen"] = "no" if packed else "non_padding"
     # timed as mire_factory.train trains: the cuDNN SDPA backend off (NaN gradients on Hopper) unless the
     # overrides say mire_cudnn_sdp=true; the figures in results/ before 2026-12-02's second lease ran with it on
     set_cudnn_sdp(own_flag(args, "mire_cudnn_sdp", False, ns.config))
     flags = [own_flag(args, key, False, ns.config) for key in ("mire_right_pad_causal", "mire_packed_varlen")]
     right_pad = attention.callback(packed=flags[1]) if any(flags) else None
     label_logits = label_logits_module.callback() if own_flag(args, "mire_label_logits_only", False, ns.config) else None
-    timer = StepTimer()
+    timer = StepTimer(packed=packed)
     report = OptimizerReport()  # which optimizer, state types and parameter dtypes were measured
 
     from llamafactory.train.tuner import run_exp
