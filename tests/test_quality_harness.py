@@ -194,6 +194,7 @@ def test_harness_smoke_every_stage_then_resumes(split, tiny_model_dir, tmp_path)
         for variant, data in (("label", "data"), ("aug_cap", "data_aug_cap")):
             log = (work / "logs" / f"train_{variant}_s{seed}.log").read_text(encoding="utf-8")
             assert f"Loaded tokenized dataset from {work / data / 'tokenized'}" in log, (variant, seed)
+            assert "training logits: at label positions only" in log, (variant, seed)  # the harness's recipe
 
     # the variant: its own data (train split with one augmented copy each, every split's dialogue images capped;
     # the test and evaluation splits without copies), trained and inferred per seed, reported against fine_tuned

@@ -305,6 +305,9 @@ def train_overrides(plan: Plan, data: Path, out: Path, seed: int, tokenized: Pat
         "save_strategy": "'no'",  # the final model is saved anyway; checkpoints with optimizer states cost time
         "logging_steps": 5, "report_to": "none", "plot_loss": "true", "overwrite_output_dir": "true",
         "preprocessing_num_workers": 8, "dataloader_num_workers": 4,
+        # the output layer and loss at the label positions only: the same loss (tests/test_label_logits.py; on an
+        # H200 the packed 7B losses matched the full logits' to bf16 noise), without 151,936 fp32 logits a prompt token
+        "mire_label_logits_only": "true",
     }
     if plan.device == "cpu":
         # the recipe's bf16 as CPU autocast, few workers (as tools.demo trains)
