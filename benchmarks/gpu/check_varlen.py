@@ -10,14 +10,19 @@ means anything there.
 import argparse
 import json
 import statistics
+import sys
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 from llamafactory.data.collator import prepare_4d_attention_mask
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from mire_factory import attention
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from mire_factory import attention  # noqa: E402
+from mire_factory.io import run_cli, write_json_atomic  # noqa: E402
 
 
 def record_indices(length: int, mean_record: int, seed: int) -> list[int]:
@@ -44,7 +49,7 @@ def timed(fn, repeats: int, device: str) -> list[float]:
     return times
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--length", type=int, default=10240)
     parser.add_argument("--mean_record", type=int, default=1174)
@@ -53,7 +58,7 @@ def main() -> None:
     parser.add_argument("--head_dim", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--out", default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
 
@@ -104,9 +109,8 @@ def main() -> None:
                                 / report["packed_varlen_fwd_bwd_s"]["median"])
     print(json.dumps(report, indent=1))
     if args.out:
-        with open(args.out, "w", encoding="utf-8") as handle:
-            json.dump(report, handle, indent=1)
+        write_json_atomic(args.out, report)
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)
