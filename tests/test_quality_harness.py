@@ -111,7 +111,8 @@ def test_screenshot_text_hook(split, tmp_path):
     ("augment", 'expected NAME="TOOLS.CONVERT ARGS", e.g. augment="--augment 1"'),
     ("Aug-1=--augment 1", "the name 'Aug-1' must be a lower-case identifier (a-z, 0-9, _; a letter first; at most 32)"),
     ("ocr=--augment 1", "the name 'ocr' is the harness's own; choose another"),
-    ("a=", "no tools.convert arguments (the plain data is the fine_tuned row already)"),
+    ("a=", "no tools.convert arguments, --variant_reasons or --variant_epochs (the plain data is the fine_tuned row "
+           "already)"),
     ("a=--aug 1", "tools.convert has no flag --aug (give flags in full; python -m tools.convert --help lists them)"),
     ("a=--augment x", "tools.convert refuses it: argument --augment: invalid int value: 'x'"),
     ("a=--dialogue_image_max_pixels 100", "tools.convert refuses it: --dialogue_image_max_pixels must be at least "
@@ -147,6 +148,9 @@ def test_variant_test_conversions_leave_train_only_flags_out():
     assert v.train_args == ["--augment=2", "--augment-mask-ratio", "0.2", "--dialogue_image_max_pixels", "175616"]
     assert v.test_args == ["--dialogue_image_max_pixels", "175616"]  # tools.convert refuses --augment on a test file
     assert parse_variant("augment=--augment 1", None).test_args == []
+    # a corrections file names train records: the test files keep their ids and gold labels as given
+    fixed = parse_variant("fixed=--corrections_file c.jsonl --dialogue_image_max_pixels 175616", None)
+    assert fixed.test_args == ["--dialogue_image_max_pixels", "175616"]
 
 
 @pytest.mark.slow
@@ -158,16 +162,19 @@ def test_harness_smoke_every_stage_then_resumes(split, tiny_model_dir, tmp_path)
     from mire_factory.dataset_info import TASK_MAX_PIXELS_KEY
 
     work, results = tmp_path / "work", tmp_path / "results"
-    variant = "aug_cap=--augment 1 --dialogue_image_max_pixels 3136"
+    aug_cap = "aug_cap=--augment 1 --dialogue_image_max_pixels 3136"
     args = [HARNESS, "--train_file", split / "train.json", "--test_file", split / "test.json", "--image_dir",
             split / "images", "--seeds", 0, 1, "--out", "t", "--smoke", "--model_dir", tiny_model_dir,
-            "--workdir", work, "--results_dir", results, "--device", "cpu", "--parallel", 2, "--variant", variant]
+            "--workdir", work, "--results_dir", results, "--device", "cpu", "--parallel", 2, "--variant", aug_cap,
+            "--variant", "plain2=", "--variant_epochs", "plain2=2"]  # the label runs' data, twice the steps
     # --prepare_only: every stage before the runs, then stop (the GPU stays free for another job)
     proc = script(*args, "--prepare_only")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "the same command without it trains the 4 runs" in proc.stdout
+    assert "the same command without it trains the 6 runs" in proc.stdout
     prepared = json.loads((work / "timings.json").read_text(encoding="utf-8"))
     assert {"data", "untrained", "tokenize_label", "tokenize_aug_cap"} <= set(prepared)  # the model is given
+    assert not {"data_plain2", "tokenize_plain2"} & set(prepared)  # plain2 trains the label runs' data
+    assert not (work / "data_plain2").exists()
     assert not any(k.startswith(("train_", "infer_label", "infer_aug")) for k in prepared), prepared
     assert not (results / "t.json").exists() and not (work / "label_s0").exists()
     proc = script(*args)
@@ -191,7 +198,7 @@ def test_harness_smoke_every_stage_then_resumes(split, tiny_model_dir, tmp_path)
     assert (results / "t_eval_f1.png").stat().st_size > 10_000
     assert {"untrained", "tokenize_label", "train_label_s1", "infer_label_s1"} <= set(result["timings_s"])
     for seed in (0, 1):  # each data variant tokenized once (its stage), every run loaded it
-        for variant, data in (("label", "data"), ("aug_cap", "data_aug_cap")):
+        for variant, data in (("label", "data"), ("aug_cap", "data_aug_cap"), ("plain2", "data")):
             log = (work / "logs" / f"train_{variant}_s{seed}.log").read_text(encoding="utf-8")
             assert f"Loaded tokenized dataset from {work / data / 'tokenized'}" in log, (variant, seed)
             assert "training logits: at label positions only" in log, (variant, seed)  # the harness's recipe
@@ -221,18 +228,96 @@ def test_harness_smoke_every_stage_then_resumes(split, tiny_model_dir, tmp_path)
     assert [p["step"] for p in result["eval_f1_curves"]["seed 1, aug_cap"]] == [2]
     assert list(result["loss_curves"]) == list(result["eval_f1_curves"])
     assert "variant aug_cap" in proc.stdout and "minus fine_tuned" in proc.stdout
+    plain = result["variants"]["plain2"]
+    assert (plain["convert_args"], plain["epochs"], plain["train_rows"]) == ("", 2.0, 16)
+    assert set(plain["overall"]["per_seed"]) == {"0", "1"}
 
     proc = script(*args)
-    assert proc.returncode == 0 and proc.stdout.count("done earlier") == 16, proc.stdout
+    assert proc.returncode == 0 and proc.stdout.count("done earlier") == 20, proc.stdout
     assert "[tokenize_label] done earlier" in proc.stdout and "[tokenize_aug_cap] done earlier" in proc.stdout
     (work / "label_s1" / "infer" / "metrics.json").unlink()
     proc = script(*args)
-    assert proc.returncode == 0 and proc.stdout.count("done earlier") == 15, proc.stdout
+    assert proc.returncode == 0 and proc.stdout.count("done earlier") == 19, proc.stdout
     assert "[infer_label_s1] ..." in proc.stdout
-    proc = script(*args[:-1], "aug_cap=--augment 2")
+    proc = script(*[("aug_cap=--augment 2" if a == aug_cap else a) for a in args])
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         f"error: {work}: --variant aug_cap: this work folder converted it with '--augment 1 "
         "--dialogue_image_max_pixels 3136', not '--augment 2'; use another name or --workdir"]
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ("nope=r.jsonl", "--variant_reasons 'nope=r.jsonl': no --variant named 'nope'"),
+    ("reason", "--variant_reasons 'reason': expected NAME=REASONS_JSONL"),
+    ("reason=", "--variant_reasons 'reason=': expected NAME=REASONS_JSONL"),
+    ("reason=absent.jsonl", "{cwd}/absent.jsonl: --variant_reasons reason: file not found"),
+])
+def test_bad_variant_reasons_is_one_line(split, tmp_path, spec, message, monkeypatch):
+    from benchmarks.quality.run import main
+
+    monkeypatch.chdir(tmp_path)
+    proc = call_main(main, "--train_file", split / "train.json", "--test_file", split / "test.json", "--image_dir",
+                     split / "images", "--out", "t", "--workdir", tmp_path / "w", "--device", "cpu",
+                     "--variant", "reason=", "--variant_reasons", spec)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"error: {message.format(cwd=tmp_path)}"]
+    assert not (tmp_path / "w").exists()  # refused before any stage
+
+
+def test_reasons_variant_trains_on_a_second_turn_and_tests_plain(split, tmp_path):
+    """--variant reason="" --variant_reasons reason=R: the stand-in teacher's reasons (definition_reasons.py) merged
+    as a second exchange into the variant's train file only; a rerun with other reasons under the name is refused."""
+    from benchmarks.quality.definition_reasons import main as reasons_main
+    from benchmarks.quality.run import (
+        VARIANT_SPEC,
+        Plan,
+        Recipe,
+        check_variant_specs,
+        convert_variant,
+        parse_variant,
+        set_variant_reasons,
+        train_rows,
+        variant_ready,
+    )
+    from mire_factory.prompts import REASON_QUESTION
+    from mire_factory.reasons import load_reasons
+
+    reasons = tmp_path / "reasons.jsonl"
+    assert call_main(reasons_main, "--train_file", split / "train.json", "--out", reasons).returncode == 0
+    rows = load_reasons(reasons)
+    gold = {r["id"]: r["output"] for r in json.loads((split / "train.json").read_text(encoding="utf-8"))}
+    assert {r.id: r.label for r in rows} == gold and all(r.status == "ok" and r.reason for r in rows)
+    dialogue = [r for r in rows if r.task == "dialogue"]
+    assert dialogue and all(r.reason.startswith(("用户说“", "用户发来图片")) for r in dialogue)
+
+    v = parse_variant("reason=", None)
+    set_variant_reasons([v], f"reason={reasons}")
+    plan = Plan(train_file=split / "train.json", test_file=split / "test.json", image_dir=split / "images",
+                test_image_dir=split / "images", seeds=[0], name="t", work=tmp_path / "w", model_dir=tmp_path / "m",
+                gguf=None, info_file=None, ocr_convert_args="", device="cpu", smoke=False, recipe=Recipe(),
+                variants=[v])
+    (tmp_path / "w").mkdir()
+    convert_variant(plan, v)
+    data = v.data(plan.work)
+    assert variant_ready(plan, v)
+    info = json.loads((data / "dataset_info.json").read_text(encoding="utf-8"))
+    assert info["mire_train"]["file_name"] == "mire_train_reason.json"
+    train = json.loads((data / "mire_train_reason.json").read_text(encoding="utf-8"))
+    assert train_rows(data) == len(train) == len(gold)
+    for row in train:
+        roles = [m["role"] for m in row["messages"]]
+        assert roles == ["user", "assistant", "user", "assistant"] and row["messages"][2]["content"] == REASON_QUESTION
+        assert row["messages"][1]["content"] in gold.values()  # the first answer is the bare label
+    for name in ("mire_test", "mire_quality_eval"):
+        test = json.loads((data / info[name]["file_name"]).read_text(encoding="utf-8"))
+        assert test and all(len(row["messages"]) == 2 for row in test), name
+    assert json.loads((data / VARIANT_SPEC).read_text(encoding="utf-8"))["reasons"] == "reasons.jsonl"
+
+    other = tmp_path / "other.jsonl"
+    other.write_bytes(reasons.read_bytes())
+    v2 = parse_variant("reason=", None)
+    set_variant_reasons([v2], f"reason={other}")
+    with pytest.raises(Exception, match="merged reasons 'reasons.jsonl' into it, not 'other.jsonl'"):
+        check_variant_specs(Plan(**{**plan.__dict__, "variants": [v2]}))
 
 
 @pytest.mark.parametrize(("spec", "message"), [
@@ -422,3 +507,53 @@ def test_replot_refusals_are_one_line_and_change_nothing(tmp_path):
     proc = call_main(main, "--out", "t")  # a run still needs its files
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].endswith(
         "the following arguments are required: --train_file, --test_file, --image_dir")
+
+
+def test_label_noise_plants_errors_and_scores_suspects(split, tmp_path):
+    """label_noise.py: the planted errors kfold is scored against (seeded, same task's labels), and the score."""
+    from benchmarks.quality.label_noise import main as noise_main
+    from mire_factory.corrections import Correction
+    from mire_factory.taxonomy import DIALOGUE_LABELS
+
+    out = tmp_path / "noise"
+    args = ("inject", "--train_file", split / "train.json", "--out", out, "--rate", "0.2", "--seed", "3",
+            "--only_task")
+    assert call_main(noise_main, *args).returncode == 0
+    noisy = json.loads((out / "train_noisy.json").read_text(encoding="utf-8"))
+    plants = json.loads((out / "plants.json").read_text(encoding="utf-8"))
+    gold = {r["id"]: r["output"] for r in json.loads((split / "train.json").read_text(encoding="utf-8"))}
+    dialogue_ids = [i for i in gold if "-dlg-" in i]
+    assert [r["id"] for r in noisy] == dialogue_ids and len(plants) == round(0.2 * len(dialogue_ids))
+    planted = {p["id"]: p["planted"] for p in plants}
+    for r in noisy:
+        assert r["output"] == planted.get(r["id"], gold[r["id"]])
+    assert all(p["gold"] == gold[p["id"]] != p["planted"] and p["planted"] in DIALOGUE_LABELS for p in plants)
+    first = (out / "plants.json").read_bytes()
+    assert call_main(noise_main, *args).returncode == 0 and (out / "plants.json").read_bytes() == first  # seeded
+
+    ids = list(planted)
+    suspects = [Correction(i, "suspected", planted[i], gold[i] if n < 3 else DIALOGUE_LABELS[0], source="kfold")
+                for n, i in enumerate(ids[:5])]
+    suspects += [Correction(i, "suspected", gold[i], DIALOGUE_LABELS[1], source="kfold")
+                 for i in dialogue_ids if i not in planted][:2]
+    path = tmp_path / "suspects.jsonl"
+    path.write_text("".join(json.dumps(c.to_dict(), ensure_ascii=False) + "\n" for c in suspects), encoding="utf-8")
+    proc = call_main(noise_main, "score", "--plants", out / "plants.json", "--suspects", path, "--out",
+                     tmp_path / "score.json")
+    assert proc.returncode == 0
+    score = json.loads((tmp_path / "score.json").read_text(encoding="utf-8"))
+    assert (score["plants"], score["suspects"], score["planted_found"]) == (len(plants), 7, 5)
+    assert score["recall"] == round(5 / len(plants), 4) and score["precision"] == round(5 / 7, 4)
+    assert score["found_proposing_the_original_label"] == 3 and len(score["unplanted_suspects"]) == 2
+    assert score["missed"] == sorted(ids[5:])
+    path.write_text("", encoding="utf-8")  # tools.kfold found nothing
+    assert call_main(noise_main, "score", "--plants", out / "plants.json", "--suspects", path, "--out",
+                     tmp_path / "score.json").returncode == 0
+    score = json.loads((tmp_path / "score.json").read_text(encoding="utf-8"))
+    assert (score["suspects"], score["recall"], score["precision"]) == (0, 0.0, None)
+
+    proc = call_main(noise_main, "inject", "--train_file", split / "train.json", "--out", tmp_path / "x", "--rate",
+                     "1.5")
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "error: --rate: expected a share between 0 and 1, got 1.5"]
+    assert not (tmp_path / "x").exists()

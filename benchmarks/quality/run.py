@@ -2,7 +2,7 @@
 
     python benchmarks/quality/run.py --train_file T.json --test_file S.json --image_dir IMAGES --seeds 0 1 \
         --out NAME (--model_dir M | --gguf G.gguf) [--workdir W] [--info_file OCR.jsonl] [--smoke]
-    [--variant NAME="TOOLS.CONVERT ARGS" ...] [--variant_epochs NAME=EPOCHS ...]
+    [--variant NAME="TOOLS.CONVERT ARGS" ...] [--variant_epochs NAME=EPOCHS ...] [--variant_reasons NAME=R.jsonl ...]
 
 Every stage goes through the project's own tools, as a user would run them:
   model      tools.make_tiny_model --preset real-0.5b --gguf G (real Qwen2.5-Coder-0.5B-Instruct language model,
@@ -21,7 +21,9 @@ Every stage goes through the project's own tools, as a user would run them:
   ocr        the same train and infer on `tools.convert --prompt_variant` data with screenshot text, when tools.convert
              offers the variant and --info_file is given; else recorded as not run
   variants   per --variant NAME="ARGS": the same train and infer on data converted with those tools.convert
-             arguments (train, test and evaluation split; train-only flags such as --augment on the train file only)
+             arguments (train, test and evaluation split; train-only flags such as --augment on the train file only);
+             with --variant_reasons NAME=R, its train file also gets the reasons of R as a second exchange
+             (tools.merge_cot --layout second_turn) while its test files stay plain
   report     benchmarks/quality/results/NAME.json (per-task weighted F1, mean and per seed, under `untrained`,
              `fine_tuned`, `fine_tuned_ocr`, `tfidf_anchor`, and `variants` with each one's difference against
              `fine_tuned`; `eval_f1_curves` and `loss_curves` per run), NAME_eval_f1.png (the callback's eval_f1
@@ -79,7 +81,9 @@ TASKS = ("image", "dialogue", "overall")
 OCR_CONVERT_ARGS = "--prompt_variant screenshot_text --info_file {info_file}"
 # tools.convert flags that act on a train file's train split only: a variant's test and evaluation conversions leave
 # them out (tools.convert refuses --augment on a test file, and the labelled test split must not get copies).
-TRAIN_ONLY_CONVERT_FLAGS = ("--augment", "--augment_mask_ratio")
+# --corrections_file too: its ids are train records (tools.convert refuses ids a file lacks), and the test split's gold
+# labels stay as given.
+TRAIN_ONLY_CONVERT_FLAGS = ("--augment", "--augment_mask_ratio", "--corrections_file")
 # tools.convert flags the harness sets for each conversion itself
 HARNESS_CONVERT_FLAGS = ("--input_file", "--image_dir", "--output_dir", "--val_size", "--kind")
 # run and data folders, stage and report names the harness uses itself
@@ -120,12 +124,19 @@ class Variant:
     train_args: list[str]
     test_args: list[str]
     epochs: float | None = None  # --variant_epochs: its runs' epochs (default: the recipe's)
+    reasons: Path | None = None  # --variant_reasons: tools.merge_cot --layout second_turn on its train file
+
+    @property
+    def plain(self) -> bool:
+        """No conversion arguments and no reasons: the label runs' data, trained for --variant_epochs (e.g. the
+        equal-steps control for --augment 1), converted and tokenized once for both."""
+        return not self.train_args and self.reasons is None
 
     def data(self, work: Path) -> Path:
-        return work / f"data_{self.name}"
+        return work / "data" if self.plain else work / f"data_{self.name}"
 
     def evald(self, work: Path) -> Path:
-        return work / f"eval_{self.name}"
+        return work / "eval" if self.plain else work / f"eval_{self.name}"
 
 
 @dataclass
@@ -280,8 +291,15 @@ def train_steps(plan: Plan, rows: int | None = None, epochs: float | None = None
     return max(1, int(per_epoch * (r.epochs if epochs is None else epochs))) if not plan.smoke else 2
 
 
+def train_file_of(data: Path) -> Path:
+    """The file registered as mire_train in `data` (a --variant_reasons variant's is merge_cot's output)."""
+    info = data / "dataset_info.json"
+    entry = read_json(info).get("mire_train") if info.is_file() else None
+    return data / (entry["file_name"] if entry else "mire_train.json")
+
+
 def train_rows(data: Path) -> int:
-    return len(read_json(data / "mire_train.json"))
+    return len(read_json(train_file_of(data)))
 
 
 def train_overrides(plan: Plan, data: Path, out: Path, seed: int, tokenized: Path | None = None,
@@ -452,8 +470,6 @@ def parse_variant(spec: str, info_file: Path | None) -> Variant:
         tokens = shlex.split(text)
     except ValueError as exc:
         refuse(f"cannot split the arguments ({exc})")
-    if not tokens:
-        refuse("no tools.convert arguments (the plain data is the fine_tuned row already)")
     parser = make_parser(ConvertArguments, add_help=False, exit_on_error=False)
     known = {o for a in parser._actions for o in a.option_strings}
     for token in tokens:
@@ -501,6 +517,28 @@ def set_variant_epochs(variants: list[Variant], spec: str) -> None:
     variant.epochs = epochs
 
 
+def set_variant_reasons(variants: list[Variant], spec: str) -> None:
+    """--variant_reasons NAME=REASONS_JSONL onto the --variant NAME; bad: one line, exit 2."""
+    name, sep, text = spec.partition("=")
+    variant = next((v for v in variants if v.name == name), None)
+    if not sep or not text:
+        raise MireInputError(f"--variant_reasons {spec!r}: expected NAME=REASONS_JSONL")
+    if variant is None:
+        raise MireInputError(f"--variant_reasons {spec!r}: no --variant named {name!r}")
+    if variant.reasons is not None:
+        raise MireInputError(f"--variant_reasons {spec!r}: {name!r} is given twice")
+    path = Path(text).absolute()
+    if not path.is_file():
+        raise MireInputError(problem(path, None, None, f"--variant_reasons {name}: file not found"))
+    variant.reasons = path
+
+
+def check_variant_has_work(v: Variant) -> None:
+    if v.plain and v.epochs is None:
+        raise MireInputError(f"--variant {v.name + '=' + v.convert_args!r}: no tools.convert arguments, "
+                             "--variant_reasons or --variant_epochs (the plain data is the fine_tuned row already)")
+
+
 def _number(token: str) -> bool:
     try:
         float(token)
@@ -517,8 +555,13 @@ def check_variant_specs(plan: Plan) -> None:
     work folder already has is refused (its runs would mix two data variants)."""
     for v in plan.variants:
         path = v.data(plan.work) / VARIANT_SPEC
-        if path.is_file():
-            before = json.loads(path.read_text(encoding="utf-8")).get("convert_args")
+        if path.is_file() and not v.plain:
+            spec = json.loads(path.read_text(encoding="utf-8"))
+            before = spec.get("convert_args")
+            if spec.get("reasons") != (v.reasons and v.reasons.name):
+                raise MireInputError(problem(plan.work, None, None, f"--variant {v.name}: this work folder merged "
+                                             f"reasons {spec.get('reasons')!r} into it, not "
+                                             f"{v.reasons and v.reasons.name!r}; use another name or --workdir"))
             if before != v.convert_args:
                 raise MireInputError(problem(plan.work, None, None, f"--variant {v.name}: this work folder converted "
                                              f"it with {before!r}, not {v.convert_args!r}; use another name or "
@@ -526,9 +569,16 @@ def check_variant_specs(plan: Plan) -> None:
 
 
 def convert_variant(plan: Plan, v: Variant) -> None:
-    convert_data(plan, v.data(plan.work), v.evald(plan.work), v.train_args, f"_{v.name}", v.test_args)
-    write_json_atomic(v.data(plan.work) / VARIANT_SPEC, {"convert_args": v.convert_args, "train_args": v.train_args,
-                                                         "test_args": v.test_args})
+    data = v.data(plan.work)
+    convert_data(plan, data, v.evald(plan.work), v.train_args, f"_{v.name}", v.test_args)
+    if v.reasons is not None:
+        # the reasoned train file is registered as mire_train (what every run trains on); the test and evaluation
+        # files stay plain: inference asks the first exchange only
+        run_in_process(plan, f"merge_cot_{v.name}", "tools.merge_cot", "--layout", "second_turn", "--dataset_file",
+                       data / "mire_train.json", "--reasons_file", v.reasons, "--output_file",
+                       data / "mire_train_reason.json", "--dataset_name", "mire_train")
+    write_json_atomic(data / VARIANT_SPEC, {"convert_args": v.convert_args, "train_args": v.train_args,
+                                            "test_args": v.test_args, "reasons": v.reasons and v.reasons.name})
 
 
 def variant_ready(plan: Plan, v: Variant) -> bool:
@@ -734,8 +784,9 @@ def variant_report(plan: Plan, v: Variant, fine_tuned: dict) -> dict:
         mean = None if None in (mine["mean"], base["mean"]) else round(mine["mean"] - base["mean"], 4)
         diff[task] = {"mean": mean, "per_seed": per_seed}
     data = v.data(plan.work)
-    rows = train_rows(data) if (data / "mire_train.json").is_file() else None
+    rows = train_rows(data) if data_ready(data) else None
     return {**scores, "convert_args": v.convert_args, "test_convert_args": shlex.join(v.test_args),
+            "reasons_second_turn": v.reasons and v.reasons.name,
             "epochs": run_epochs(plan, v.name),
             "train_rows": rows, "train_steps": train_steps(plan, rows, run_epochs(plan, v.name)) if rows is not None else None,
             "vs_fine_tuned": diff}
@@ -875,9 +926,14 @@ def _run(plan: Plan, results_dir: Path) -> dict:
               "_ocr")
         runs += [("ocr", data_ocr, seed) for seed in plan.seeds]
     for v in plan.variants:
-        stage(plan, f"data_{v.name}", variant_ready(plan, v), convert_variant, plan, v)
+        if not v.plain:
+            stage(plan, f"data_{v.name}", variant_ready(plan, v), convert_variant, plan, v)
         runs += [(v.name, v.data(plan.work), seed) for seed in plan.seeds]
-    for variant, variant_data in dict.fromkeys((v, d) for v, d, _ in runs):
+    # one tokenization per data folder (a plain --variant trains the label runs' data), named by its first variant
+    first: dict[Path, str] = {}
+    for variant, variant_data, _ in runs:
+        first.setdefault(variant_data, variant)
+    for variant_data, variant in first.items():
         stage(plan, f"tokenize_{variant}", tokenized(plan, variant_data), tokenize, plan, variant_data, variant)
     if plan.prepare_only:
         log(f"\nprepared (--prepare_only): {time.perf_counter() - start:.0f} s; the same command without it trains "
@@ -918,6 +974,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variant_epochs", action="append", default=[], metavar="NAME=EPOCHS",
                    help="a --variant's runs train EPOCHS epochs instead of the recipe's, e.g. plain6=6 with "
                         "--variant plain6=\"--augment 0\": the plain data for as many steps as --augment 1 at 3")
+    p.add_argument("--variant_reasons", action="append", default=[], metavar="NAME=REASONS_JSONL",
+                   help="a --variant's train file gets these reasons as a second exchange (tools.merge_cot --layout "
+                        "second_turn; records without a usable reason dropped, as merge_cot does); its test and "
+                        "evaluation files stay as converted, e.g. reason=\"\" with reason=reasons.jsonl")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     p.add_argument("--results_dir", type=Path, default=RESULTS)
     p.add_argument("--parallel", type=int, default=1,
@@ -953,6 +1013,10 @@ def main(argv: list[str] | None = None) -> int:
         raise MireInputError(f"--variant: the name {next(n for n in names if names.count(n) > 1)!r} is given twice")
     for spec in args.variant_epochs:
         set_variant_epochs(variants, spec)
+    for spec in args.variant_reasons:
+        set_variant_reasons(variants, spec)
+    for v in variants:
+        check_variant_has_work(v)
     if args.device == "auto":
         import torch
 

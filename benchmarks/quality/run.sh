@@ -4,6 +4,7 @@
 # gives the whole call sequence.
 #   bash benchmarks/quality/run.sh install            # the carried .whl kit -> /tmp/site
 #   bash benchmarks/quality/run.sh keep .stage/NAME.partNN ...   # GGUF pieces -> $STAGE (one call per piece)
+#   bash benchmarks/quality/run.sh unpack MANIFEST [NAME]         # or: one chunked tar of kit, data and GGUF
 #   bash benchmarks/quality/run.sh start NAME [run.py args]      # carried data -> $STAGE, join the GGUF, copy the
 #                                      # code, start the harness detached, follow it for up to WAIT_S seconds
 #   bash benchmarks/quality/run.sh wait NAME          # follow it again; when done, results and logs -> $OUT
@@ -38,6 +39,24 @@ case $cmd in
       transformers.__version__, 'llamafactory', llamafactory.__version__, 'gguf', m.version('gguf'))" ;;
   keep)
     python3 benchmarks/gpu/chunks.py keep "$@" --dest "$STAGE" ;;
+  unpack)
+    # one tar of .whl, .gpu_data/quality and .real_models/GGUF, chunked (chunks.py split --size_mb 53: with the
+    # working tree, about 10.5 MiB now, a piece must stay under a call's 64 MiB), its pieces kept call by call:
+    #   bash benchmarks/quality/run.sh unpack MANIFEST [NAME]   # join, check, untar, install the kit in $SITE,
+    #                                                           # data -> $STAGE/quality, NAME's precomputed anchors
+    manifest=${1:?usage: run.sh unpack MANIFEST [NAME]}; name=${2:-}
+    python3 benchmarks/gpu/chunks.py join --manifest "$manifest" --dest "$STAGE" || exit 1
+    rm -rf "$STAGE/payload" && mkdir -p "$STAGE/payload" && tar xf "$STAGE/payload.tar" -C "$STAGE/payload" || exit 1
+    rm -f "$STAGE/payload.tar"
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+      "$STAGE"/payload/.whl/*.whl || exit 1
+    rm -rf "$STAGE/quality" && cp -r "$STAGE/payload/.gpu_data/quality" "$STAGE/quality" || exit 1
+    ln -sfn "$STAGE/payload/.real_models/$GGUF_NAME" "$STAGE/$GGUF_NAME"
+    if [ -n "$name" ] && [ -d "$STAGE/quality/anchor" ]; then
+      mkdir -p "$STAGE/work/$name/anchor" && cp "$STAGE"/quality/anchor/seed*.json "$STAGE/work/$name/anchor/"
+    fi
+    ls "$STAGE/quality" && PYTHONPATH=$SITE python3 -c "import transformers, llamafactory; print('transformers', \
+      transformers.__version__, 'llamafactory', llamafactory.__version__)" ;;
   start)
     name=${1:-}; [ -n "$name" ] || { echo "usage: run.sh start NAME [run.py args]"; exit 2; }; shift
     [ -d "$SITE/llamafactory" ] || { echo "no kit in $SITE: run.sh install first (carry .whl)"; exit 1; }
@@ -73,5 +92,5 @@ case $cmd in
     echo "started $name (log $STAGE/$name.log)"; follow "$name" ;;
   wait)
     [ -n "${1:-}" ] || { echo "usage: run.sh wait NAME"; exit 2; }; follow "$1" ;;
-  *) echo "usage: run.sh install | keep PIECES | start NAME [args] | wait NAME"; exit 2 ;;
+  *) echo "usage: run.sh install | keep PIECES | unpack MANIFEST [NAME] | start NAME [args] | wait NAME"; exit 2 ;;
 esac
