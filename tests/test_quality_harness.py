@@ -551,6 +551,11 @@ def test_label_noise_plants_errors_and_scores_suspects(split, tmp_path):
                      tmp_path / "score.json").returncode == 0
     score = json.loads((tmp_path / "score.json").read_text(encoding="utf-8"))
     assert (score["suspects"], score["recall"], score["precision"]) == (0, 0.0, None)
+    (tmp_path / "bad.json").write_text("[1]", encoding="utf-8")
+    proc = call_main(noise_main, "score", "--plants", tmp_path / "bad.json", "--suspects", path)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'bad.json'}: record #0: expected a list of {{id, gold, planted}} (label_noise.py inject "
+        "writes it)"]
 
     proc = call_main(noise_main, "inject", "--train_file", split / "train.json", "--out", tmp_path / "x", "--rate",
                      "1.5")

@@ -102,7 +102,12 @@ def main(argv: list[str] | None = None) -> int:
     # tools.kfold writes an empty suspects file when every out-of-fold label agrees with gold (or none parses);
     # read_corrections refuses an empty corrections file, which is right for tools.convert, not here
     empty = not args.suspects.read_text(encoding="utf-8").strip()
-    result = score(read_json(args.plants), [] if empty else [c.to_dict() for c in read_corrections(args.suspects)])
+    plants = read_json(args.plants)
+    for n, plant in enumerate(plants if isinstance(plants, list) else [None]):
+        if not (isinstance(plant, dict) and all(isinstance(plant.get(k), str) for k in ("id", "gold", "planted"))):
+            raise MireInputError(problem(args.plants, n, None, "expected a list of {id, gold, planted} (label_noise.py "
+                                                               "inject writes it)"))
+    result = score(plants, [] if empty else [c.to_dict() for c in read_corrections(args.suspects)])
     if args.out:
         write_json_atomic(args.out, result)
     print(json.dumps({k: v for k, v in result.items() if k != "unplanted_suspects"}, ensure_ascii=False))
