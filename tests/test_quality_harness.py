@@ -28,6 +28,16 @@ def anchor(*args):
     return call_main(main, *args)
 
 
+def refused_before_any_stage(split, tmp_path, *flags):
+    """benchmarks/quality/run.py's main on the split with these flags added: it must exit 2 before any stage."""
+    from benchmarks.quality.run import main
+
+    proc = call_main(main, "--train_file", split / "train.json", "--test_file", split / "test.json", "--image_dir",
+                     split / "images", "--out", "t", "--workdir", tmp_path / "w", "--device", "cpu", *flags)
+    assert not (tmp_path / "w").exists()
+    return proc
+
+
 @pytest.fixture(scope="module")
 def split(tmp_path_factory):
     """A labelled train and test file sharing one image folder, and an info file with each image's 'screenshot
@@ -121,22 +131,13 @@ def test_screenshot_text_hook(split, tmp_path):
     ("a=--info_file {info_file}", "{info_file} needs --info_file"),
 ])
 def test_bad_variant_is_one_line(split, tmp_path, spec, message):
-    from benchmarks.quality.run import main
-
-    proc = call_main(main, "--train_file", split / "train.json", "--test_file", split / "test.json", "--image_dir",
-                     split / "images", "--out", "t", "--workdir", tmp_path / "w", "--device", "cpu",
-                     "--variant", "ok=--augment 1", "--variant", spec)
+    proc = refused_before_any_stage(split, tmp_path, "--variant", "ok=--augment 1", "--variant", spec)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"error: --variant {spec!r}: {message}"]
-    assert not (tmp_path / "w").exists()  # refused before any stage
 
 
 def test_variant_name_given_twice_is_one_line(split, tmp_path):
-    from benchmarks.quality.run import main
-
-    proc = call_main(main, "--train_file", split / "train.json", "--test_file", split / "test.json", "--image_dir",
-                     split / "images", "--out", "t", "--workdir", tmp_path / "w", "--device", "cpu",
-                     "--variant", "aug=--augment 1", "--variant", "aug=--augment 2")
+    proc = refused_before_any_stage(split, tmp_path, "--variant", "aug=--augment 1", "--variant", "aug=--augment 2")
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["error: --variant: the name 'aug' is given twice"]
 
@@ -252,15 +253,10 @@ def test_harness_smoke_every_stage_then_resumes(split, tiny_model_dir, tmp_path)
     ("reason=absent.jsonl", "{cwd}/absent.jsonl: --variant_reasons reason: file not found"),
 ])
 def test_bad_variant_reasons_is_one_line(split, tmp_path, spec, message, monkeypatch):
-    from benchmarks.quality.run import main
-
     monkeypatch.chdir(tmp_path)
-    proc = call_main(main, "--train_file", split / "train.json", "--test_file", split / "test.json", "--image_dir",
-                     split / "images", "--out", "t", "--workdir", tmp_path / "w", "--device", "cpu",
-                     "--variant", "reason=", "--variant_reasons", spec)
+    proc = refused_before_any_stage(split, tmp_path, "--variant", "reason=", "--variant_reasons", spec)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"error: {message.format(cwd=tmp_path)}"]
-    assert not (tmp_path / "w").exists()  # refused before any stage
 
 
 def test_reasons_variant_trains_on_a_second_turn_and_tests_plain(split, tmp_path):
@@ -328,14 +324,9 @@ def test_reasons_variant_trains_on_a_second_turn_and_tests_plain(split, tmp_path
     ("plain6", "expected NAME=EPOCHS with EPOCHS a number above 0"),
 ])
 def test_bad_variant_epochs_is_one_line(split, tmp_path, spec, message):
-    from benchmarks.quality.run import main
-
-    proc = call_main(main, "--train_file", split / "train.json", "--test_file", split / "test.json", "--image_dir",
-                     split / "images", "--out", "t", "--workdir", tmp_path / "w", "--device", "cpu",
-                     "--variant", "plain6=--augment 0", "--variant_epochs", spec)
+    proc = refused_before_any_stage(split, tmp_path, "--variant", "plain6=--augment 0", "--variant_epochs", spec)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"error: --variant_epochs {spec!r}: {message}"]
-    assert not (tmp_path / "w").exists()  # refused before any stage
 
 
 def test_variant_epochs_reach_its_runs_and_a_run_of_other_steps_trains_anew(split, tmp_path):

@@ -973,7 +973,7 @@ def main(argv: list[str] | None = None) -> int:
                         "under variants.NAME, e.g. augment=\"--augment 1\" ({info_file} is replaced)")
     p.add_argument("--variant_epochs", action="append", default=[], metavar="NAME=EPOCHS",
                    help="a --variant's runs train EPOCHS epochs instead of the recipe's, e.g. plain6=6 with "
-                        "--variant plain6=\"--augment 0\": the plain data for as many steps as --augment 1 at 3")
+                        "--variant plain6= (empty ARGS: the label runs' data): as many steps as --augment 1 at 3")
     p.add_argument("--variant_reasons", action="append", default=[], metavar="NAME=REASONS_JSONL",
                    help="a --variant's train file gets these reasons as a second exchange (tools.merge_cot --layout "
                         "second_turn; records without a usable reason dropped, as merge_cot does); its test and "
