@@ -251,9 +251,11 @@ def test_harness_smoke_every_stage_then_resumes(split, tiny_model_dir, tmp_path)
     ("reason", "--variant_reasons 'reason': expected NAME=REASONS_JSONL"),
     ("reason=", "--variant_reasons 'reason=': expected NAME=REASONS_JSONL"),
     ("reason=absent.jsonl", "{cwd}/absent.jsonl: --variant_reasons reason: file not found"),
+    ("reason=bad.jsonl", "{cwd}/bad.jsonl: line 1: not valid JSON (Expecting property name enclosed in double quotes)"),
 ])
 def test_bad_variant_reasons_is_one_line(split, tmp_path, spec, message, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "bad.jsonl").write_text("{oops\n", encoding="utf-8")
     proc = refused_before_any_stage(split, tmp_path, "--variant", "reason=", "--variant_reasons", spec)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"error: {message.format(cwd=tmp_path)}"]

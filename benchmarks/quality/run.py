@@ -530,6 +530,9 @@ def set_variant_reasons(variants: list[Variant], spec: str) -> None:
     path = Path(text).absolute()
     if not path.is_file():
         raise MireInputError(problem(path, None, None, f"--variant_reasons {name}: file not found"))
+    from mire_factory.reasons import load_reasons
+
+    load_reasons(path)  # a bad line is refused here, in one line, not at the merge stage
     variant.reasons = path
 
 
