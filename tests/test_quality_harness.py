@@ -555,3 +555,52 @@ def test_label_noise_plants_errors_and_scores_suspects(split, tmp_path):
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         "error: --rate: expected a share between 0 and 1, got 1.5"]
     assert not (tmp_path / "x").exists()
+
+
+def test_label_noise_review_writes_corrections_that_tools_convert_applies(split, tmp_path):
+    """label_noise.py review: a reviewer's corrections file for the suspects (right proposals accepted, or every
+    suspected plant relabelled), which tools.convert applies to the whole noisy train file: the F1 arm of item 5."""
+    from benchmarks.quality.label_noise import main as noise_main
+    from mire_factory.corrections import Correction, read_corrections
+    from mire_factory.taxonomy import DIALOGUE_LABELS
+
+    out = tmp_path / "noise"
+    assert call_main(noise_main, "inject", "--train_file", split / "train.json", "--out", out, "--rate", "0.2",
+                     "--seed", "3").returncode == 0
+    plants = {p["id"]: p for p in json.loads((out / "plants.json").read_text(encoding="utf-8"))}
+    gold = {r["id"]: r["output"] for r in json.loads((split / "train.json").read_text(encoding="utf-8"))}
+    assert len(json.loads((out / "train_noisy.json").read_text(encoding="utf-8"))) == len(gold)  # every task
+    ids, clean = list(plants), [i for i in gold if "-dlg-" in i and i not in plants]
+    wrong = [label for label in DIALOGUE_LABELS if label not in {plants[ids[2]]["gold"], plants[ids[2]]["planted"]}]
+    suspects = [Correction(i, "suspected", plants[i]["planted"], plants[i]["gold"], source="kfold") for i in ids[:2]]
+    suspects += [Correction(ids[2], "suspected", plants[ids[2]]["planted"], wrong[0], source="kfold"),
+                 Correction(clean[0], "suspected", gold[clean[0]], wrong[1], source="kfold")]
+    path = tmp_path / "suspects.jsonl"
+    path.write_text("".join(json.dumps(c.to_dict(), ensure_ascii=False) + "\n" for c in suspects), encoding="utf-8")
+    accepted = {}
+    for reviewer in ("proposals", "oracle"):
+        target = tmp_path / f"{reviewer}.jsonl"
+        proc = call_main(noise_main, "review", "--plants", out / "plants.json", "--suspects", path, "--out", target,
+                         "--reviewer", reviewer)
+        assert proc.returncode == 0
+        lines = read_corrections(target)
+        assert [c.id for c in lines] == [c.id for c in suspects]
+        accepted[reviewer] = {c.id: c.label for c in lines if c.status == "accepted"}
+        assert all(c.status == "rejected" for c in lines if c.id not in accepted[reviewer])
+    assert accepted["proposals"] == {i: plants[i]["gold"] for i in ids[:2]}
+    assert accepted["oracle"] == {i: plants[i]["gold"] for i in ids[:3]}
+
+    proc = subprocess.run([sys.executable, "-m", "tools.convert", "--input_file", out / "train_noisy.json",
+                           "--image_dir", split / "images", "--output_dir", tmp_path / "conv", "--corrections_file",
+                           tmp_path / "oracle.jsonl", "--val_size", "0"], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "3 accepted applied (3 label changes" in proc.stdout
+    rows = json.loads((tmp_path / "conv" / "mire_train.json").read_text(encoding="utf-8"))
+    assert len(rows) == len(gold)
+
+    path.write_text("", encoding="utf-8")
+    proc = call_main(noise_main, "review", "--plants", out / "plants.json", "--suspects", path, "--out",
+                     tmp_path / "none.jsonl")
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"error: {path}: no suspects to review (empty file)"]
+    assert not (tmp_path / "none.jsonl").exists()

@@ -14,6 +14,14 @@ python benchmarks/quality/label_noise.py score --plants DIR/plants.json --suspec
 -> precision and recall of the suspects against the plants, how many suspects propose the original label back
    (the fix a reviewer would accept), and the suspects among unplanted records (label errors of the data itself, or
    the models' mistakes: for people to judge).
+python benchmarks/quality/label_noise.py review --plants DIR/plants.json --suspects KFOLD/suspects.jsonl
+    --out C.jsonl [--reviewer proposals|oracle]
+-> the corrections file a reviewer of the suspects would save (review.html's accepted and rejected lines), for
+   `tools.convert --corrections_file` on DIR/train_noisy.json: the F1 of training on it against training on the
+   noisy file is what the out-of-fold check is worth. `proposals`: a reviewer who accepts a suspect whose proposed
+   label is the right one and rejects every other suspect; `oracle`: one who also relabels every suspected plant to
+   its right label (the most a review of these suspects can fix). Unplanted suspects are rejected (the public
+   labels taken as right).
 """
 
 from __future__ import annotations
@@ -70,6 +78,19 @@ def score(plants: list[dict], suspects: list[dict]) -> dict:
     }
 
 
+def review(plants: list[dict], suspects: list[dict], reviewer: str) -> list[dict]:
+    """Corrections lines (accepted or rejected) for every suspect, as `reviewer` would judge them."""
+    planted = {p["id"]: p for p in plants}
+    out = []
+    for s in suspects:
+        plant = planted.get(s["id"])
+        right = plant["gold"] if plant else s["gold"]
+        fix = plant is not None and (reviewer == "oracle" or s["label"] == right)
+        out.append({**s, "status": "accepted" if fix else "rejected", "label": right if fix else s["label"],
+                    "by": f"label_noise.py review ({reviewer})"})
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -84,6 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--plants", type=Path, required=True)
     s.add_argument("--suspects", type=Path, required=True, help="tools.kfold's suspects.jsonl")
     s.add_argument("--out", type=Path, help="write the score here too (JSON)")
+    r = sub.add_parser("review", help="the corrections file a reviewer of the suspects would save")
+    r.add_argument("--plants", type=Path, required=True)
+    r.add_argument("--suspects", type=Path, required=True, help="tools.kfold's suspects.jsonl")
+    r.add_argument("--out", type=Path, required=True, help="the corrections file (JSON lines)")
+    r.add_argument("--reviewer", choices=["proposals", "oracle"], default="proposals")
     args = p.parse_args(argv)
     if args.command == "inject":
         if not 0 < args.rate < 1:
@@ -107,7 +133,17 @@ def main(argv: list[str] | None = None) -> int:
         if not (isinstance(plant, dict) and all(isinstance(plant.get(k), str) for k in ("id", "gold", "planted"))):
             raise MireInputError(problem(args.plants, n, None, "expected a list of {id, gold, planted} (label_noise.py "
                                                                "inject writes it)"))
-    result = score(plants, [] if empty else [c.to_dict() for c in read_corrections(args.suspects)])
+    suspects = [] if empty else [c.to_dict() for c in read_corrections(args.suspects)]
+    if args.command == "review":
+        if not suspects:
+            raise MireInputError(problem(args.suspects, None, None, "no suspects to review (empty file)"))
+        lines = review(plants, suspects, args.reviewer)
+        with OutputSet() as outs:
+            outs.write_jsonl(args.out, lines)
+        accepted = sum(line["status"] == "accepted" for line in lines)
+        print(f"{accepted} of {len(lines)} suspects accepted ({args.reviewer}), the rest rejected: {args.out}")
+        return 0
+    result = score(plants, suspects)
     if args.out:
         write_json_atomic(args.out, result)
     print(json.dumps({k: v for k, v in result.items() if k != "unplanted_suspects"}, ensure_ascii=False))
