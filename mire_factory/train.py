@@ -12,6 +12,9 @@ OmegaConf), plus our own keys, removed before LLaMA-Factory sees them:
     varlen flash kernel on CUDA) instead of through a dense block-diagonal mask;
   mire_label_logits_only (default false): in training, the output layer and the loss at the label positions only,
     not at every prompt position (exact: the same loss; label_logits.py says why);
+  mire_checkpoint_layers (default unset: LLaMA-Factory's checkpointing of every layer): an integer K, gradient
+    checkpointing in the first K language-model decoder layers only, the others keeping their activations (less
+    recompute, more memory; vision blocks as LLaMA-Factory sets them; checkpoint_layers.py says how);
   mire_nan_guard (default true): stop at the first logged non-finite grad_norm or loss, save no final model, and
     exit 4 with one line naming the step, the value and the likely fixes (nan_guard.py);
   mire_tokenize_only (default false): with tokenized_path, only tokenize the train and evaluation datasets (no
@@ -39,7 +42,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from . import attention, label_logits
+from . import attention, checkpoint_layers, label_logits
 from .cot import SECOND_TURN
 from .dataset_info import COT_LAYOUT_KEY, DATASET_INFO, read_dataset_info
 from .f1_callback import F1Callback
@@ -50,7 +53,8 @@ from .rules import MAX_NEW_TOKENS
 logger = logging.getLogger(__name__)
 
 OWN_KEYS = ("mire_f1_max_new_tokens", "mire_f1_max_samples", "mire_cudnn_sdp", "mire_nan_guard",
-            "mire_tokenize_only", "mire_right_pad_causal", "mire_packed_varlen", "mire_label_logits_only")
+            "mire_tokenize_only", "mire_right_pad_causal", "mire_packed_varlen", "mire_label_logits_only",
+            "mire_checkpoint_layers")
 F1_PLOT_KEYS = ("eval_f1", "eval_f1_image", "eval_f1_dialogue")
 
 
@@ -236,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
             raise MireInputError(problem(config, None, "mire_label_logits_only", "use_liger_kernel already computes "
                                          "the training loss without the full logits; set only one of them"))
         callbacks.append(label_logits.callback())
+    checkpoint_k = checkpoint_layers.read_key(args, config)
+    if checkpoint_k is not None:
+        callbacks.append(checkpoint_layers.callback(checkpoint_k, config))
     started = TrainingStarted()
     callbacks += [started, OptimizerReport()]
     from llamafactory.train.tuner import run_exp

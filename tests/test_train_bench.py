@@ -21,7 +21,8 @@ from conftest import REPO, call_main
                                            ("qwen2_vl_lora_sft", ["mire_right_pad_causal=true",
                                                                   "mire_label_logits_only=true"]),
                                            ("qwen2_vl_2b_full_sft", ["neat_packing=true", "cutoff_len=2048",
-                                                                    "mire_packed_varlen=true"])])
+                                                                    "mire_packed_varlen=true",
+                                                                    "mire_checkpoint_layers=1"])])
 def test_figures_are_written_when_training_ends_before_the_model_is_saved(recipe, extra, tiny_model_dir,
                                                                          tiny_train_data, tmp_path):
     assert importlib.util.find_spec("torchao") is not None  # the dev extra's: the setting LoRA once failed in
@@ -46,6 +47,8 @@ def test_figures_are_written_when_training_ends_before_the_model_is_saved(recipe
                                                                         "mire_packed_varlen=true"))
     assert result["packed_varlen"] is ("mire_packed_varlen=true" in extra)
     assert result["label_logits_only"] is ("mire_label_logits_only=true" in extra)  # through LoRA's wrapper
+    assert result["checkpoint_layers"] == ("gradient checkpointing in 1 of 2 language-model layers (0)"
+                                           if "mire_checkpoint_layers=1" in extra else None)
     # --profile: the untimed warm-up step, its kernels by time beside the figures
     assert result["profiled_step"]["step"] == 0 and result["profiled_step"]["wall_s"] > 0
     profile = out.with_suffix(".profile.txt").read_text()
@@ -83,6 +86,8 @@ def load_script(name: str):
     (["--out", "{tmp}/file/r.json", "configs/qwen2_vl_2b_full_sft.yaml"], "is a file, not a directory"),
     (["--out", "{tmp}/r.json", "configs/qwen2_vl_2b_full_sft.yaml", "mire_packed_varlen=2"],
      "field 'mire_packed_varlen': must be true or false, got 2"),
+    (["--out", "{tmp}/r.json", "configs/qwen2_vl_2b_full_sft.yaml", "mire_checkpoint_layers=-2"],
+     "field 'mire_checkpoint_layers': must be an integer >= 0"),
     (["--profile", "--warmup_steps", "0", "--out", "{tmp}/r.json", "configs/qwen2_vl_2b_full_sft.yaml"],
      "field '--profile': needs --warmup_steps >= 1"),
     # /proc takes no new file, root or not: the line names the --out asked for, not the hidden temp beside it

@@ -13,6 +13,7 @@
 #        ours_7b_1gpu_nogc(_long), ours_7b_1gpu_compile, ours_2b_pack(_nogc), ours_2b_pack20k_nogc, ours_2b_b4, ours_2b_nogc_b2(_long), ours_2b_ao8,
 #        ours_2b_compile; any training NAME+flash (mire_right_pad_causal=true, labelled NAME_flash), NAME+varlen
 #        (mire_packed_varlen=true, labelled NAME_varlen), NAME+logits (mire_label_logits_only=true, NAME_logits),
+#        NAME+gcK (mire_checkpoint_layers=K: checkpointing in the first K language-model layers only, NAME_gcK),
 #        combined as NAME+flash+logits (NAME_flash_logits).
 # Results (JSON + logs) go to $OUT (the device tool fetches it) or /tmp/bench_out.
 # Needs .whl (benchmarks/gpu/fetch_wheels.sh) and .gpu_data (benchmarks/gpu/prepare_data.py) carried along.
@@ -59,6 +60,8 @@ for name in "$@"; do
   # mire_factory/attention.py: SDPA's flash kernel instead of the memory-efficient one), labelled NAME_flash;
   # NAME+varlen: that and packed records attended one by one (mire_packed_varlen), labelled NAME_varlen
   # NAME+logits: the output layer at label positions only (mire_label_logits_only, label_logits.py), NAME_logits;
+  # NAME+gcK: gradient checkpointing in the first K language-model layers only, the others keeping their activations
+  # (mire_checkpoint_layers=K, mire_factory/checkpoint_layers.py), NAME_gcK; NAME must keep checkpointing on
   # suffixes combine (NAME+flash+logits: NAME_flash_logits)
   EXTRA=(); SUFFIX=""
   while [[ $name != bg:* && $name != wait:* && $name == *+* ]]; do
@@ -66,6 +69,7 @@ for name in "$@"; do
       flash) EXTRA=(mire_right_pad_causal=true "${EXTRA[@]}"); SUFFIX=_flash$SUFFIX ;;
       varlen) EXTRA=(mire_packed_varlen=true "${EXTRA[@]}"); SUFFIX=_varlen$SUFFIX ;;
       logits) EXTRA=(mire_label_logits_only=true "${EXTRA[@]}"); SUFFIX=_logits$SUFFIX ;;
+      gc[0-9]*) EXTRA=(mire_checkpoint_layers=${name##*+gc} "${EXTRA[@]}"); SUFFIX=_${name##*+}$SUFFIX ;;
       *) break ;;
     esac
     name=${name%+*}

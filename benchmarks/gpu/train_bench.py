@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from transformers import TrainerCallback  # noqa: E402
 
-from mire_factory import attention  # noqa: E402
+from mire_factory import attention, checkpoint_layers  # noqa: E402
 from mire_factory import label_logits as label_logits_module  # noqa: E402
 from mire_factory.io import MireInputError, OutputSet, problem, run_cli  # noqa: E402
 from mire_factory.train import OptimizerReport, own_flag, read_config, set_cudnn_sdp  # noqa: E402
@@ -157,7 +157,7 @@ class ResultWriter(TrainerCallback):
 
 
 def bench_result(ns, args, timer, report, wall: float, profiler: StepProfiler | None = None,
-                 right_pad=None, label_logits=None) -> dict | None:
+                 right_pad=None, label_logits=None, checkpointing=None) -> dict | None:
     """The figures (None on ranks other than 0)."""
     import torch
 
@@ -206,6 +206,8 @@ def bench_result(ns, args, timer, report, wall: float, profiler: StepProfiler | 
         "right_pad_causal": bool(right_pad and right_pad.enabled),  # mire_factory/attention.py
         "packed_varlen": bool(right_pad and right_pad.enabled and right_pad.packed),
         "label_logits_only": label_only,  # mire_factory/label_logits.py
+        # mire_checkpoint_layers: K of the language model's layers recompute in backward (None: LLaMA-Factory's own)
+        "checkpoint_layers": checkpointing.line if checkpointing is not None else None,
         "wall_s": wall,  # from run_exp's start to the end of training (until 2026-12-03: to the end of the save)
     }
     if profiler is not None and profiler.summary is not None:
@@ -238,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     flags = [own_flag(args, key, False, ns.config) for key in ("mire_right_pad_causal", "mire_packed_varlen")]
     right_pad = attention.callback(packed=flags[1]) if any(flags) else None
     label_logits = label_logits_module.callback() if own_flag(args, "mire_label_logits_only", False, ns.config) else None
+    checkpoint_k = checkpoint_layers.read_key(args, ns.config)
+    checkpointing = checkpoint_layers.callback(checkpoint_k, ns.config) if checkpoint_k is not None else None
     timer = StepTimer(packed=packed)
     report = OptimizerReport()  # which optimizer, state types and parameter dtypes were measured
 
@@ -260,8 +264,9 @@ def main(argv: list[str] | None = None) -> int:
 
         start = time.perf_counter()
         writer = ResultWriter(lambda: write(bench_result(ns, args, timer, report, time.perf_counter() - start,
-                                                         profiler, right_pad, label_logits)))
-        callbacks = [timer, report, writer] + [c for c in (profiler, right_pad, label_logits) if c is not None]
+                                                         profiler, right_pad, label_logits, checkpointing)))
+        callbacks = [timer, report, writer] + [c for c in (profiler, right_pad, label_logits, checkpointing)
+                                               if c is not None]
         run_exp(args=args, callbacks=callbacks)
         if not writer.written:  # a trainer that never reached on_train_end: no figures to report
             print(f"error: training ended without a result for {ns.out}", file=sys.stderr)
