@@ -172,6 +172,9 @@ def test_harness_smoke_every_stage_then_resumes(split, tiny_model_dir, tmp_path)
     proc = script(*args, "--prepare_only")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "the same command without it trains the 6 runs" in proc.stdout
+    # the two data folders are tokenized side by side (--parallel 2): both start before either ends
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("[tokenize_")]
+    assert sorted(lines[:2]) == ["[tokenize_aug_cap] ...", "[tokenize_label] ..."], lines
     prepared = json.loads((work / "timings.json").read_text(encoding="utf-8"))
     assert {"data", "untrained", "tokenize_label", "tokenize_aug_cap"} <= set(prepared)  # the model is given
     assert not {"data_plain2", "tokenize_plain2"} & set(prepared)  # plain2 trains the label runs' data

@@ -161,15 +161,22 @@ class Plan:
     prepare_only: bool = False  # --prepare_only: stop before the first fine-tuning run
 
 
+_LOG = threading.Lock()
+
+
 def log(text: str) -> None:
-    # sys.__stdout__: an in-process tool's redirect_stdout (run_in_process) must not swallow other threads' lines
-    print(text, flush=True, file=sys.__stdout__)
+    # sys.__stdout__: an in-process tool's redirect_stdout (run_in_process) must not swallow other threads' lines;
+    # one write under a lock: print writes the text and the newline apart, so lines of stages side by side interleaved
+    with _LOG:
+        sys.__stdout__.write(text + "\n")
+        sys.__stdout__.flush()
 
 
 # ---------------------------------------------------------------------------------------------------------- stages
 
 
 _IN_PROCESS = threading.Lock()
+_TIMINGS = threading.Lock()
 
 
 class StageFailed(Exception):
@@ -217,8 +224,9 @@ def stage(plan: Plan, name: str, done: bool, fn, *args) -> None:
     log(f"[{name}] ...")
     start = time.perf_counter()
     fn(*args)
-    plan.timings[name] = round(time.perf_counter() - start, 1)
-    write_json_atomic(plan.work / "timings.json", plan.timings)
+    with _TIMINGS:  # stages run side by side (runs, tokenizations): one writer of the dict and its file at a time
+        plan.timings[name] = round(time.perf_counter() - start, 1)
+        write_json_atomic(plan.work / "timings.json", plan.timings)
     log(f"[{name}] {plan.timings[name]:.0f} s")
 
 
@@ -890,18 +898,24 @@ def fine_tune_one(plan: Plan, variant: str, data: Path, seed: int) -> None:
           infer_and_score, plan, run / "ft", data, run / "infer", f"{variant}_s{seed}")
 
 
-def fine_tune_all(plan: Plan, runs: list[tuple[str, Path, int]]) -> None:
-    """Every (variant, data, seed) run, `plan.parallel` at a time: a 0.5B run leaves most of an H200 idle (its steps
-    are launch-bound), so runs side by side finish in about the time of one. Each run is its own subprocesses."""
-    if plan.parallel <= 1:
-        for variant, data, seed in runs:
-            fine_tune_one(plan, variant, data, seed)
+def side_by_side(plan: Plan, jobs: list[tuple]) -> None:
+    """Each job (fn, *args) called, `plan.parallel` at a time (in order when 1). Each job runs its own subprocesses;
+    the first failure is raised after the others finish."""
+    if plan.parallel <= 1 or len(jobs) <= 1:
+        for fn, *args in jobs:
+            fn(*args)
         return
     from concurrent.futures import ThreadPoolExecutor
 
-    with ThreadPoolExecutor(plan.parallel) as pool:
-        for future in [pool.submit(fine_tune_one, plan, variant, data, seed) for variant, data, seed in runs]:
-            future.result()  # the first failure is raised (after the others finish)
+    with ThreadPoolExecutor(min(plan.parallel, len(jobs))) as pool:
+        for future in [pool.submit(*job) for job in jobs]:
+            future.result()
+
+
+def fine_tune_all(plan: Plan, runs: list[tuple[str, Path, int]]) -> None:
+    """Every (variant, data, seed) run, `plan.parallel` at a time: a 0.5B run leaves most of an H200 idle (its steps
+    are launch-bound), so runs side by side finish in about the time of one."""
+    side_by_side(plan, [(fine_tune_one, plan, variant, data, seed) for variant, data, seed in runs])
 
 
 def _run(plan: Plan, results_dir: Path) -> dict:
@@ -936,8 +950,10 @@ def _run(plan: Plan, results_dir: Path) -> dict:
     first: dict[Path, str] = {}
     for variant, variant_data, _ in runs:
         first.setdefault(variant_data, variant)
-    for variant_data, variant in first.items():
-        stage(plan, f"tokenize_{variant}", tokenized(plan, variant_data), tokenize, plan, variant_data, variant)
+    # side by side too: each is a CPU-bound LLaMA-Factory preprocessing (about 95 s on the H200's host, 3 variants
+    # in a row were 5 minutes of an idle GPU)
+    side_by_side(plan, [(stage, plan, f"tokenize_{variant}", tokenized(plan, variant_data), tokenize, plan,
+                         variant_data, variant) for variant_data, variant in first.items()])
     if plan.prepare_only:
         log(f"\nprepared (--prepare_only): {time.perf_counter() - start:.0f} s; the same command without it trains "
             f"the {len(runs)} runs")
