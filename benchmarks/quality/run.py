@@ -1000,7 +1000,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     p.add_argument("--results_dir", type=Path, default=RESULTS)
     p.add_argument("--parallel", type=int, default=1,
-                   help="fine-tuning runs (seeds x variants) side by side on the one GPU (a 0.5B run leaves it idle)")
+                   help="fine-tuning runs (seeds x variants) side by side on the one GPU (a 0.5B run leaves it idle); "
+                        "at most 4 on a 141 GB H200 at --batch_size 2 (about 30 GiB a run; 5 ran out of memory)")
     p.add_argument("--prepare_only", action="store_true",
                    help="stop before the first fine-tuning run (model, data, anchors, untrained pass, tokenization): "
                         "on a shared GPU, the stages that need little of it; rerun without it to train")
