@@ -14,6 +14,7 @@
 #        ours_2b_compile; any training NAME+flash (mire_right_pad_causal=true, labelled NAME_flash), NAME+varlen
 #        (mire_packed_varlen=true, labelled NAME_varlen), NAME+logits (mire_label_logits_only=true, NAME_logits),
 #        NAME+gcK (mire_checkpoint_layers=K: checkpointing in the first K language-model layers only, NAME_gcK),
+#        NAME+liger (enable_liger_kernel=true: Liger's RMSNorm, SwiGLU and mrope kernels, NAME_liger),
 #        combined as NAME+flash+logits (NAME_flash_logits).
 # Results (JSON + logs) go to $OUT (the device tool fetches it) or /tmp/bench_out.
 # Needs .whl (benchmarks/gpu/fetch_wheels.sh) and .gpu_data (benchmarks/gpu/prepare_data.py) carried along.
@@ -62,6 +63,7 @@ for name in "$@"; do
   # NAME+logits: the output layer at label positions only (mire_label_logits_only, label_logits.py), NAME_logits;
   # NAME+gcK: gradient checkpointing in the first K language-model layers only, the others keeping their activations
   # (mire_checkpoint_layers=K, mire_factory/checkpoint_layers.py), NAME_gcK; NAME must keep checkpointing on
+  # NAME+liger: LLaMA-Factory's enable_liger_kernel (Liger's RMSNorm, SwiGLU and mrope kernels), NAME_liger
   # suffixes combine (NAME+flash+logits: NAME_flash_logits)
   EXTRA=(); SUFFIX=""
   while [[ $name != bg:* && $name != wait:* && $name == *+* ]]; do
@@ -70,6 +72,7 @@ for name in "$@"; do
       varlen) EXTRA=(mire_packed_varlen=true "${EXTRA[@]}"); SUFFIX=_varlen$SUFFIX ;;
       logits) EXTRA=(mire_label_logits_only=true "${EXTRA[@]}"); SUFFIX=_logits$SUFFIX ;;
       gc[0-9]*) EXTRA=(mire_checkpoint_layers=${name##*+gc} "${EXTRA[@]}"); SUFFIX=_${name##*+}$SUFFIX ;;
+      liger) EXTRA=(enable_liger_kernel=true "${EXTRA[@]}"); SUFFIX=_liger$SUFFIX ;;
       *) break ;;
     esac
     name=${name%+*}
