@@ -607,3 +607,52 @@ def test_label_noise_review_writes_corrections_that_tools_convert_applies(split,
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         f"error: {path}: no suspects to review (empty file)"]
     assert not (tmp_path / "none.jsonl").exists()
+
+
+def test_runs_out_of_gpu_memory_side_by_side_run_again_fewer_at_a_time(tmp_path, capfd):
+    """The ninth quality lease: five 0.5B runs side by side, one ran out of memory and the harness stopped. Now the
+    runs that fail with PyTorch's out-of-memory message go again after the others, half as many at a time; any other
+    failure, or one at a time, still stops the harness."""
+    import threading
+
+    from benchmarks.quality.run import OutOfGpuMemory, Plan, StageFailed, run_logged, side_by_side_retrying_oom
+
+    plan = Plan(train_file=tmp_path / "t.json", test_file=tmp_path / "t.json", image_dir=tmp_path, test_image_dir=tmp_path,
+                seeds=[0], name="t", work=tmp_path / "w", model_dir=tmp_path / "m", gguf=None, info_file=None,
+                ocr_convert_args="", device="cpu", smoke=False, parallel=4)
+    running, peak, lock = [0], [0], threading.Lock()
+    # the process prints the message torch.cuda's allocator raises and exits 1 while 3 or more run at once
+    crowded = ("import sys; print('torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 7.86 GiB.'); "
+               "sys.exit(1)")
+
+    def job(name: str, fails: str) -> None:
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+            now = running[0]
+        try:
+            import time
+            time.sleep(0.3)  # long enough for the pool's four to overlap
+            code = crowded if fails == "oom" and now >= 3 else (
+                "raise SystemExit('no such file')" if fails == "other" else "print('trained')")
+            run_logged(plan, name, [sys.executable, "-c", code])
+        finally:
+            with lock:
+                running[0] -= 1
+
+    jobs = [(job, f"train_r{i}", "oom" if i in (2, 3) else "none") for i in range(4)]
+    side_by_side_retrying_oom(plan, jobs)
+    out = capfd.readouterr().out
+    assert "[retry] 2 run(s) ran out of GPU memory beside others (train_r2, train_r3): again, 2 at a time" in out
+    assert (plan.work / "logs" / "train_r3.log").read_text().strip() == "trained"  # the retry's own log
+    assert peak[0] == 4
+
+    # a failure that is not out of memory is raised after the others, as before: no retry
+    with pytest.raises(StageFailed, match="train_x: exit code 1") as caught:
+        side_by_side_retrying_oom(plan, [(job, "train_x", "other"), (job, "train_y", "none")])
+    assert not isinstance(caught.value, OutOfGpuMemory) and "[retry]" not in capfd.readouterr().out
+
+    # one at a time there is nothing to wait for: the out-of-memory failure is raised
+    running[0] = 2  # as if two others held the GPU: the job sees 3 running
+    with pytest.raises(OutOfGpuMemory, match="train_z: exit code 1"):
+        side_by_side_retrying_oom(Plan(**{**plan.__dict__, "parallel": 1}), [(job, "train_z", "oom")])

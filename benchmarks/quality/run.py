@@ -183,6 +183,14 @@ class StageFailed(Exception):
     pass
 
 
+class OutOfGpuMemory(StageFailed):
+    """A stage's process ran out of GPU memory: beside other runs, it may fit once they are done."""
+
+
+# PyTorch's two spellings (torch.OutOfMemoryError's message, the older RuntimeError's)
+OOM_MARKERS = ("torch.OutOfMemoryError", "CUDA out of memory")
+
+
 def run_logged(plan: Plan, name: str, cmd: list[str], env: dict | None = None) -> None:
     """A tool as a subprocess from the repo root, its output in W/logs/NAME.log; on failure the log's tail."""
     path = plan.work / "logs" / f"{name}.log"
@@ -196,7 +204,8 @@ def run_logged(plan: Plan, name: str, cmd: list[str], env: dict | None = None) -
                               check=False).returncode
     if code != 0:
         tail = path.read_text(encoding="utf-8", errors="replace").splitlines()[-25:]
-        raise StageFailed(f"{name}: exit code {code}; last lines of {path}:\n" + "\n".join(tail))
+        kind = OutOfGpuMemory if any(m in line for line in tail for m in OOM_MARKERS) else StageFailed
+        raise kind(f"{name}: exit code {code}; last lines of {path}:\n" + "\n".join(tail))
 
 
 def run_in_process(plan: Plan, name: str, module: str, *args) -> None:
@@ -898,24 +907,51 @@ def fine_tune_one(plan: Plan, variant: str, data: Path, seed: int) -> None:
           infer_and_score, plan, run / "ft", data, run / "infer", f"{variant}_s{seed}")
 
 
-def side_by_side(plan: Plan, jobs: list[tuple]) -> None:
-    """Each job (fn, *args) called, `plan.parallel` at a time (in order when 1). Each job runs its own subprocesses;
-    the first failure is raised after the others finish."""
-    if plan.parallel <= 1 or len(jobs) <= 1:
+def side_by_side(plan: Plan, jobs: list[tuple], parallel: int | None = None,
+                 set_aside: type[Exception] | None = None) -> list[tuple[tuple, Exception]]:
+    """Each job (fn, *args) called, `parallel` (default plan.parallel) at a time (in order when 1). Each job runs its
+    own subprocesses; the first failure is raised after the others finish, except that with more than one at a time
+    the jobs failing with `set_aside` are returned with their errors instead."""
+    parallel = plan.parallel if parallel is None else parallel
+    if parallel <= 1 or len(jobs) <= 1:
         for fn, *args in jobs:
             fn(*args)
-        return
+        return []
     from concurrent.futures import ThreadPoolExecutor
 
-    with ThreadPoolExecutor(min(plan.parallel, len(jobs))) as pool:
-        for future in [pool.submit(*job) for job in jobs]:
-            future.result()
+    aside, first_error = [], None
+    with ThreadPoolExecutor(min(parallel, len(jobs))) as pool:
+        futures = [(job, pool.submit(*job)) for job in jobs]
+    for job, future in futures:
+        error = future.exception()
+        if error is None:
+            continue
+        if set_aside is not None and isinstance(error, set_aside):
+            aside.append((job, error))
+        elif first_error is None:
+            first_error = error
+    if first_error is not None:
+        raise first_error
+    return aside
+
+
+def side_by_side_retrying_oom(plan: Plan, jobs: list[tuple]) -> None:
+    """side_by_side, and the jobs that ran out of GPU memory beside others again after them, half as many at a time
+    (down to one, whose failure is raised): a --parallel too high for the GPU costs time, not the finished runs."""
+    parallel = plan.parallel
+    while jobs:
+        aside = side_by_side(plan, jobs, parallel, set_aside=OutOfGpuMemory)
+        jobs = [job for job, _ in aside]
+        if jobs:
+            parallel = max(1, parallel // 2)
+            log(f"[retry] {len(jobs)} run(s) ran out of GPU memory beside others "
+                f"({', '.join(str(e).split(':', 1)[0] for _, e in aside)}): again, {parallel} at a time")
 
 
 def fine_tune_all(plan: Plan, runs: list[tuple[str, Path, int]]) -> None:
     """Every (variant, data, seed) run, `plan.parallel` at a time: a 0.5B run leaves most of an H200 idle (its steps
     are launch-bound), so runs side by side finish in about the time of one."""
-    side_by_side(plan, [(fine_tune_one, plan, variant, data, seed) for variant, data, seed in runs])
+    side_by_side_retrying_oom(plan, [(fine_tune_one, plan, variant, data, seed) for variant, data, seed in runs])
 
 
 def _run(plan: Plan, results_dir: Path) -> dict:
@@ -1001,7 +1037,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results_dir", type=Path, default=RESULTS)
     p.add_argument("--parallel", type=int, default=1,
                    help="fine-tuning runs (seeds x variants) side by side on the one GPU (a 0.5B run leaves it idle); "
-                        "at most 4 on a 141 GB H200 at --batch_size 2 (about 30 GiB a run; 5 ran out of memory)")
+                        "at most 4 on a 141 GB H200 at --batch_size 2 (about 30 GiB a run; 5 ran out of memory); a run that "
+                        "runs out of GPU memory beside others goes again after them, half as many at a time")
     p.add_argument("--prepare_only", action="store_true",
                    help="stop before the first fine-tuning run (model, data, anchors, untrained pass, tokenization): "
                         "on a shared GPU, the stages that need little of it; rerun without it to train")
