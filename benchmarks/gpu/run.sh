@@ -15,6 +15,7 @@
 #        (mire_packed_varlen=true, labelled NAME_varlen), NAME+logits (mire_label_logits_only=true, NAME_logits),
 #        NAME+gcK (mire_checkpoint_layers=K: checkpointing in the first K language-model layers only, NAME_gcK),
 #        NAME+liger (enable_liger_kernel=true: Liger's RMSNorm, SwiGLU and mrope kernels, NAME_liger),
+#        NAME+gaN (gradient_accumulation_steps=N, NAME_gaN),
 #        combined as NAME+flash+logits (NAME_flash_logits).
 # Results (JSON + logs) go to $OUT (the device tool fetches it) or /tmp/bench_out.
 # Needs .whl (benchmarks/gpu/fetch_wheels.sh) and .gpu_data (benchmarks/gpu/prepare_data.py) carried along.
@@ -64,6 +65,8 @@ for name in "$@"; do
   # NAME+gcK: gradient checkpointing in the first K language-model layers only, the others keeping their activations
   # (mire_checkpoint_layers=K, mire_factory/checkpoint_layers.py), NAME_gcK; NAME must keep checkpointing on
   # NAME+liger: LLaMA-Factory's enable_liger_kernel (Liger's RMSNorm, SwiGLU and mrope kernels), NAME_liger
+  # NAME+gaN: gradient_accumulation_steps=N after NAME's own (a packed run: N packs, ~8N records, an optimizer step,
+  # so the 8-bit AdamW step, about a sixth of a packed 7B step, is paid once per N packs), NAME_gaN
   # suffixes combine (NAME+flash+logits: NAME_flash_logits)
   EXTRA=(); SUFFIX=""
   while [[ $name != bg:* && $name != wait:* && $name == *+* ]]; do
@@ -73,6 +76,7 @@ for name in "$@"; do
       logits) EXTRA=(mire_label_logits_only=true "${EXTRA[@]}"); SUFFIX=_logits$SUFFIX ;;
       gc[0-9]*) EXTRA=(mire_checkpoint_layers=${name##*+gc} "${EXTRA[@]}"); SUFFIX=_${name##*+}$SUFFIX ;;
       liger) EXTRA=(enable_liger_kernel=true "${EXTRA[@]}"); SUFFIX=_liger$SUFFIX ;;
+      ga[0-9]*) EXTRA=(gradient_accumulation_steps=${name##*+ga} "${EXTRA[@]}"); SUFFIX=_${name##*+}$SUFFIX ;;
       *) break ;;
     esac
     name=${name%+*}
