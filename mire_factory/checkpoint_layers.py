@@ -126,6 +126,4 @@ def callback(k: int, config: str = ""):
             if state.is_world_process_zero:
                 print(f"mire_factory.train: {self.line}", file=sys.stderr, flush=True)
 
-    instance = MireCheckpointLayers()
-    instance.k = k
-    return instance
+    return MireCheckpointLayers()
