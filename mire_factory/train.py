@@ -10,6 +10,8 @@ OmegaConf), plus our own keys, removed before LLaMA-Factory sees them:
     batches, so SDPA runs its flash kernel (exact for every real token; attention.py says why);
   mire_packed_varlen (default false): the same, and neat_packing's packed records attended one by one (PyTorch's
     varlen flash kernel on CUDA) instead of through a dense block-diagonal mask;
+  mire_trim_padding (default: mire_packed_varlen's value): packed batches (neat_packing) computed without the
+    trailing padding LLaMA-Factory adds to every pack up to cutoff_len (exact: pack_padding.py says why);
   mire_label_logits_only (default false): in training, the output layer and the loss at the label positions only,
     not at every prompt position (exact: the same loss; label_logits.py says why);
   mire_checkpoint_layers (default unset: LLaMA-Factory's checkpointing of every layer): an integer K, gradient
@@ -42,7 +44,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from . import attention, checkpoint_layers, label_logits
+from . import attention, checkpoint_layers, label_logits, pack_padding
 from .cot import SECOND_TURN
 from .dataset_info import COT_LAYOUT_KEY, DATASET_INFO, read_dataset_info
 from .f1_callback import F1Callback
@@ -54,7 +56,7 @@ logger = logging.getLogger(__name__)
 
 OWN_KEYS = ("mire_f1_max_new_tokens", "mire_f1_max_samples", "mire_cudnn_sdp", "mire_nan_guard",
             "mire_tokenize_only", "mire_right_pad_causal", "mire_packed_varlen", "mire_label_logits_only",
-            "mire_checkpoint_layers")
+            "mire_checkpoint_layers", "mire_trim_padding")
 F1_PLOT_KEYS = ("eval_f1", "eval_f1_image", "eval_f1_dialogue")
 
 
@@ -163,7 +165,7 @@ class OptimizerReport(TrainerCallback):
     """After the first optimizer step, one line (rank 0, stderr) naming the optimizer the Trainer built, the types of
     its Adam moment states and the dtypes of the parameters it updates: `optim: adamw_torch_8bit` must be seen to give
     torchao's AdamW8bit with 8-bit states (OptimState8bit; tensors under 4096 values stay fp32, as in bitsandbytes),
-    and fp32 master weights must be seen to be fp32. `line` keeps it for benchmarks/gpu/train_bench.py."""
+    `adamw_bnb_8bit` bitsandbytes' AdamW with uint8 states, and fp32 master weights must be seen to be fp32. `line` keeps it for benchmarks/gpu/train_bench.py."""
 
     def __init__(self):
         self.line: str | None = None
@@ -174,7 +176,7 @@ class OptimizerReport(TrainerCallback):
         inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the real one
         states: Counter = Counter()
         for param_state in inner.state.values():
-            for key in ("exp_avg", "exp_avg_sq"):
+            for key in ("exp_avg", "exp_avg_sq", "state1", "state2"):  # torch/torchao, bitsandbytes
                 value = param_state.get(key)
                 if value is not None:
                     kind = type(value).__name__
@@ -235,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     right_pad, packed = (own_flag(args, key, False, config) for key in ("mire_right_pad_causal", "mire_packed_varlen"))
     if right_pad or packed:
         callbacks.append(attention.callback(packed))
+    if own_flag(args, "mire_trim_padding", packed, config):
+        callbacks.append(pack_padding.callback())
     if own_flag(args, "mire_label_logits_only", False, config):
         if args.get("use_liger_kernel"):
             raise MireInputError(problem(config, None, "mire_label_logits_only", "use_liger_kernel already computes "
