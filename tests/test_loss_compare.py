@@ -59,18 +59,24 @@ def test_two_optimizers_give_per_step_losses_and_their_difference(tiny_model_dir
 
 
 @pytest.mark.slow
-def test_torchao_8bit_adamw_is_what_optim_selects(tiny_model_dir, tiny_train_data, tmp_path, monkeypatch):
-    """`optim: adamw_torch_8bit` (configs/qwen2_vl_7b_1gpu_full_sft.yaml) builds torchao's AdamW8bit with 8-bit
-    states over fp32 parameters, and trains (torchao comes with the dev and lowbit extras)."""
+def test_the_8bit_adamws_are_what_optim_selects(tiny_model_dir, tiny_train_data, tmp_path, monkeypatch):
+    """`optim: adamw_torch_8bit` builds torchao's AdamW8bit with 8-bit states over fp32 parameters, and
+    `optim: adamw_bnb_8bit` (configs/qwen2_vl_7b_1gpu_full_sft.yaml) bitsandbytes' AdamW with uint8 states; both
+    train (torchao and bitsandbytes come with the dev and lowbit extras)."""
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     out = tmp_path / "cmp"
     proc = compare(tiny_model_dir, tiny_train_data, out, "fp32_states=optim=adamw_torch",
-                   "ao8=optim=adamw_torch_8bit optim_args=bf16_stochastic_round=True")
+                   "ao8=optim=adamw_torch_8bit optim_args=bf16_stochastic_round=True", "bnb8=optim=adamw_bnb_8bit")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    line = check_result(out, ["fp32_states", "ao8"])["runs"]["ao8"]["optimizer"]
+    runs = check_result(out, ["fp32_states", "ao8", "bnb8"])["runs"]
+    line = runs["ao8"]["optimizer"]
     assert line.startswith("optimizer torchao.optim.adam.AdamW8bit (optim=adamw_torch_8bit, "
                            "optim_args=bf16_stochastic_round=True)")
     assert "'OptimState8bit':" in line and "parameters {'float32':" in line
+    line = runs["bnb8"]["optimizer"]
+    assert line.startswith("optimizer bitsandbytes.optim.adamw.AdamW (optim=adamw_bnb_8bit, ")
+    assert "'Tensor(uint8)':" in line and "parameters {'float32':" in line
+    assert runs["bnb8"]["loss"][0] == runs["fp32_states"]["loss"][0]
 
 
 def test_a_malformed_variant_is_one_line(tmp_path):
@@ -80,3 +86,12 @@ def test_a_malformed_variant_is_one_line(tmp_path):
         "error: --variant: field 'no equals sign': expected NAME=OVERRIDES, NAME of letters, digits, '_', '-', '.' "
         "(OVERRIDES may be empty)"]
     assert not (tmp_path / "loss_compare.json").exists()
+
+
+def test_the_optimizer_line_is_found_behind_a_progress_bar():
+    """On the GPU machine tqdm's bar shares the line (the twelfth lease's loss_compare.json missed both lines)."""
+    log = ("  0%|          | 0/100 [00:00<?, ?it/s]mire_factory.train: optimizer bitsandbytes.optim.adamw.AdamW "
+           "(optim=adamw_bnb_8bit, optim_args=); Adam states {'Tensor(uint8)': 392}\n{'loss': '1.0'}\n")
+    assert loss_compare.OPTIMIZER_LINE.search(log).group(1) == ("optimizer bitsandbytes.optim.adamw.AdamW "
+                                                               "(optim=adamw_bnb_8bit, optim_args=); Adam states "
+                                                               "{'Tensor(uint8)': 392}")

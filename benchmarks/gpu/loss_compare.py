@@ -37,7 +37,8 @@ SMOOTH = 10
 # what every run shares, whatever the config and the command line say: a loss at every step, nothing else
 FIXED = ["logging_steps=1", "eval_strategy='no'", "save_strategy='no'", "plot_loss=false", "overwrite_output_dir=true",
          "report_to=none"]
-OPTIMIZER_LINE = re.compile(r"^mire_factory\.train: (optimizer .*)$", re.MULTILINE)
+# not anchored at a line's start: on a terminal-less GPU run tqdm's bar precedes it on the same line (2026-12-04)
+OPTIMIZER_LINE = re.compile(r"mire_factory\.train: (optimizer .*)$", re.MULTILINE)
 
 
 def parse_variant(spec: str) -> tuple[str, list[str]]:
