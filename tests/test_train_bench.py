@@ -17,19 +17,20 @@ from conftest import REPO, call_main
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe, extra", [("qwen2_vl_7b_1gpu_full_sft", []),
-                                           ("qwen2_vl_lora_sft", ["mire_right_pad_causal=true",
-                                                                  "mire_label_logits_only=true"]),
-                                           ("qwen2_vl_2b_full_sft", ["neat_packing=true", "cutoff_len=2048",
-                                                                    "mire_packed_varlen=true",
-                                                                    "mire_checkpoint_layers=1"])])
-def test_figures_are_written_when_training_ends_before_the_model_is_saved(recipe, extra, tiny_model_dir,
+@pytest.mark.parametrize("recipe, extra, flags", [("qwen2_vl_7b_1gpu_full_sft", [], []),
+                                                  ("qwen2_vl_lora_sft", ["mire_right_pad_causal=true",
+                                                                         "mire_label_logits_only=true"], []),
+                                                  ("qwen2_vl_2b_full_sft", ["neat_packing=true", "cutoff_len=2048",
+                                                                           "mire_packed_varlen=true",
+                                                                           "mire_checkpoint_layers=1"],
+                                                   ["--skip_save"])])
+def test_figures_are_written_when_training_ends_before_the_model_is_saved(recipe, extra, flags, tiny_model_dir,
                                                                          tiny_train_data, tmp_path):
     assert importlib.util.find_spec("torchao") is not None  # the dev extra's: the setting LoRA once failed in
     out, run_dir = tmp_path / "bench.json", tmp_path / "run"
     proc = subprocess.run(
         [sys.executable, "benchmarks/gpu/train_bench.py", "--label", "cpu", "--out", str(out), "--warmup_steps", "1",
-         "--profile", f"configs/{recipe}.yaml", f"model_name_or_path={tiny_model_dir}",
+         "--profile", *flags, f"configs/{recipe}.yaml", f"model_name_or_path={tiny_model_dir}",
          f"dataset_dir={tiny_train_data}", "eval_dataset=null", "eval_strategy='no'", "save_strategy='no'", "max_steps=3",
          "report_to=none", f"output_dir={run_dir}", "bf16=false", "optim=adamw_torch", "image_max_pixels=12544",
          "preprocessing_num_workers=1", "dataloader_num_workers=0", "gradient_accumulation_steps=2", "plot_loss=false", "per_device_train_batch_size=1", *extra],
@@ -61,12 +62,18 @@ def test_figures_are_written_when_training_ends_before_the_model_is_saved(recipe
         assert result["tokens_counted"] == "real"
         assert 0 < result["tokens_per_sample"] < 2048
         assert result["records_per_s"] > result["samples_per_s"]["mean"]
+        # mire_trim_padding, on with varlen: the packs ran without their padding to cutoff_len
+        trimmed = result["trimmed_positions"]
+        assert trimmed["given"] % 2048 == 0 and 0 < trimmed["run"] < trimmed["given"]
     else:
         assert result["tokens_counted"] == "non_padding" and 0 < result["tokens_per_sample"] < 2048
         assert result["records_per_s"] == pytest.approx(result["samples_per_s"]["mean"])
     assert result["optimizer"].startswith("optimizer torch.optim.adamw.AdamW (optim=adamw_torch,")
     assert result["mfu"] is None  # no peak is known for a CPU
     saved = run_dir / ("adapter_model.safetensors" if "lora" in recipe else "model.safetensors")
+    if "--skip_save" in flags:  # the figures, then an exit before run_sft's save
+        assert not saved.exists() and proc.stdout.count("BENCH ") == 1
+        return
     assert saved.exists()  # run_sft did save, after the figures were on disk
     assert out.stat().st_mtime_ns <= saved.stat().st_mtime_ns
     assert proc.stdout.count("BENCH ") == 1

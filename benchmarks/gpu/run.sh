@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # On the lent GPU machine, from the repo root: install the carried wheels, then run the named benchmarks.
 #   bash benchmarks/gpu/run.sh NAME [NAME ...]
+#   bash benchmarks/gpu/run.sh stage_wheels   (with .whl_big carried: keeps its wheels for the lease's later calls)
 # NAMEs: smoke, ours_2b, ours_2b_zero2, baseline_2b, baseline_2b_fit, ours_7b, baseline_7b, baseline_7b_fit,
 #        ours_2b_nods, ours_2b_recipe, ours_2b_recipe_long, ours_2b_nogc, ours_2b_nogc_long, ours_2b_liger,
 #        ours_7b_2gpu, ours_7b_offload, ours_7b_pure_bf16,
@@ -16,12 +17,20 @@
 #        NAME+gcK (mire_checkpoint_layers=K: checkpointing in the first K language-model layers only, NAME_gcK),
 #        NAME+liger (enable_liger_kernel=true: Liger's RMSNorm, SwiGLU and mrope kernels, NAME_liger),
 #        NAME+gaN (gradient_accumulation_steps=N, NAME_gaN),
+#        NAME+bnb (optim=adamw_bnb_8bit, NAME_bnb), NAME+notrim (mire_trim_padding=false, NAME_notrim),
 #        combined as NAME+flash+logits (NAME_flash_logits).
 # Results (JSON + logs) go to $OUT (the device tool fetches it) or /tmp/bench_out.
 # Needs .whl (benchmarks/gpu/fetch_wheels.sh) and .gpu_data (benchmarks/gpu/prepare_data.py) carried along.
 set -uo pipefail
 OUT=${OUT:-/tmp/bench_out}; mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+# STAGED_WHEELS: wheels too big to travel with .whl (bitsandbytes, 43 MB: fetch_wheels.sh puts it in .whl_big/), copied
+# there by an earlier call of the same lease (`run.sh stage_wheels` with .whl_big carried)
+STAGED_WHEELS=${STAGED_WHEELS:-/root/stage/whl}
+if [ "${1:-}" = stage_wheels ]; then
+  mkdir -p "$STAGED_WHEELS" && cp .whl_big/*.whl "$STAGED_WHEELS"/ && ls -la "$STAGED_WHEELS"; exit $?
+fi
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  $(ls "$STAGED_WHEELS"/*.whl 2>/dev/null) || exit 1
 export PYTHONPATH=/tmp/site:$PWD DISABLE_VERSION_CHECK=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 RECIPE=configs/qwen2_vl_full_sft.yaml
@@ -50,7 +59,7 @@ train() {  # label nproc preset extra-overrides...
   model "$preset" || return 1
   echo "=== $label"; nvidia-smi --query-gpu=name,memory.used --format=csv,noheader
   torchrun --nproc_per_node "$nproc" --master_port $((29500 + RANDOM % 1000)) benchmarks/gpu/train_bench.py \
-    --profile --label "$label" --out "$OUT/$label.json" $RECIPE model_name_or_path=$MODELS/m$preset "${COMMON[@]}" "$@" "${EXTRA[@]}" \
+    --profile --skip_save --label "$label" --out "$OUT/$label.json" $RECIPE model_name_or_path=$MODELS/m$preset "${COMMON[@]}" "$@" "${EXTRA[@]}" \
     > "$OUT/$label.log" 2>&1
   local rc=$?; grep -E "^BENCH|Error|error:|Killed|OOM|out of memory" "$OUT/$label.log" | tail -5; echo "rc=$rc"
   # run_sft saves the model at the end (a 7B fp32 save is 30 GB): two of them filled the lent machine's disk once
@@ -67,6 +76,9 @@ for name in "$@"; do
   # NAME+liger: LLaMA-Factory's enable_liger_kernel (Liger's RMSNorm, SwiGLU and mrope kernels), NAME_liger
   # NAME+gaN: gradient_accumulation_steps=N after NAME's own (a packed run: N packs, ~8N records, an optimizer step,
   # so the 8-bit AdamW step, about a sixth of a packed 7B step, is paid once per N packs), NAME_gaN
+  # NAME+bnb: optim=adamw_bnb_8bit (bitsandbytes' 8-bit AdamW over the fp32 weights: one CUDA kernel a tensor, against
+  # torchao's compiled per-tensor steps), NAME_bnb; needs bitsandbytes staged (STAGED_WHEELS above)
+  # NAME+notrim: packs keep their trailing padding (mire_trim_padding=false; on by default with varlen), NAME_notrim
   # suffixes combine (NAME+flash+logits: NAME_flash_logits)
   EXTRA=(); SUFFIX=""
   while [[ $name != bg:* && $name != wait:* && $name == *+* ]]; do
@@ -77,6 +89,8 @@ for name in "$@"; do
       gc[0-9]*) EXTRA=(mire_checkpoint_layers=${name##*+gc} "${EXTRA[@]}"); SUFFIX=_${name##*+}$SUFFIX ;;
       liger) EXTRA=(enable_liger_kernel=true "${EXTRA[@]}"); SUFFIX=_liger$SUFFIX ;;
       ga[0-9]*) EXTRA=(gradient_accumulation_steps=${name##*+ga} "${EXTRA[@]}"); SUFFIX=_${name##*+}$SUFFIX ;;
+      bnb) EXTRA=(optim=adamw_bnb_8bit "${EXTRA[@]}"); SUFFIX=_bnb$SUFFIX ;;
+      notrim) EXTRA=(mire_trim_padding=false "${EXTRA[@]}"); SUFFIX=_notrim$SUFFIX ;;
       *) break ;;
     esac
     name=${name%+*}
@@ -161,12 +175,13 @@ for name in "$@"; do
     ours_7b_1gpu_pack_liger) RECIPE=$RECIPE_7B1 train ours_7b_1gpu_pack_liger 1 7b neat_packing=true \
       gradient_accumulation_steps=1 enable_liger_kernel=true ;;
     # 2B, 100 optimizer steps on the same data and seed: fp32 Adam states (the 2B recipe as shipped) against
-    # torchao's 8-bit states over fp32 weights and over bf16 weights with stochastic rounding (loss_compare.json,
+    # torchao's 8-bit states over fp32 weights and over bf16 weights with stochastic rounding, or against
+    # LOSS_VARIANTS (e.g. '--variant bnb8=optim=adamw_bnb_8bit') (loss_compare.json,
     # loss_compare.png, one log and trainer_state.json per run); about 2-3 min a run at the 2B recipe's 7 samples/s
     loss_2b)
       model 2b && python3 benchmarks/gpu/loss_compare.py --out "$OUT/loss_2b" --steps ${LOSS_STEPS:-100} \
-        --variant "fp32_states=" --variant "ao8=optim=adamw_torch_8bit" \
-        --variant "ao8_sr_bf16=optim=adamw_torch_8bit ${SR[*]}" \
+        --variant "fp32_states=" ${LOSS_VARIANTS:---variant "ao8=optim=adamw_torch_8bit" \
+        --variant "ao8_sr_bf16=optim=adamw_torch_8bit ${SR[*]}"} \
         $RECIPE_2B model_name_or_path=$MODELS/m2b dataset_dir=.gpu_data/mire eval_dataset=null \
         preprocessing_num_workers=8 dataloader_num_workers=4 seed=42 data_seed=42 > "$OUT/loss_2b.log" 2>&1
       echo "rc=$?"; tail -6 "$OUT/loss_2b.log" ;;

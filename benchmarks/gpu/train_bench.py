@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from transformers import TrainerCallback  # noqa: E402
 
-from mire_factory import attention, checkpoint_layers  # noqa: E402
+from mire_factory import attention, checkpoint_layers, pack_padding  # noqa: E402
 from mire_factory import label_logits as label_logits_module  # noqa: E402
 from mire_factory.io import MireInputError, OutputSet, problem, run_cli  # noqa: E402
 from mire_factory.train import OptimizerReport, own_flag, read_config, set_cudnn_sdp  # noqa: E402
@@ -148,16 +148,20 @@ class ResultWriter(TrainerCallback):
     """Writes the figures when training ends, before run_sft saves the model: a failed save (a full disk on the lent
     machine lost the 11-image run's figures once) must not lose them."""
 
-    def __init__(self, write):
-        self.write, self.written = write, False
+    def __init__(self, write, skip_save: bool = False):
+        self.write, self.written, self.skip_save = write, False, skip_save
 
     def on_train_end(self, args, state, control, **kwargs):
         self.write()
         self.written = True
+        if self.skip_save:  # every rank leaves here, so that none waits at a barrier of the save
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
 
 
 def bench_result(ns, args, timer, report, wall: float, profiler: StepProfiler | None = None,
-                 right_pad=None, label_logits=None, checkpointing=None) -> dict | None:
+                 right_pad=None, label_logits=None, checkpointing=None, trim=None) -> dict | None:
     """The figures (None on ranks other than 0)."""
     import torch
 
@@ -208,6 +212,8 @@ def bench_result(ns, args, timer, report, wall: float, profiler: StepProfiler | 
         "label_logits_only": label_only,  # mire_factory/label_logits.py
         # mire_checkpoint_layers: K of the language model's layers recompute in backward (None: LLaMA-Factory's own)
         "checkpoint_layers": checkpointing.line if checkpointing is not None else None,
+        # mire_trim_padding (pack_padding.py): token positions of the training forwards as given and as run
+        "trimmed_positions": dict(trim.counts) if trim is not None else None,
         "wall_s": wall,  # from run_exp's start to the end of training (until 2026-12-03: to the end of the save)
     }
     if profiler is not None and profiler.summary is not None:
@@ -222,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--label", default="")
     parser.add_argument("--profile", action="store_true",
                         help="profile the last warm-up step: OUT's .profile.txt (kernels by GPU time), busy fraction")
+    parser.add_argument("--skip_save", action="store_true",
+                        help="exit once the figures are written, without LLaMA-Factory's final save of the model (a "
+                             "7B fp32 save is 30 GB and about a minute of a lease)")
     parser.add_argument("config")
     parser.add_argument("overrides", nargs="*")
     ns = parser.parse_args(argv)
@@ -239,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     set_cudnn_sdp(own_flag(args, "mire_cudnn_sdp", False, ns.config))
     flags = [own_flag(args, key, False, ns.config) for key in ("mire_right_pad_causal", "mire_packed_varlen")]
     right_pad = attention.callback(packed=flags[1]) if any(flags) else None
+    trim = pack_padding.callback() if own_flag(args, "mire_trim_padding", flags[1], ns.config) else None
     label_logits = label_logits_module.callback() if own_flag(args, "mire_label_logits_only", False, ns.config) else None
     checkpoint_k = checkpoint_layers.read_key(args, ns.config)
     checkpointing = checkpoint_layers.callback(checkpoint_k, ns.config) if checkpoint_k is not None else None
@@ -264,8 +274,9 @@ def main(argv: list[str] | None = None) -> int:
 
         start = time.perf_counter()
         writer = ResultWriter(lambda: write(bench_result(ns, args, timer, report, time.perf_counter() - start,
-                                                         profiler, right_pad, label_logits, checkpointing)))
-        callbacks = [timer, report, writer] + [c for c in (profiler, right_pad, label_logits, checkpointing)
+                                                         profiler, right_pad, label_logits, checkpointing, trim)),
+                              skip_save=ns.skip_save)
+        callbacks = [timer, report, writer] + [c for c in (profiler, right_pad, label_logits, checkpointing, trim)
                                                if c is not None]
         run_exp(args=args, callbacks=callbacks)
         if not writer.written:  # a trainer that never reached on_train_end: no figures to report
