@@ -35,10 +35,12 @@ def test_figures_are_written_when_training_ends_before_the_model_is_saved(recipe
          "report_to=none", f"output_dir={run_dir}", "bf16=false", "optim=adamw_torch", "image_max_pixels=12544",
          "preprocessing_num_workers=1", "dataloader_num_workers=0", "gradient_accumulation_steps=2", "plot_loss=false", "per_device_train_batch_size=1", *extra],
         cwd=REPO, capture_output=True, text=True, timeout=600,
-        env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "DISABLE_VERSION_CHECK": "1"},
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "DISABLE_VERSION_CHECK": "1",
+             "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"},
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
+    assert result["cuda_alloc_conf"] == "expandable_segments:True"  # recorded: it moves reserved memory
     assert result["label"] == "cpu" and result["device"] == "cpu"
     assert result["steps_timed"] == 2 and result["samples_per_step"] == 2  # 3 steps, 1 untimed; batch 1 x 2
     sps = result["samples_per_s"]

@@ -76,8 +76,8 @@ for name in "$@"; do
   # NAME+liger: LLaMA-Factory's enable_liger_kernel (Liger's RMSNorm, SwiGLU and mrope kernels), NAME_liger
   # NAME+gaN: gradient_accumulation_steps=N after NAME's own (a packed run: N packs, ~8N records, an optimizer step,
   # so the 8-bit AdamW step, about a sixth of a packed 7B step, is paid once per N packs), NAME_gaN
-  # NAME+bnb: optim=adamw_bnb_8bit (bitsandbytes' 8-bit AdamW over the fp32 weights: one CUDA kernel a tensor, against
-  # torchao's compiled per-tensor steps), NAME_bnb; needs bitsandbytes staged (STAGED_WHEELS above)
+  # NAME+bnb: optim=adamw_bnb_8bit (bitsandbytes' 8-bit AdamW over the fp32 weights, in place of the one-GPU recipe's
+  # torchao AdamW8bit: the same speed at 7B in the twelfth lease), NAME_bnb; needs bitsandbytes staged (STAGED_WHEELS)
   # NAME+notrim: packs keep their trailing padding (mire_trim_padding=false; on by default with varlen), NAME_notrim
   # suffixes combine (NAME+flash+logits: NAME_flash_logits)
   EXTRA=(); SUFFIX=""

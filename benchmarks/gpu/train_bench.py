@@ -214,6 +214,8 @@ def bench_result(ns, args, timer, report, wall: float, profiler: StepProfiler | 
         "checkpoint_layers": checkpointing.line if checkpointing is not None else None,
         # mire_trim_padding (pack_padding.py): token positions of the training forwards as given and as run
         "trimmed_positions": dict(trim.counts) if trim is not None else None,
+        # the allocator's settings (expandable_segments changes how far reserved memory runs above the peak)
+        "cuda_alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
         "wall_s": wall,  # from run_exp's start to the end of training (until 2026-12-03: to the end of the save)
     }
     if profiler is not None and profiler.summary is not None:
