@@ -30,12 +30,16 @@ MULTIPLE = 8  # LLaMA-Factory's SFT collator pads to a multiple of 8 (pad_to_mul
 TOKEN_AXIS_KEYS = ("input_ids", "labels", "position_ids", "token_type_ids", "mm_token_type_ids")
 
 
-def real_length(mask: torch.Tensor) -> int:
-    """One past the last position any row of a 4D packed mask (B, 1, L, L) treats as a token: a real token sees
-    itself, padding sees nothing."""
+def real_tokens(mask: torch.Tensor) -> torch.Tensor:
+    """(B, L) bool: the positions of a 4D packed mask (B, 1, L, L; additive, or bool where True is visible) that are
+    real tokens. A real token sees itself; padding sees nothing."""
     diagonal = mask[:, 0].diagonal(dim1=-2, dim2=-1)
-    real = diagonal if mask.dtype == torch.bool else diagonal == 0
-    positions = torch.nonzero(real.any(0)).flatten()
+    return diagonal if mask.dtype == torch.bool else diagonal == 0
+
+
+def real_length(mask: torch.Tensor) -> int:
+    """One past the last real token of any row of a 4D packed mask."""
+    positions = torch.nonzero(real_tokens(mask).any(0)).flatten()
     return int(positions.max()) + 1 if positions.numel() else 0
 
 

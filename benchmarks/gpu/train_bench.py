@@ -46,7 +46,7 @@ class PackedCounts:
         if not module.training or mask is None or mask.dim() != 4:
             return
         visible = mask[:, 0] == 0 if mask.dtype != torch.bool else mask[:, 0]
-        real = visible.diagonal(dim1=-2, dim2=-1)  # a real token sees itself; padding sees nothing
+        real = pack_padding.real_tokens(mask)
         starts = real.clone()  # a record starts at a real token that cannot see the one before it
         starts[:, 1:] &= ~visible[:, 1:, :-1].diagonal(dim1=-2, dim2=-1)
         self.tokens += int(real.sum())
