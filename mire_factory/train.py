@@ -165,7 +165,8 @@ class OptimizerReport(TrainerCallback):
     """After the first optimizer step, one line (rank 0, stderr) naming the optimizer the Trainer built, the types of
     its Adam moment states and the dtypes of the parameters it updates: `optim: adamw_torch_8bit` must be seen to give
     torchao's AdamW8bit with 8-bit states (OptimState8bit; tensors under 4096 values stay fp32, as in bitsandbytes),
-    `adamw_bnb_8bit` bitsandbytes' AdamW with uint8 states, and fp32 master weights must be seen to be fp32. `line` keeps it for benchmarks/gpu/train_bench.py."""
+    `adamw_bnb_8bit` bitsandbytes' AdamW with uint8 states, and fp32 master weights must be seen to be fp32. `line`
+    keeps it for benchmarks/gpu/train_bench.py."""
 
     def __init__(self):
         self.line: str | None = None

@@ -60,9 +60,9 @@ def test_two_optimizers_give_per_step_losses_and_their_difference(tiny_model_dir
 
 @pytest.mark.slow
 def test_the_8bit_adamws_are_what_optim_selects(tiny_model_dir, tiny_train_data, tmp_path, monkeypatch):
-    """`optim: adamw_torch_8bit` builds torchao's AdamW8bit with 8-bit states over fp32 parameters, and
-    `optim: adamw_bnb_8bit` (configs/qwen2_vl_7b_1gpu_full_sft.yaml) bitsandbytes' AdamW with uint8 states; both
-    train (torchao and bitsandbytes come with the dev and lowbit extras)."""
+    """`optim: adamw_torch_8bit` (configs/qwen2_vl_7b_1gpu_full_sft.yaml) builds torchao's AdamW8bit with 8-bit
+    states over fp32 parameters, and `optim: adamw_bnb_8bit` bitsandbytes' AdamW with uint8 states; both train
+    (torchao and bitsandbytes come with the dev and lowbit extras)."""
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     out = tmp_path / "cmp"
     proc = compare(tiny_model_dir, tiny_train_data, out, "fp32_states=optim=adamw_torch",
