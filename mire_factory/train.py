@@ -23,7 +23,10 @@ OmegaConf), plus our own keys, removed before LLaMA-Factory sees them:
     model loaded, nothing trained) and save them there; runs given that tokenized_path then load them.
 After the first optimizer step one line names the optimizer built, its Adam state types and the trained parameters'
 dtypes (OptimizerReport: an `optim` such as adamw_torch_8bit is seen to take effect).
-Plain `llamafactory-cli train` gets neither protection.
+A resumed training (resume_from_checkpoint, or the last checkpoint in output_dir) starts from the checkpoint's
+weights, and load_best_model_at_end loads the best checkpoint's: transformers 5.6's Trainer loads neither for
+Qwen2-VL, whose checkpoints keep their original weight names (resume.py).
+Plain `llamafactory-cli train` gets none of these protections.
 Set `metric_for_best_model=eval_f1` to keep the best checkpoint by the official metric.
 The arguments trained with are saved as OUTPUT_DIR/training_args.yaml (LLaMA-Board's name), where tools.vllm_infer
 reads the settings inference must share (cutoff_len, image pixels, template, the data's prompt variant).
@@ -44,7 +47,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from . import attention, checkpoint_layers, label_logits, pack_padding
+from . import attention, checkpoint_layers, label_logits, pack_padding, resume
 from .cot import SECOND_TURN
 from .dataset_info import COT_LAYOUT_KEY, DATASET_INFO, read_dataset_info
 from .f1_callback import F1Callback
@@ -230,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
         return subprocess.run(torchrun_command(argv), check=False).returncode
     config, overrides = argv[0], argv[1:]
     args = read_config(config, overrides)
-    callbacks = [make_callback(args, config)]
+    # resume first: the weights a resumed run starts from are in place before any other callback sees the model
+    callbacks = [make_callback(args, config), resume.callback()]
     check_layouts(args, config)
     set_cudnn_sdp(own_flag(args, "mire_cudnn_sdp", False, config))
     if own_flag(args, "mire_nan_guard", True, config):
