@@ -14,6 +14,9 @@ OmegaConf), plus our own keys, removed before LLaMA-Factory sees them:
     trailing padding LLaMA-Factory adds to every pack up to cutoff_len (exact: pack_padding.py says why);
   mire_label_logits_only (default false): in training, the output layer and the loss at the label positions only,
     not at every prompt position (exact: the same loss; label_logits.py says why);
+  mire_master_weights (default false): the model computes from bf16 copies of the trained weights and the optimizer
+    updates fp32 master weights, as DeepSpeed's bf16 mode does (no casts of fp32 weights at every use); one process,
+    gradient_accumulation_steps 1, no DeepSpeed or pure_bf16 (master_weights.py says why);
   mire_checkpoint_layers (default unset: LLaMA-Factory's checkpointing of every layer): an integer K, gradient
     checkpointing in the first K language-model decoder layers only, the others keeping their activations (less
     recompute, more memory; vision blocks as LLaMA-Factory sets them; checkpoint_layers.py says how);
@@ -47,7 +50,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from . import attention, checkpoint_layers, label_logits, pack_padding, resume
+from . import attention, checkpoint_layers, label_logits, master_weights, pack_padding, resume
 from .cot import SECOND_TURN
 from .dataset_info import COT_LAYOUT_KEY, DATASET_INFO, read_dataset_info
 from .f1_callback import F1Callback
@@ -59,7 +62,7 @@ logger = logging.getLogger(__name__)
 
 OWN_KEYS = ("mire_f1_max_new_tokens", "mire_f1_max_samples", "mire_cudnn_sdp", "mire_nan_guard",
             "mire_tokenize_only", "mire_right_pad_causal", "mire_packed_varlen", "mire_label_logits_only",
-            "mire_checkpoint_layers", "mire_trim_padding")
+            "mire_checkpoint_layers", "mire_trim_padding", master_weights.KEY)
 F1_PLOT_KEYS = ("eval_f1", "eval_f1_image", "eval_f1_dialogue")
 
 
@@ -233,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         return subprocess.run(torchrun_command(argv), check=False).returncode
     config, overrides = argv[0], argv[1:]
     args = read_config(config, overrides)
-    # resume first: the weights a resumed run starts from are in place before any other callback sees the model
+    # resume first: the weights a resumed run starts from are in place before any callback copies them (master_weights)
     callbacks = [make_callback(args, config), resume.callback()]
     check_layouts(args, config)
     set_cudnn_sdp(own_flag(args, "mire_cudnn_sdp", False, config))
@@ -252,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     checkpoint_k = checkpoint_layers.read_key(args, config)
     if checkpoint_k is not None:
         callbacks.append(checkpoint_layers.callback(checkpoint_k, config))
+    if master_weights.read_key(args, config):
+        callbacks.append(master_weights.callback(config))
     started = TrainingStarted()
     callbacks += [started, OptimizerReport()]
     from llamafactory.train.tuner import run_exp

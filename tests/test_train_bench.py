@@ -20,9 +20,13 @@ from conftest import REPO, call_main
 @pytest.mark.parametrize("recipe, extra, flags", [("qwen2_vl_7b_1gpu_full_sft", [], []),
                                                   ("qwen2_vl_lora_sft", ["mire_right_pad_causal=true",
                                                                          "mire_label_logits_only=true"], []),
+                                                  # the one-GPU 7B command's launcher settings, all together
                                                   ("qwen2_vl_2b_full_sft", ["neat_packing=true", "cutoff_len=2048",
                                                                            "mire_packed_varlen=true",
-                                                                           "mire_checkpoint_layers=1"],
+                                                                           "mire_checkpoint_layers=1",
+                                                                           "mire_label_logits_only=true",
+                                                                           "gradient_accumulation_steps=1",
+                                                                           "mire_master_weights=true"],
                                                    ["--skip_save"])])
 def test_figures_are_written_when_training_ends_before_the_model_is_saved(recipe, extra, flags, tiny_model_dir,
                                                                          tiny_train_data, tmp_path):
@@ -42,7 +46,8 @@ def test_figures_are_written_when_training_ends_before_the_model_is_saved(recipe
     result = json.loads(out.read_text())
     assert result["cuda_alloc_conf"] == "expandable_segments:True"  # recorded: it moves reserved memory
     assert result["label"] == "cpu" and result["device"] == "cpu"
-    assert result["steps_timed"] == 2 and result["samples_per_step"] == 2  # 3 steps, 1 untimed; batch 1 x 2
+    accumulation = 1 if "gradient_accumulation_steps=1" in extra else 2
+    assert result["steps_timed"] == 2 and result["samples_per_step"] == accumulation  # 3 steps, 1 untimed; 1 x GA
     sps = result["samples_per_s"]
     assert 0 < sps["min"] <= sps["median"] <= sps["max"]
     # mire_right_pad_causal / mire_packed_varlen reach the model (through a LoRA wrapper too) and are recorded
@@ -71,6 +76,11 @@ def test_figures_are_written_when_training_ends_before_the_model_is_saved(recipe
         assert result["tokens_counted"] == "non_padding" and 0 < result["tokens_per_sample"] < 2048
         assert result["records_per_s"] == pytest.approx(result["samples_per_s"]["mean"])
     assert result["optimizer"].startswith("optimizer torch.optim.adamw.AdamW (optim=adamw_torch,")
+    if "mire_master_weights=true" in extra:  # bf16 in the model, the optimizer's parameters fp32
+        assert result["master_weights"].startswith("master weights: ") and "in bf16 in the model" in result["master_weights"]
+        assert "parameters {'float32': " in result["optimizer"]
+    else:
+        assert result["master_weights"] is None
     assert result["mfu"] is None  # no peak is known for a CPU
     saved = run_dir / ("adapter_model.safetensors" if "lora" in recipe else "model.safetensors")
     if "--skip_save" in flags:  # the figures, then an exit before run_sft's save

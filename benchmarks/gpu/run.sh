@@ -18,6 +18,9 @@
 #        NAME+liger (enable_liger_kernel=true: Liger's RMSNorm, SwiGLU and mrope kernels, NAME_liger),
 #        NAME+gaN (gradient_accumulation_steps=N, NAME_gaN),
 #        NAME+bnb (optim=adamw_bnb_8bit, NAME_bnb), NAME+notrim (mire_trim_padding=false, NAME_notrim),
+#        NAME+master (mire_master_weights=true: bf16 weights in the model, fp32 masters in the optimizer, NAME_master;
+#        one optimizer step a micro-batch, so the packed runs), loss_master_2b (2B, 100 steps of 8-record batches:
+#        fp32 Adam states, 8-bit states over fp32 weights, and the same with master weights),
 #        combined as NAME+flash+logits (NAME_flash_logits).
 # Results (JSON + logs) go to $OUT (the device tool fetches it) or /tmp/bench_out.
 # Needs .whl (benchmarks/gpu/fetch_wheels.sh) and .gpu_data (benchmarks/gpu/prepare_data.py) carried along.
@@ -79,6 +82,9 @@ for name in "$@"; do
   # NAME+bnb: optim=adamw_bnb_8bit (bitsandbytes' 8-bit AdamW over the fp32 weights, in place of the one-GPU recipe's
   # torchao AdamW8bit: the same speed at 7B in the twelfth lease), NAME_bnb; needs bitsandbytes staged (STAGED_WHEELS)
   # NAME+notrim: packs keep their trailing padding (mire_trim_padding=false; on by default with varlen), NAME_notrim
+  # NAME+master: the model computes from bf16 copies of the weights, the optimizer updates the fp32 masters
+  # (mire_master_weights=true, master_weights.py: no fp32-to-bf16 weight casts at every use, a bf16 residual
+  # stream), NAME_master; refused with gradient accumulation, so for the packed runs (accumulation 1)
   # suffixes combine (NAME+flash+logits: NAME_flash_logits)
   EXTRA=(); SUFFIX=""
   while [[ $name != bg:* && $name != wait:* && $name == *+* ]]; do
@@ -91,6 +97,7 @@ for name in "$@"; do
       ga[0-9]*) EXTRA=(gradient_accumulation_steps=${name##*+ga} "${EXTRA[@]}"); SUFFIX=_${name##*+}$SUFFIX ;;
       bnb) EXTRA=(optim=adamw_bnb_8bit "${EXTRA[@]}"); SUFFIX=_bnb$SUFFIX ;;
       notrim) EXTRA=(mire_trim_padding=false "${EXTRA[@]}"); SUFFIX=_notrim$SUFFIX ;;
+      master) EXTRA=(mire_master_weights=true "${EXTRA[@]}"); SUFFIX=_master$SUFFIX ;;
       *) break ;;
     esac
     name=${name%+*}
@@ -185,6 +192,16 @@ for name in "$@"; do
         $RECIPE_2B model_name_or_path=$MODELS/m2b dataset_dir=.gpu_data/mire eval_dataset=null \
         preprocessing_num_workers=8 dataloader_num_workers=4 seed=42 data_seed=42 > "$OUT/loss_2b.log" 2>&1
       echo "rc=$?"; tail -6 "$OUT/loss_2b.log" ;;
+    # mire_master_weights' loss curve at 2B: one optimizer step per micro-batch of 8 records (it refuses gradient
+    # accumulation; the recipe's 2 x 4 is the same 8 records a step), against fp32 states and against the 7B
+    # one-GPU recipe's setting (8-bit states over fp32 weights under autocast)
+    loss_master_2b)
+      model 2b && python3 benchmarks/gpu/loss_compare.py --out "$OUT/loss_master_2b" --steps ${LOSS_STEPS:-100} \
+        --variant "fp32_states=optim=adamw_torch" --variant "ao8=" --variant "ao8_master=mire_master_weights=true" \
+        $RECIPE_2B model_name_or_path=$MODELS/m2b dataset_dir=.gpu_data/mire eval_dataset=null \
+        per_device_train_batch_size=8 gradient_accumulation_steps=1 optim=adamw_torch_8bit \
+        preprocessing_num_workers=8 dataloader_num_workers=4 seed=42 data_seed=42 > "$OUT/loss_master_2b.log" 2>&1
+      echo "rc=$?"; tail -6 "$OUT/loss_master_2b.log" ;;
     # packed 2B training, the dense block-diagonal mask against per-record varlen attention (mire_packed_varlen):
     # the same data and seed, 30 steps; the losses must agree within bf16 noise
     loss_pack_2b)

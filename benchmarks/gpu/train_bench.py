@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from transformers import TrainerCallback  # noqa: E402
 
-from mire_factory import attention, checkpoint_layers, pack_padding  # noqa: E402
+from mire_factory import attention, checkpoint_layers, master_weights, pack_padding  # noqa: E402
 from mire_factory import label_logits as label_logits_module  # noqa: E402
 from mire_factory.io import MireInputError, OutputSet, problem, run_cli  # noqa: E402
 from mire_factory.train import OptimizerReport, own_flag, read_config, set_cudnn_sdp  # noqa: E402
@@ -161,7 +161,7 @@ class ResultWriter(TrainerCallback):
 
 
 def bench_result(ns, args, timer, report, wall: float, profiler: StepProfiler | None = None,
-                 right_pad=None, label_logits=None, checkpointing=None, trim=None) -> dict | None:
+                 right_pad=None, label_logits=None, checkpointing=None, trim=None, masters=None) -> dict | None:
     """The figures (None on ranks other than 0)."""
     import torch
 
@@ -214,6 +214,8 @@ def bench_result(ns, args, timer, report, wall: float, profiler: StepProfiler | 
         "checkpoint_layers": checkpointing.line if checkpointing is not None else None,
         # mire_trim_padding (pack_padding.py): token positions of the training forwards as given and as run
         "trimmed_positions": dict(trim.counts) if trim is not None else None,
+        # mire_master_weights (master_weights.py): bf16 weights in the model, fp32 masters in the optimizer
+        "master_weights": masters.line if masters is not None else None,
         # the allocator's settings (expandable_segments changes how far reserved memory runs above the peak)
         "cuda_alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
         "wall_s": wall,  # from run_exp's start to the end of training (until 2026-12-03: to the end of the save)
@@ -254,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     label_logits = label_logits_module.callback() if own_flag(args, "mire_label_logits_only", False, ns.config) else None
     checkpoint_k = checkpoint_layers.read_key(args, ns.config)
     checkpointing = checkpoint_layers.callback(checkpoint_k, ns.config) if checkpoint_k is not None else None
+    masters = master_weights.callback(ns.config) if master_weights.read_key(args, ns.config) else None
     timer = StepTimer(packed=packed)
     report = OptimizerReport()  # which optimizer, state types and parameter dtypes were measured
 
@@ -276,10 +279,11 @@ def main(argv: list[str] | None = None) -> int:
 
         start = time.perf_counter()
         writer = ResultWriter(lambda: write(bench_result(ns, args, timer, report, time.perf_counter() - start,
-                                                         profiler, right_pad, label_logits, checkpointing, trim)),
+                                                         profiler, right_pad, label_logits, checkpointing, trim,
+                                                         masters)),
                               skip_save=ns.skip_save)
-        callbacks = [timer, report, writer] + [c for c in (profiler, right_pad, label_logits, checkpointing, trim)
-                                               if c is not None]
+        callbacks = [timer, report, writer] + [c for c in (profiler, right_pad, label_logits, checkpointing, trim,
+                                                            masters) if c is not None]
         run_exp(args=args, callbacks=callbacks)
         if not writer.written:  # a trainer that never reached on_train_end: no figures to report
             print(f"error: training ended without a result for {ns.out}", file=sys.stderr)
