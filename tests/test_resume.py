@@ -5,6 +5,7 @@ the original weight names)."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -53,10 +54,13 @@ def test_a_resumed_training_goes_on_from_its_checkpoint(tiny_model_dir, tiny_tra
     run_exp(args=args)
     assert losses(tmp_path / "upstream")[2] == pytest.approx(whole[0], rel=1e-6) != whole[2]
 
-    proc = launch(tiny_model_dir, tiny_train_data, tmp_path / "resumed", *resumed_from)
-    assert losses(tmp_path / "resumed")[2] == pytest.approx(whole[2], rel=1e-6)
+    # README's way: the same command with overwrite_output_dir=false, LLaMA-Factory then resumes from the last
+    # checkpoint in output_dir (a run killed after its step-2 checkpoint)
+    shutil.copytree(checkpoint, tmp_path / "killed" / "checkpoint-2")
+    proc = launch(tiny_model_dir, tiny_train_data, tmp_path / "killed", "overwrite_output_dir=false")
+    assert losses(tmp_path / "killed")[2] == pytest.approx(whole[2], rel=1e-6)
     assert proc.stderr.count("mire_factory.train: resumed: ") == 1
-    assert f"weights loaded from {checkpoint} under the model's names" in proc.stderr
+    assert f"weights loaded from {tmp_path / 'killed' / 'checkpoint-2'} under the model's names" in proc.stderr
 
 
 @pytest.mark.slow
