@@ -20,7 +20,8 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from functools import lru_cache
 from typing import Any, TypeVar
 
-from .io import MireInputError
+from .hparams import config_field
+from .io import EXIT_FAILURES, MireInputError
 
 # Qwen2-VL: 14-pixel patches merged 2x2, so image sides are multiples of 28.
 IMAGE_FACTOR = 28
@@ -60,6 +61,40 @@ class TeacherConfig:
         if self.max_retries < 0 or self.timeout <= 0:
             out.append("--max_retries must be >= 0 and --timeout > 0")
         return out
+
+
+@dataclass(kw_only=True)
+class TeacherRunFields:
+    """The flags of a teacher tool's run besides TeacherConfig's: the same in tools.distill, tools.extract_info and
+    tools.generate."""
+
+    api_key_env: str | None = _help("environment variable holding the teacher's API key (default OPENAI_API_KEY)",
+                                    None)
+    dry_run: bool = _help("print the first request (images elided) and stop", False)
+    progress: bool = _help("show a progress bar", True)
+    config: str | None = config_field()
+
+
+def print_dry_run(request: dict, count: str) -> int:
+    """--dry_run: the request as it would be sent, images elided (stdout), and what the run would send (stderr)."""
+    print(json.dumps(elide_images(request), ensure_ascii=False, indent=2))
+    print(f"dry run: {count}", file=sys.stderr)
+    return 0
+
+
+def report_failures(summary: RunSummary, tool: str, what: str = "requests") -> int:
+    """The run's failures (stderr); the tool's exit code: 0, or 3 with failed lines left."""
+    failures = failure_summary(summary, tool=tool, what=what)
+    if failures:
+        print(failures, file=sys.stderr)
+        return EXIT_FAILURES
+    return 0
+
+
+def report_run(summary: RunSummary, output_file: str | os.PathLike, tool: str, what: str = "requests") -> int:
+    """The run's summary (stdout), then report_failures."""
+    print(format_summary(summary, output_file, what=what))
+    return report_failures(summary, tool, what)
 
 
 def api_key_from_env(name: str | None) -> str:

@@ -15,31 +15,26 @@ another run writing it; 3 finished, but failed lines remain (this run's or skipp
 from __future__ import annotations
 
 import asyncio
-import json
 import sys
 from dataclasses import dataclass, field
 
 from mire_factory.distill import DistillConfig, build_request, check_modes, run_distill
-from mire_factory.hparams import config_field, parse_args
-from mire_factory.io import EXIT_FAILURES, run_cli
+from mire_factory.hparams import parse_args
+from mire_factory.io import run_cli
 from mire_factory.records import load_records
-from mire_factory.teacher import api_key_from_env, elide_images, failure_summary, format_summary
+from mire_factory.teacher import TeacherRunFields, api_key_from_env, print_dry_run, report_run
 
 
 @dataclass(kw_only=True)
-class DistillArguments(DistillConfig):
-    """The flags (or the keys of a --config YAML): the run's, then what is asked and how (DistillConfig)."""
+class DistillArguments(TeacherRunFields, DistillConfig):
+    """The flags (or the keys of a --config YAML): the run's (and TeacherRunFields), then what is asked and how
+    (DistillConfig)."""
 
     input_file: str = field(metadata={"help": "MIRE train (or test, for mode 1) json"})
     image_dir: str = field(metadata={"help": "folder of the images"})
     output_file: str | None = field(default=None, metadata={"help": "reasons JSONL (appended to; not needed with "
                                                                     "--dry_run)"})
     limit: int | None = field(default=None, metadata={"help": "only the first N records"})
-    api_key_env: str | None = field(default=None, metadata={"help": "environment variable holding the API key "
-                                                                    "(default OPENAI_API_KEY)"})
-    dry_run: bool = field(default=False, metadata={"help": "print the first request (images elided) and stop"})
-    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
-    config: str | None = config_field()
 
     def __post_init__(self):
         problems = self.check()
@@ -63,11 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         records = records[: args.limit]
     check_modes(records, args.modes, args.input_file)
     if args.dry_run:
-        request = build_request(records[0], args.image_dir, args.modes[0], args)
-        print(json.dumps(elide_images(request), ensure_ascii=False, indent=2))
-        print(f"dry run: {len(records) * len(args.modes)} requests ({len(records)} records x modes {args.modes})",
-              file=sys.stderr)
-        return 0
+        return print_dry_run(build_request(records[0], args.image_dir, args.modes[0], args),
+                             f"{len(records) * len(args.modes)} requests ({len(records)} records x modes {args.modes})")
     api_key = api_key_from_env(args.api_key_env)
     try:
         summary = asyncio.run(run_distill(records, args.image_dir, args, args.output_file, api_key=api_key,
@@ -76,12 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"interrupted: finished lines are in {args.output_file}; rerun the same command to resume",
               file=sys.stderr)
         return 130
-    print(format_summary(summary, args.output_file))
-    failures = failure_summary(summary)
-    if failures:
-        print(failures, file=sys.stderr)
-        return EXIT_FAILURES
-    return 0
+    return report_run(summary, args.output_file, tool="distill")
 
 
 if __name__ == "__main__":

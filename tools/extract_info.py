@@ -21,7 +21,6 @@ with failed images (rerun with --retry_failed).
 from __future__ import annotations
 
 import asyncio
-import json
 import sys
 from dataclasses import dataclass, field
 from typing import Literal
@@ -31,12 +30,13 @@ from mire_factory.hparams import parse_args, yaml_config
 from mire_factory.image_info import select_images
 from mire_factory.io import EXIT_FAILURES, MireInputError, run_cli
 from mire_factory.ocr import OcrConfig, OcrPoolError, run_ocr
-from mire_factory.teacher import TeacherConfig, api_key_from_env, elide_images, failure_summary, format_summary
+from mire_factory.teacher import TeacherConfig, TeacherRunFields, api_key_from_env, print_dry_run, report_run
 
 
 @dataclass(kw_only=True)
-class ExtractInfoArguments(OcrConfig, TeacherConfig):
-    """The flags (or the keys of a --config YAML): the run's, then OCR's and the teacher's (OcrConfig, TeacherConfig)."""
+class ExtractInfoArguments(TeacherRunFields, OcrConfig, TeacherConfig):
+    """The flags (or the keys of a --config YAML): the run's (TeacherRunFields: --api_key_env and --dry_run are the
+    teacher backend's), then OCR's and the teacher's (OcrConfig, TeacherConfig)."""
 
     image_dir: str = field(metadata={"help": "folder of the images (a MIRE json's image names are relative to it)"})
     output_file: str | None = field(default=None, metadata={"help": "info file (JSONL), appended to and resumed"})
@@ -49,12 +49,6 @@ class ExtractInfoArguments(OcrConfig, TeacherConfig):
     prompt_file: str | None = field(default=None, metadata={"help": "teacher: the question asked of each image "
                                                                     "(default: type cues and visible text as JSON)"})
     system_prompt_file: str | None = field(default=None, metadata={"help": "teacher: a system prompt"})
-    api_key_env: str | None = field(default=None, metadata={"help": "teacher: variable holding the API key "
-                                                                    "(default OPENAI_API_KEY)"})
-    dry_run: bool = field(default=False, metadata={"help": "teacher: print the first request (image elided), stop"})
-    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
-    config: str | None = field(default=None, metadata={"help": "a YAML file of these flags' values; flags given "
-                                                               "override it"})
 
 
 def check_args(args: ExtractInfoArguments) -> None:
@@ -88,19 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         prompt = make_prompt(args.prompt_file, args.system_prompt_file, extract_info=True)
         if args.dry_run:
-            print(json.dumps(elide_images(build_image_request(items[0], prompt, args)), ensure_ascii=False,
-                             indent=2))
-            print(f"dry run: {len(items)} images", file=sys.stderr)
-            return 0
+            return print_dry_run(build_image_request(items[0], prompt, args), f"{len(items)} images")
         api_key = api_key_from_env(args.api_key_env)
         summary = asyncio.run(run_teacher(items, args.output_file, args, prompt, api_key, args.progress,
                                           tool="tools.extract_info"))
-    print(format_summary(summary, args.output_file, what="images"))
-    failures = failure_summary(summary, tool="extract_info", what="images")
-    if failures:
-        print(failures, file=sys.stderr)
-        return EXIT_FAILURES
-    return 0
+    return report_run(summary, args.output_file, tool="extract_info", what="images")
 
 
 if __name__ == "__main__":

@@ -21,21 +21,26 @@ with failed images (the export holds the answered ones; rerun with --retry_faile
 from __future__ import annotations
 
 import asyncio
-import json
-import sys
 from dataclasses import dataclass, field
 from typing import Literal
 
 from mire_factory.generate import build_image_request, check_dataset_name, export_dataset, make_prompt, run_teacher
 from mire_factory.hparams import parse_args, yaml_config
 from mire_factory.image_info import InfoLog, select_images
-from mire_factory.io import EXIT_FAILURES, MireInputError, run_cli
-from mire_factory.teacher import TeacherConfig, api_key_from_env, elide_images, failure_summary, format_summary
+from mire_factory.io import MireInputError, run_cli
+from mire_factory.teacher import (
+    TeacherConfig,
+    TeacherRunFields,
+    api_key_from_env,
+    format_summary,
+    print_dry_run,
+    report_failures,
+)
 
 
 @dataclass(kw_only=True)
-class GenerateArguments(TeacherConfig):
-    """The flags (or the keys of a --config YAML): the run's, then the teacher's (TeacherConfig)."""
+class GenerateArguments(TeacherRunFields, TeacherConfig):
+    """The flags (or the keys of a --config YAML): the run's, then the teacher's (TeacherRunFields, TeacherConfig)."""
 
     image_dir: str = field(metadata={"help": "folder of the images"})
     prompt_file: str = field(metadata={"help": "the question asked of every image (UTF-8 text)"})
@@ -50,12 +55,6 @@ class GenerateArguments(TeacherConfig):
     dataset_name: str = field(default="generated", metadata={"help": "the exported dataset's name and file stem"})
     export_format: Literal["sharegpt", "swift"] = field(default="sharegpt", metadata={
         "help": "sharegpt (LLaMA-Factory, registered) or swift (ms-swift JSONL)"})
-    api_key_env: str | None = field(default=None, metadata={"help": "variable holding the API key (default "
-                                                                    "OPENAI_API_KEY)"})
-    dry_run: bool = field(default=False, metadata={"help": "print the first request (image elided) and stop"})
-    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
-    config: str | None = field(default=None, metadata={"help": "a YAML file of these flags' values; flags given "
-                                                               "override it"})
 
 
 def check_args(args: GenerateArguments) -> None:
@@ -79,9 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     prompt = make_prompt(args.prompt_file, args.system_prompt_file, extract_info=False)
     items = select_images(args.image_dir, args.input_file, limit=args.limit)
     if args.dry_run:
-        print(json.dumps(elide_images(build_image_request(items[0], prompt, teacher)), ensure_ascii=False, indent=2))
-        print(f"dry run: {len(items)} images", file=sys.stderr)
-        return 0
+        return print_dry_run(build_image_request(items[0], prompt, teacher), f"{len(items)} images")
     api_key = api_key_from_env(args.api_key_env)
     summary = asyncio.run(run_teacher(items, args.output_file, teacher, prompt, api_key, args.progress))
     print(format_summary(summary, args.output_file, what="images"))
@@ -93,11 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         where = f"registered as {args.dataset_name} in {target.parent / 'dataset_info.json'}" \
             if args.export_format == "sharegpt" else "ms-swift messages/images"
         print(f"exported {n} answered images of {len(items)} -> {target} ({where})")
-    failures = failure_summary(summary, tool="generate", what="images")
-    if failures:
-        print(failures, file=sys.stderr)
-        return EXIT_FAILURES
-    return 0
+    return report_failures(summary, tool="generate", what="images")
 
 
 if __name__ == "__main__":
