@@ -31,8 +31,9 @@ weights, and load_best_model_at_end loads the best checkpoint's: transformers 5.
 Qwen2-VL, whose checkpoints keep their original weight names (resume.py).
 Plain `llamafactory-cli train` gets none of these protections.
 Set `metric_for_best_model=eval_f1` to keep the best checkpoint by the official metric.
-The arguments trained with are saved as OUTPUT_DIR/training_args.yaml (LLaMA-Board's name), where tools.vllm_infer
-reads the settings inference must share (cutoff_len, image pixels, template, the data's prompt variant).
+When training begins the arguments trained with are saved as OUTPUT_DIR/training_args.yaml (LLaMA-Board's name),
+where tools.vllm_infer reads the settings inference must share (cutoff_len, image pixels, template, the data's prompt
+variant), for the final model and for every checkpoint-N of the run.
 
 Distributed launch follows llamafactory-cli: with FORCE_TORCHRUN=1 or several visible GPUs the launcher re-runs
 itself under torchrun with NNODES, NODE_RANK, NPROC_PER_NODE, MASTER_ADDR, MASTER_PORT; or run
@@ -158,13 +159,18 @@ def tokenize_only(args: dict, config: str) -> None:
 
 
 class TrainingStarted(TrainerCallback):
-    """Whether the Trainer got as far as its first step (errors before it are the configuration's)."""
+    """Whether the Trainer got as far as its first step (errors before it are the configuration's); when it does,
+    rank 0 saves the arguments trained with (save_training_args), so that the checkpoints of a run that is killed or
+    still running carry them too (tools.vllm_infer reads a checkpoint's from its run's directory)."""
 
-    def __init__(self):
+    def __init__(self, config_args: dict):
         self.started = False
+        self.config_args = config_args
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.started = True
+        if state.is_world_process_zero and self.config_args.get("output_dir"):
+            save_training_args(self.config_args["output_dir"], self.config_args)
 
 
 class OptimizerReport(TrainerCallback):
@@ -257,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         callbacks.append(checkpoint_layers.callback(checkpoint_k, config))
     if master_weights.read_key(args, config):
         callbacks.append(master_weights.callback(config))
-    started = TrainingStarted()
+    started = TrainingStarted(args)
     callbacks += [started, OptimizerReport()]
     from llamafactory.train.tuner import run_exp
 
@@ -278,10 +284,8 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.flush()  # the last line also where stdout and stderr go to one log (tools.kfold shows it)
             print(f"error: {exc}", file=sys.stderr)
         return EXIT_DIVERGED
-    if int(os.getenv("RANK", "0")) == 0 and args.get("output_dir"):
-        save_training_args(args["output_dir"], args)
-        if args.get("plot_loss"):
-            plot_f1(args["output_dir"])
+    if int(os.getenv("RANK", "0")) == 0 and args.get("output_dir") and args.get("plot_loss"):
+        plot_f1(args["output_dir"])
     return 0
 
 

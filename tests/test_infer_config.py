@@ -105,6 +105,30 @@ def test_a_trained_model_directory_supplies_its_settings_and_prompt_variant(tmp_
     assert "--prompt_variant cot" in errors[0] and not (tmp_path / "p.jsonl").exists()
 
 
+def test_a_checkpoint_of_a_run_is_read_with_its_runs_arguments(tmp_path):
+    """A Trainer checkpoint (checkpoint-N) holds no training_args.yaml: its run's applies, and the model (or, for
+    LoRA, the adapter) is the checkpoint."""
+    data = tmp_path / "data"
+    _registered(data, {"mire_train_cot": "cot", "mire_test": "cot"})
+    run = tmp_path / "saves"
+    (run / "checkpoint-200").mkdir(parents=True)
+    recipe = yaml.safe_load((CONFIGS / "qwen2_vl_full_sft.yaml").read_text(encoding="utf-8"))
+    recipe.update(dataset="mire_train_cot", dataset_dir=str(data), cutoff_len=4096, output_dir=str(run))
+    (run / "training_args.yaml").write_text(yaml.safe_dump(recipe), encoding="utf-8")
+    checkpoint = run / "checkpoint-200"
+    for argv in (["--model_name_or_path", checkpoint], ["--config", checkpoint]):
+        args = resolve(*argv, "--dataset", "mire_test")
+        assert (args.model_name_or_path, args.cutoff_len, args.prompt_variant) == (str(checkpoint), 4096, "cot")
+    recipe.update(finetuning_type="lora", model_name_or_path="Qwen/Qwen2-VL-7B-Instruct")
+    (run / "training_args.yaml").write_text(yaml.safe_dump(recipe), encoding="utf-8")
+    args = resolve("--config", checkpoint, "--dataset", "mire_test")
+    assert (args.model_name_or_path, args.adapter_name_or_path) == ("Qwen/Qwen2-VL-7B-Instruct", str(checkpoint))
+    (tmp_path / "other" / "checkpoint-7").mkdir(parents=True)  # no run arguments one level up either
+    proc = run_tool("vllm_infer", "--config", tmp_path / "other" / "checkpoint-7", "--dataset", "mire_test",
+                    "--dataset_dir", data)
+    assert proc.returncode == 2 and "no training_args.yaml in this directory" in proc.stderr
+
+
 def test_bad_configs_exit_2_in_one_line(tmp_path):
     (tmp_path / "bad.yaml").write_text("cutoff_len: [1, 2]\n", encoding="utf-8")
     (tmp_path / "empty").mkdir()

@@ -10,6 +10,7 @@ import sys
 from collections import Counter
 
 import pytest
+import yaml
 
 from conftest import REPO, call_main
 from mire_factory.f1_callback import f1_metrics, shard_indices, split_prompt
@@ -297,6 +298,8 @@ def test_launcher_stops_a_diverging_training_with_one_line(tiny_model_dir, tiny_
     assert "TrainingDiverged" not in proc.stderr
     assert not (tmp_path / "out" / "model.safetensors").exists()
     assert not (tmp_path / "out" / "checkpoint-2").exists()  # the checkpoint of the step that diverged
+    # saved when training began: a stopped or killed run's checkpoints are inferred with its settings
+    assert yaml.safe_load((tmp_path / "out" / "training_args.yaml").read_text())["output_dir"] == str(tmp_path / "out")
 
 
 @pytest.mark.slow

@@ -5,13 +5,15 @@ The settings that must equal training (cutoff_len, image pixel limits, template,
 - `--config configs/qwen2_vl_full_sft.yaml` (a training YAML: the model it writes, output_dir, with its settings;
   the prompt variant of the dataset it trains on);
 - `--config saves/.../sft` (a trained model's directory: the training_args.yaml that mire_factory.train and
-  LLaMA-Board save there); a --model_name_or_path directory holding one is read the same way without --config.
+  LLaMA-Board save there; a `checkpoint-N` inside it is read with its run's); a --model_name_or_path directory
+  holding one (or a checkpoint-N of such a run) is read the same way without --config.
 Flags given on the command line override the config. Without any, the defaults are the recipes' values.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,7 @@ from ..rules import MAX_NEW_TOKENS, MAX_PARAMETERS
 from .backends import BACKENDS
 
 TRAINING_ARGS = "training_args.yaml"  # LLaMA-Factory's name (extras/constants.py), written by mire_factory.train
+CHECKPOINT_DIR = re.compile(r"checkpoint-\d+")  # transformers' PREFIX_CHECKPOINT_DIR and the step
 
 # The recipes' values (configs/*.yaml): a test keeps them equal.
 RECIPE_CUTOFF_LEN = 10240
@@ -161,17 +164,26 @@ def settings_from_yaml(data: dict, source: str, model_dir: str | None = None) ->
     return {k: v for k, v in out.items() if v is not None}
 
 
+def saved_arguments(model_dir: str | os.PathLike) -> Path:
+    """Where a trained model directory's arguments are: its own training_args.yaml, or for a Trainer checkpoint
+    (checkpoint-N, which holds none) its run's, one level up."""
+    path = Path(model_dir)
+    if not (path / TRAINING_ARGS).is_file() and CHECKPOINT_DIR.fullmatch(path.name):
+        return path.parent / TRAINING_ARGS
+    return path / TRAINING_ARGS
+
+
 def config_values(config: str | None, given: dict[str, Any]) -> dict[str, Any]:
     """hparams.parse_args' hook: field values from --config, or from the saved arguments of a model directory."""
     if config is None:
         model = given.get("model_name_or_path")
-        if model and (Path(model) / TRAINING_ARGS).is_file():
+        if model and saved_arguments(model).is_file():
             config = model
         else:
             return {}
     path = Path(config)
     if path.is_dir():
-        saved = path / TRAINING_ARGS
+        saved = saved_arguments(path)
         if not saved.is_file():
             raise MireInputError(problem(path, None, None, f"no {TRAINING_ARGS} in this directory (mire_factory.train "
                                                            "and LLaMA-Board save one; or give the training YAML)"))
