@@ -100,7 +100,8 @@ def callback():
     from .checkpoint_layers import unwrap
 
     class MireResumeWeights(TrainerCallback):
-        lines: list[str] = []
+        def __init__(self):
+            self.lines: list[str] = []  # what was loaded, as said on stderr
 
         def load(self, model, checkpoint: str, state, what: str) -> None:
             count = load_weights(unwrap(model), Path(checkpoint))
@@ -111,7 +112,6 @@ def callback():
                     print(f"mire_factory.train: {line}", file=sys.stderr, flush=True)
 
         def on_train_begin(self, args, state, control, model=None, **kwargs):
-            self.lines = []
             checkpoint = args.resume_from_checkpoint
             if checkpoint is True or str(checkpoint).lower() == "true":
                 checkpoint = get_last_checkpoint(args.output_dir)
