@@ -106,16 +106,9 @@ def _load_masters(owned: dict[str, torch.nn.Parameter]):
     return hook
 
 
-def read_key(args: dict, config: str) -> bool:
-    """`mire_master_weights`, removed from the arguments LLaMA-Factory gets; true only with settings it works
-    under (the module docstring's limits), anything else refused in one line naming the key that conflicts."""
-    value = args.pop(KEY, False)
-    if isinstance(value, str) and value.lower() in ("true", "false"):
-        value = value.lower() == "true"
-    if not isinstance(value, bool):
-        raise MireInputError(problem(config, None, KEY, f"must be true or false, got {value!r}"))
-    if not value:
-        return False
+def check(args: dict, config: str) -> None:
+    """The settings it works under (the module docstring's limits), given `mire_master_weights=true` (read with
+    train.own_flag); anything else refused in one line naming the key that conflicts."""
 
     def refuse(key: str, why: str) -> MireInputError:
         return MireInputError(problem(config, None, KEY, f"not with {key}: {why}"))
@@ -130,7 +123,6 @@ def read_key(args: dict, config: str) -> bool:
     if str(steps).strip() != "1":
         raise refuse(f"gradient_accumulation_steps={steps}", "gradients summed over micro-batches would add up in "
                                                              "bf16; set it to 1 (neat_packing fills a step)")
-    return True
 
 
 def callback(config: str = ""):

@@ -261,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     checkpoint_k = checkpoint_layers.read_key(args, config)
     if checkpoint_k is not None:
         callbacks.append(checkpoint_layers.callback(checkpoint_k, config))
-    if master_weights.read_key(args, config):
+    if own_flag(args, master_weights.KEY, False, config):
+        master_weights.check(args, config)
         callbacks.append(master_weights.callback(config))
     started = TrainingStarted(args)
     callbacks += [started, OptimizerReport()]

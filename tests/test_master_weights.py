@@ -115,12 +115,16 @@ def test_state_dict_gives_the_masters_and_load_state_dict_sets_them():
                                           "batches would add up in bf16; set it to 1 (neat_packing fills a step)"),
 ])
 def test_settings_it_cannot_work_under_are_refused_in_one_line(overrides, message):
+    """As the launcher reads it: own_flag (true/false, removed from LLaMA-Factory's arguments), then check."""
+    from mire_factory.train import own_flag
+
     args = {"mire_master_weights": True, "gradient_accumulation_steps": 1, **overrides}
     with pytest.raises(MireInputError) as info:
-        master_weights.read_key(args, "c.yaml")
+        if own_flag(args, master_weights.KEY, False, "c.yaml"):
+            master_weights.check(args, "c.yaml")
     assert info.value.lines == [f"c.yaml: field 'mire_master_weights': {message}"]
-    args = {"gradient_accumulation_steps": 8}
-    assert master_weights.read_key(args, "c.yaml") is False and args == {"gradient_accumulation_steps": 8}
+    assert master_weights.KEY not in args
+    master_weights.check({"gradient_accumulation_steps": "1", "pure_bf16": "false"}, "c.yaml")  # accepted
 
 
 def train_steps(model_dir, data_dir, out, *extra) -> tuple[list[tuple[float, float]], str]:

@@ -256,7 +256,10 @@ def main(argv: list[str] | None = None) -> int:
     label_logits = label_logits_module.callback() if own_flag(args, "mire_label_logits_only", False, ns.config) else None
     checkpoint_k = checkpoint_layers.read_key(args, ns.config)
     checkpointing = checkpoint_layers.callback(checkpoint_k, ns.config) if checkpoint_k is not None else None
-    masters = master_weights.callback(ns.config) if master_weights.read_key(args, ns.config) else None
+    masters = None
+    if own_flag(args, master_weights.KEY, False, ns.config):
+        master_weights.check(args, ns.config)
+        masters = master_weights.callback(ns.config)
     timer = StepTimer(packed=packed)
     report = OptimizerReport()  # which optimizer, state types and parameter dtypes were measured
 
