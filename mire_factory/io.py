@@ -322,6 +322,8 @@ def output_lock(path: str | os.PathLike, timeout: float = 0, what: str = "anothe
     _check_target(lock_file)
     try:
         lock_file.parent.mkdir(parents=True, exist_ok=True)
+        # filelock reports a lock file it cannot create (an unwritable folder) as a Timeout, "held by another run"
+        lock_file.touch(exist_ok=True)
         lock = FileLock(lock_file, timeout=timeout)
         lock.acquire()
     except Timeout:

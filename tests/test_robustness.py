@@ -159,6 +159,13 @@ def test_a_second_distill_on_the_same_file_is_refused(data, tmp_path):
     assert not out.exists()
 
 
+def test_an_output_where_no_lock_can_be_made_is_said_so_not_blamed_on_another_run(data):
+    """filelock reports a lock file it cannot create as a timeout; the line says what happened instead."""
+    code, _, err = call(distill.main, *distill_args(data, "http://127.0.0.1:9/v1", "/proc/mire-r.jsonl"))
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error: /proc/mire-r.jsonl: cannot lock it (") and "writing it" not in err
+
+
 # ---------------------------------------------------------------- convert
 
 
