@@ -80,9 +80,7 @@ def load_weights(model: torch.nn.Module, checkpoint: Path) -> int | None:
         raise MireInputError(problem(str(checkpoint), None, None, f"{len(missing)} of the model's weights are not "
                                      f"in the checkpoint (first: {missing[0]}); was it saved from this model?"))
     with torch.no_grad():
-        result = model.load_state_dict(converted, strict=False)
-    if result.missing_keys and any(own[name].data_ptr() not in loaded_storages for name in result.missing_keys):
-        raise MireInputError(problem(str(checkpoint), None, None, "the checkpoint's weights did not load"))
+        model.load_state_dict(converted, strict=False)  # what it leaves out is tied to a loaded weight (above)
     return len(converted)
 
 
