@@ -95,3 +95,36 @@ def test_the_optimizer_line_is_found_behind_a_progress_bar():
     assert loss_compare.OPTIMIZER_LINE.search(log).group(1) == ("optimizer bitsandbytes.optim.adamw.AdamW "
                                                                "(optim=adamw_bnb_8bit, optim_args=); Adam states "
                                                                "{'Tensor(uint8)': 392}")
+
+
+def _compare_file(path, runs, steps=3):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"steps": steps, "runs": {
+        name: {"rc": 0, "steps": list(range(1, steps + 1)), "loss": loss} for name, loss in runs.items()}}))
+    return path
+
+
+def test_runs_from_separate_calls_are_compared_as_one(tmp_path):
+    """A lent machine is released between calls: fp32 states and the 8-bit runs in one file, a later run in another."""
+    first = _compare_file(tmp_path / "a" / "loss_compare.json", {"fp32": [3.0, 2.0, 1.0], "ao8": [3.0, 2.5, 1.0]})
+    later = _compare_file(tmp_path / "b" / "loss_compare.json", {"master": [3.0, 2.0, 0.7]})
+    proc = call_main(loss_compare.main, "--out", tmp_path / "merged", "--merge", first, later)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((tmp_path / "merged" / "loss_compare.json").read_text())
+    assert result["reference"] == "fp32" and list(result["runs"]) == ["fp32", "ao8", "master"]
+    assert result["against_reference"]["ao8"]["loss"] == {"max_abs": 0.5, "mean_abs": pytest.approx(0.5 / 3)}
+    assert result["against_reference"]["master"]["loss"]["max_abs"] == pytest.approx(0.3)
+    assert (tmp_path / "merged" / "loss_compare.png").stat().st_size > 0
+    assert "master vs fp32:" in proc.stdout
+
+
+def test_a_merge_with_a_repeated_run_name_or_a_missing_file_is_one_line(tmp_path):
+    first = _compare_file(tmp_path / "a.json", {"fp32": [1.0, 1.0, 1.0]})
+    proc = call_main(loss_compare.main, "--out", tmp_path / "m", "--merge", first, first)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"error: {first}: field 'runs': a run named 'fp32' is already in an earlier file"]
+    proc = call_main(loss_compare.main, "--out", tmp_path / "m", "--merge", first, tmp_path / "nothing.json")
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert f"{tmp_path / 'nothing.json'}: not a readable loss_compare.json" in proc.stderr
+    assert not (tmp_path / "m" / "loss_compare.json").exists()

@@ -13,6 +13,12 @@ per variant the per-step losses and grad norms, the optimizer line of mire_facto
 and parameter dtypes ran), and against the reference the max and mean absolute loss difference per step and the
 same for the losses smoothed over 10 steps (step-to-step batch noise averaged out); DIR/loss_compare.png draws the
 curves. Exit 1 when a run failed or logged fewer steps than asked, 2 on a malformed --variant.
+
+python benchmarks/gpu/loss_compare.py --out DIR --merge A/loss_compare.json B/loss_compare.json [...]
+
+Runs of the same comparison made in separate calls (a lent GPU machine is released between them) compared as one:
+every run of the files in order, the first file's reference first; writes DIR/loss_compare.json and its plot, runs
+nothing. Exit 2 when a file is missing or unreadable, or two files hold a run of the same name.
 """
 
 from __future__ import annotations
@@ -110,14 +116,58 @@ def compare(runs: dict[str, dict], steps: int) -> dict:
     return out
 
 
+def merged_runs(paths: list[str]) -> tuple[dict[str, dict], int]:
+    """The runs of several loss_compare.json files, in order, and their steps; one line naming the file otherwise."""
+    runs: dict[str, dict] = {}
+    steps = None
+    for path in paths:
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+            file_runs, file_steps = data["runs"], int(data["steps"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise MireInputError(problem(path, None, None, f"not a readable loss_compare.json ({exc})")) from None
+        for name, run in file_runs.items():
+            if name in runs:
+                raise MireInputError(problem(path, None, "runs", f"a run named {name!r} is already in an earlier file"))
+            runs[name] = run
+        steps = file_steps if steps is None else min(steps, file_steps)
+    return runs, steps
+
+
+def report(result: dict, out: Path, title: str) -> None:
+    write_json_atomic(out / "loss_compare.json", result)
+    for name, diff in result["against_reference"].items():
+        print(f"{name} vs {result['reference']}: " + (json.dumps({k: diff[k] for k in ("loss", f"loss_smoothed{SMOOTH}")})
+                                                    if diff else "not compared (a run failed or logged fewer steps)"))
+    curves = {name: list(zip(r["steps"], r["loss"], strict=True)) for name, r in result["runs"].items() if r["loss"]}
+    if curves:
+        from mire_factory.plots import plot_loss_curves
+
+        plot_loss_curves(curves, out / "loss_compare.png", title=title)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
     parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--variant", action="append", required=True, help="NAME=OVERRIDES (the first: reference)")
-    parser.add_argument("config")
+    parser.add_argument("--variant", action="append", default=[], help="NAME=OVERRIDES (the first: reference)")
+    parser.add_argument("--merge", nargs="+", metavar="LOSS_COMPARE_JSON",
+                        help="compare the runs of these files instead of running (the first file's reference first)")
+    parser.add_argument("config", nargs="?")
     parser.add_argument("overrides", nargs="*")
     ns = parser.parse_args(argv)
+    if ns.merge:
+        if ns.variant or ns.config:
+            raise MireInputError(problem("--merge", None, None, "runs nothing: give no --variant and no config"))
+        runs, steps = merged_runs(ns.merge)
+        out = Path(ns.out)
+        out.mkdir(parents=True, exist_ok=True)
+        result = compare(runs, steps)
+        result.update(merged_from=ns.merge)
+        report(result, out, "training loss per optimizer step")
+        return 0
+    if not ns.variant or not ns.config:
+        raise MireInputError(problem("--variant", None, None, "needs at least one --variant and a config"))
     variants = [parse_variant(v) for v in ns.variant]
     names = [n for n, _ in variants]
     if len(set(names)) != len(names):
@@ -129,16 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = {name: run_variant(name, overrides, ns.config, ns.overrides, ns.steps, out) for name, overrides in variants}
     result = compare(runs, ns.steps)
     result.update(config=ns.config, common_overrides=ns.overrides)
-    write_json_atomic(out / "loss_compare.json", result)
-    for name, diff in result["against_reference"].items():
-        print(f"{name} vs {names[0]}: " + (json.dumps({k: diff[k] for k in ("loss", f"loss_smoothed{SMOOTH}")})
-                                           if diff else "not compared (a run failed or logged fewer steps)"))
-    curves = {name: list(zip(r["steps"], r["loss"], strict=True)) for name, r in runs.items() if r["loss"]}
-    if curves:
-        from mire_factory.plots import plot_loss_curves
-
-        plot_loss_curves(curves, out / "loss_compare.png",
-                         title=f"{Path(ns.config).name}: training loss per optimizer step")
+    report(result, out, f"{Path(ns.config).name}: training loss per optimizer step")
     bad = [n for n, r in runs.items() if r["rc"] != 0 or len(r["loss"]) != ns.steps
            or not all(math.isfinite(x) for x in r["loss"])]
     if bad:
