@@ -78,7 +78,8 @@ for name in "$@"; do
   # (mire_checkpoint_layers=K, mire_factory/checkpoint_layers.py), NAME_gcK; NAME must keep checkpointing on
   # NAME+liger: LLaMA-Factory's enable_liger_kernel (Liger's RMSNorm, SwiGLU and mrope kernels), NAME_liger
   # NAME+gaN: gradient_accumulation_steps=N after NAME's own (a packed run: N packs, ~8N records, an optimizer step,
-  # so the 8-bit AdamW step, about a sixth of a packed 7B step, is paid once per N packs), NAME_gaN
+  # so the 8-bit AdamW step, about a sixth of a packed 7B step, is paid once per N packs), NAME_gaN; at 7B with fp32
+  # weights and K=4 it ran out of memory (thirteenth lease): the fp32 gradients stay allocated through the forwards
   # NAME+bnb: optim=adamw_bnb_8bit (bitsandbytes' 8-bit AdamW over the fp32 weights, in place of the one-GPU recipe's
   # torchao AdamW8bit: the same speed at 7B in the twelfth lease), NAME_bnb; needs bitsandbytes staged (STAGED_WHEELS)
   # NAME+notrim: packs keep their trailing padding (mire_trim_padding=false; on by default with varlen), NAME_notrim
@@ -195,9 +196,13 @@ for name in "$@"; do
     # mire_master_weights' loss curve at 2B: one optimizer step per micro-batch of 8 records (it refuses gradient
     # accumulation; the recipe's 2 x 4 is the same 8 records a step), against fp32 states and against the 7B
     # one-GPU recipe's setting (8-bit states over fp32 weights under autocast)
+    # LOSS_MASTER_VARIANTS: other variants, a shell word list (e.g. '--variant "fp32_master=optim=adamw_torch
+    # mire_master_weights=true"': fp32 states with master weights, whose difference from fp32_states is the bf16 compute's)
     loss_master_2b)
+      eval "MASTER_VARIANTS=(${LOSS_MASTER_VARIANTS:---variant fp32_states=optim=adamw_torch --variant ao8= \
+        --variant ao8_master=mire_master_weights=true})"
       model 2b && python3 benchmarks/gpu/loss_compare.py --out "$OUT/loss_master_2b" --steps ${LOSS_STEPS:-100} \
-        --variant "fp32_states=optim=adamw_torch" --variant "ao8=" --variant "ao8_master=mire_master_weights=true" \
+        "${MASTER_VARIANTS[@]}" \
         $RECIPE_2B model_name_or_path=$MODELS/m2b dataset_dir=.gpu_data/mire eval_dataset=null \
         per_device_train_batch_size=8 gradient_accumulation_steps=1 optim=adamw_torch_8bit \
         preprocessing_num_workers=8 dataloader_num_workers=4 seed=42 data_seed=42 > "$OUT/loss_master_2b.log" 2>&1
