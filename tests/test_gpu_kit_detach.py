@@ -6,10 +6,12 @@ tested here."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -85,3 +87,26 @@ def test_chain_start_returns_and_its_harness_start_does_not_block_the_chain(tree
     assert "harness-exit" not in (stage / "h.log").read_text()
     wait_for(chain, "chain-done", 6 * SLEEP_S)  # then training (a second stand-in run) and f1 (fails: no vLLM)
     assert (stage / "h.prev.log").read_text().count("stand-in harness ran") == 1
+
+
+def test_gpu_run_sh_collects_a_queue_without_installing_over_it(tmp_path):
+    """benchmarks/gpu/run.sh wait: reinstalled /tmp/site while the bg: queue it collects was installing it, and the
+    two pip runs killed the queue (thirteenth lease). In a tree without .whl, any install attempt fails the call."""
+    root = tmp_path / "repo"
+    (root / "benchmarks/gpu").mkdir(parents=True)
+    shutil.copy(REPO / "benchmarks/gpu/run.sh", root / "benchmarks/gpu/run.sh")
+    name = f"nothing_{os.getpid()}_{time.monotonic_ns()}"
+    queue_log = Path(f"/tmp/bg_{hashlib.md5((name + chr(10)).encode()).hexdigest()[:12]}.txt")  # the bg: call's
+    queue_log.write_text("=== a finished queue\nbg-done\n")
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "WAIT_S": "1"}
+    try:
+        done = subprocess.run(["bash", "benchmarks/gpu/run.sh", f"wait:{name}"], cwd=root, env=env,
+                              capture_output=True, text=True, timeout=60)
+    finally:
+        queue_log.unlink()
+    assert "=== a finished queue" in done.stdout, done.stderr  # it went on to collect the queue
+    assert "pip" not in done.stderr and ".whl" not in done.stderr
+    # a benchmark itself still installs first (and so fails here, with no wheels)
+    done = subprocess.run(["bash", "benchmarks/gpu/run.sh", "smoke"], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 1 and ".whl" in done.stderr

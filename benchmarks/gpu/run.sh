@@ -32,8 +32,12 @@ STAGED_WHEELS=${STAGED_WHEELS:-/root/stage/whl}
 if [ "${1:-}" = stage_wheels ]; then
   mkdir -p "$STAGED_WHEELS" && cp .whl_big/*.whl "$STAGED_WHEELS"/ && ls -la "$STAGED_WHEELS"; exit $?
 fi
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  $(ls "$STAGED_WHEELS"/*.whl 2>/dev/null) || exit 1
+# bg: and wait: only start and collect a queue, whose own run.sh installs; a second install into /tmp/site meanwhile
+# collides with the queue's (thirteenth lease: pip's FileNotFoundError 'REQUESTED', and the queue died at once)
+if [[ "${1:-}" != bg:* && "${1:-}" != wait:* ]]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    $(ls "$STAGED_WHEELS"/*.whl 2>/dev/null) || exit 1
+fi
 export PYTHONPATH=/tmp/site:$PWD DISABLE_VERSION_CHECK=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 RECIPE=configs/qwen2_vl_full_sft.yaml
