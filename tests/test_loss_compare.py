@@ -127,4 +127,10 @@ def test_a_merge_with_a_repeated_run_name_or_a_missing_file_is_one_line(tmp_path
     proc = call_main(loss_compare.main, "--out", tmp_path / "m", "--merge", first, tmp_path / "nothing.json")
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
     assert f"{tmp_path / 'nothing.json'}: not a readable loss_compare.json" in proc.stderr
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps({"steps": 3, "runs": {"fp32": {"rc": 0, "loss": [1.0]}}}))
+    proc = call_main(loss_compare.main, "--out", tmp_path / "m", "--merge", broken)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"error: {broken}: field 'runs.fp32': expected 'steps' and 'loss' lists of one length"]
     assert not (tmp_path / "m" / "loss_compare.json").exists()

@@ -126,7 +126,13 @@ def merged_runs(paths: list[str]) -> tuple[dict[str, dict], int]:
             file_runs, file_steps = data["runs"], int(data["steps"])
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise MireInputError(problem(path, None, None, f"not a readable loss_compare.json ({exc})")) from None
+        if not isinstance(file_runs, dict):
+            raise MireInputError(problem(path, None, "runs", "expected an object of runs by name"))
         for name, run in file_runs.items():
+            if not (isinstance(run, dict) and isinstance(run.get("loss"), list) and isinstance(run.get("steps"), list)
+                    and len(run["loss"]) == len(run["steps"])):
+                raise MireInputError(problem(path, None, f"runs.{name}", "expected 'steps' and 'loss' lists of one "
+                                                                          "length"))
             if name in runs:
                 raise MireInputError(problem(path, None, "runs", f"a run named {name!r} is already in an earlier file"))
             runs[name] = run
