@@ -17,6 +17,11 @@ OmegaConf), plus our own keys, removed before LLaMA-Factory sees them:
   mire_master_weights (default false): the model computes from bf16 copies of the trained weights and the optimizer
     updates fp32 master weights, as DeepSpeed's bf16 mode does (no casts of fp32 weights at every use); one process,
     gradient_accumulation_steps 1, no DeepSpeed or pure_bf16 (master_weights.py says why);
+  mire_liger_layers (default false): Liger's RMSNorm, SwiGLU, LayerNorm and M-RoPE kernels in the model's layers
+    (Qwen2-VL, Qwen2.5-VL; a CUDA GPU), without Liger's cross entropy, so it goes with mire_label_logits_only
+    (liger_layers.py says why);
+  mire_fp8_adam_states (default false): with optim=adamw_torch_8bit, torchao's AdamW with fp8 states (AdamWFp8)
+    in place of its 8-bit ones: the same size, cheaper to quantize (fp8_adam_states.py);
   mire_checkpoint_layers (default unset: LLaMA-Factory's checkpointing of every layer): an integer K, gradient
     checkpointing in the first K language-model decoder layers only, the others keeping their activations (less
     recompute, more memory; vision blocks as LLaMA-Factory sets them; checkpoint_layers.py says how);
@@ -51,7 +56,16 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from . import attention, checkpoint_layers, label_logits, master_weights, pack_padding, resume
+from . import (
+    attention,
+    checkpoint_layers,
+    fp8_adam_states,
+    label_logits,
+    liger_layers,
+    master_weights,
+    pack_padding,
+    resume,
+)
 from .cot import SECOND_TURN
 from .dataset_info import COT_LAYOUT_KEY, DATASET_INFO, read_dataset_info
 from .f1_callback import F1Callback
@@ -254,10 +268,18 @@ def main(argv: list[str] | None = None) -> int:
     if own_flag(args, "mire_trim_padding", packed, config):
         callbacks.append(pack_padding.callback())
     if own_flag(args, "mire_label_logits_only", False, config):
-        if args.get("use_liger_kernel"):
-            raise MireInputError(problem(config, None, "mire_label_logits_only", "use_liger_kernel already computes "
-                                         "the training loss without the full logits; set only one of them"))
+        for key in ("enable_liger_kernel", "use_liger_kernel"):
+            if str(args.get(key, False)).lower() == "true":
+                raise MireInputError(problem(config, None, "mire_label_logits_only", f"{key} already computes the "
+                                             "training loss without the full logits; set only one of them (or "
+                                             "mire_liger_layers=true: Liger's layer kernels alone)"))
         callbacks.append(label_logits.callback())
+    if own_flag(args, liger_layers.KEY, False, config):
+        liger_layers.check(args, config)
+        callbacks.append(liger_layers.callback(config))
+    if own_flag(args, fp8_adam_states.KEY, False, config):
+        fp8_adam_states.check(args, config)
+        callbacks.append(fp8_adam_states.callback(config))
     checkpoint_k = checkpoint_layers.read_key(args, config)
     if checkpoint_k is not None:
         callbacks.append(checkpoint_layers.callback(checkpoint_k, config))

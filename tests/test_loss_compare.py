@@ -62,13 +62,15 @@ def test_two_optimizers_give_per_step_losses_and_their_difference(tiny_model_dir
 def test_the_8bit_adamws_are_what_optim_selects(tiny_model_dir, tiny_train_data, tmp_path, monkeypatch):
     """`optim: adamw_torch_8bit` (configs/qwen2_vl_7b_1gpu_full_sft.yaml) builds torchao's AdamW8bit with 8-bit
     states over fp32 parameters, and `optim: adamw_bnb_8bit` bitsandbytes' AdamW with uint8 states; both train
-    (torchao and bitsandbytes come with the dev and lowbit extras)."""
+    (torchao and bitsandbytes come with the dev and lowbit extras), and so does AdamW8bit made fp8 by
+    `mire_fp8_adam_states`."""
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     out = tmp_path / "cmp"
     proc = compare(tiny_model_dir, tiny_train_data, out, "fp32_states=optim=adamw_torch",
-                   "ao8=optim=adamw_torch_8bit optim_args=bf16_stochastic_round=True", "bnb8=optim=adamw_bnb_8bit")
+                   "ao8=optim=adamw_torch_8bit optim_args=bf16_stochastic_round=True", "bnb8=optim=adamw_bnb_8bit",
+                   "fp8=optim=adamw_torch_8bit mire_fp8_adam_states=true")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    runs = check_result(out, ["fp32_states", "ao8", "bnb8"])["runs"]
+    runs = check_result(out, ["fp32_states", "ao8", "bnb8", "fp8"])["runs"]
     line = runs["ao8"]["optimizer"]
     assert line.startswith("optimizer torchao.optim.adam.AdamW8bit (optim=adamw_torch_8bit, "
                            "optim_args=bf16_stochastic_round=True)")
@@ -77,6 +79,11 @@ def test_the_8bit_adamws_are_what_optim_selects(tiny_model_dir, tiny_train_data,
     assert line.startswith("optimizer bitsandbytes.optim.adamw.AdamW (optim=adamw_bnb_8bit, ")
     assert "'Tensor(uint8)':" in line and "parameters {'float32':" in line
     assert runs["bnb8"]["loss"][0] == runs["fp32_states"]["loss"][0]
+    # mire_fp8_adam_states: the AdamW8bit that optim built, made torchao's AdamWFp8 before its first step
+    line = runs["fp8"]["optimizer"]
+    assert line.startswith("optimizer torchao.optim.adam.AdamWFp8 (optim=adamw_torch_8bit, ")
+    assert "'OptimStateFp8':" in line and "OptimState8bit" not in line and "parameters {'float32':" in line
+    assert runs["fp8"]["loss"][0] == runs["fp32_states"]["loss"][0]
 
 
 def test_a_malformed_variant_is_one_line(tmp_path):

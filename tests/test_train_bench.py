@@ -26,7 +26,9 @@ from conftest import REPO, call_main
                                                                            "mire_checkpoint_layers=1",
                                                                            "mire_label_logits_only=true",
                                                                            "gradient_accumulation_steps=1",
-                                                                           "mire_master_weights=true"],
+                                                                           "mire_master_weights=true",
+                                                                           "optim=adamw_torch_8bit",
+                                                                           "mire_fp8_adam_states=true"],
                                                    ["--skip_save"])])
 def test_figures_are_written_when_training_ends_before_the_model_is_saved(recipe, extra, flags, tiny_model_dir,
                                                                          tiny_train_data, tmp_path):
@@ -75,7 +77,16 @@ def test_figures_are_written_when_training_ends_before_the_model_is_saved(recipe
     else:
         assert result["tokens_counted"] == "non_padding" and 0 < result["tokens_per_sample"] < 2048
         assert result["records_per_s"] == pytest.approx(result["samples_per_s"]["mean"])
-    assert result["optimizer"].startswith("optimizer torch.optim.adamw.AdamW (optim=adamw_torch,")
+    # every timed step as [seconds, real tokens], whose sums are the figures'
+    steps = result["steps"]
+    assert len(steps) == 2 and all(t > 0 and n > 0 for t, n in steps)
+    assert sum(n for _, n in steps) / sum(t for t, _ in steps) == pytest.approx(result["tokens_per_s"], rel=1e-3)
+    assert result["alloc_retries"] is None and result["liger_layers"] is None  # no CUDA allocator, no Liger on a CPU
+    if "mire_fp8_adam_states=true" in extra:  # torchao's AdamW8bit, which optim built, made its fp8 sibling
+        assert result["optimizer"].startswith("optimizer torchao.optim.adam.AdamWFp8 (optim=adamw_torch_8bit,")
+        assert "'OptimStateFp8': " in result["optimizer"]
+    else:
+        assert result["optimizer"].startswith("optimizer torch.optim.adamw.AdamW (optim=adamw_torch,")
     if "mire_master_weights=true" in extra:  # bf16 in the model, the optimizer's parameters fp32
         assert result["master_weights"].startswith("master weights: ") and "in bf16 in the model" in result["master_weights"]
         assert "parameters {'float32': " in result["optimizer"]

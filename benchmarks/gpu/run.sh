@@ -21,6 +21,7 @@
 #        NAME+master (mire_master_weights=true: bf16 weights in the model, fp32 masters in the optimizer, NAME_master;
 #        one optimizer step a micro-batch, so the packed runs), loss_master_2b (2B, 100 steps of 8-record batches:
 #        fp32 Adam states, 8-bit states over fp32 weights, and the same with master weights),
+#        NAME+ligerl (mire_liger_layers=true, NAME_ligerl), NAME+fp8 (mire_fp8_adam_states=true, NAME_fp8),
 #        combined as NAME+flash+logits (NAME_flash_logits).
 # Results (JSON + logs) go to $OUT (the device tool fetches it) or /tmp/bench_out.
 # Needs .whl (benchmarks/gpu/fetch_wheels.sh) and .gpu_data (benchmarks/gpu/prepare_data.py) carried along.
@@ -90,6 +91,10 @@ for name in "$@"; do
   # NAME+master: the model computes from bf16 copies of the weights, the optimizer updates the fp32 masters
   # (mire_master_weights=true, master_weights.py: no fp32-to-bf16 weight casts at every use, a bf16 residual
   # stream), NAME_master; refused with gradient accumulation, so for the packed runs (accumulation 1)
+  # NAME+ligerl: Liger's RMSNorm, SwiGLU, LayerNorm and mrope kernels without its loss (mire_liger_layers=true,
+  # liger_layers.py: goes with +logits, unlike +liger), NAME_ligerl
+  # NAME+fp8: torchao's AdamW with fp8 states in place of its 8-bit ones (mire_fp8_adam_states=true,
+  # fp8_adam_states.py; needs the recipe's optim=adamw_torch_8bit), NAME_fp8
   # suffixes combine (NAME+flash+logits: NAME_flash_logits)
   EXTRA=(); SUFFIX=""
   while [[ $name != bg:* && $name != wait:* && $name == *+* ]]; do
@@ -103,6 +108,8 @@ for name in "$@"; do
       bnb) EXTRA=(optim=adamw_bnb_8bit "${EXTRA[@]}"); SUFFIX=_bnb$SUFFIX ;;
       notrim) EXTRA=(mire_trim_padding=false "${EXTRA[@]}"); SUFFIX=_notrim$SUFFIX ;;
       master) EXTRA=(mire_master_weights=true "${EXTRA[@]}"); SUFFIX=_master$SUFFIX ;;
+      ligerl) EXTRA=(mire_liger_layers=true "${EXTRA[@]}"); SUFFIX=_ligerl$SUFFIX ;;
+      fp8) EXTRA=(mire_fp8_adam_states=true "${EXTRA[@]}"); SUFFIX=_fp8$SUFFIX ;;
       *) break ;;
     esac
     name=${name%+*}

@@ -23,7 +23,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from transformers import TrainerCallback  # noqa: E402
 
-from mire_factory import attention, checkpoint_layers, master_weights, pack_padding  # noqa: E402
+from mire_factory import (  # noqa: E402
+    attention,
+    checkpoint_layers,
+    fp8_adam_states,
+    liger_layers,
+    master_weights,
+    pack_padding,
+)
 from mire_factory import label_logits as label_logits_module  # noqa: E402
 from mire_factory.io import MireInputError, OutputSet, problem, run_cli  # noqa: E402
 from mire_factory.train import OptimizerReport, own_flag, read_config, set_cudnn_sdp  # noqa: E402
@@ -161,7 +168,8 @@ class ResultWriter(TrainerCallback):
 
 
 def bench_result(ns, args, timer, report, wall: float, profiler: StepProfiler | None = None,
-                 right_pad=None, label_logits=None, checkpointing=None, trim=None, masters=None) -> dict | None:
+                 right_pad=None, label_logits=None, checkpointing=None, trim=None, masters=None,
+                 liger=None) -> dict | None:
     """The figures (None on ranks other than 0)."""
     import torch
 
@@ -216,6 +224,13 @@ def bench_result(ns, args, timer, report, wall: float, profiler: StepProfiler | 
         "trimmed_positions": dict(trim.counts) if trim is not None else None,
         # mire_master_weights (master_weights.py): bf16 weights in the model, fp32 masters in the optimizer
         "master_weights": masters.line if masters is not None else None,
+        # mire_liger_layers (liger_layers.py): Liger's norm, MLP and rotary kernels, the model's own loss
+        "liger_layers": liger.line if liger is not None else None,
+        # every timed step as [seconds, real tokens]: whether slow steps are long packs or stalls
+        "steps": [[round(t, 4), n] for t, n in zip(steps, toks, strict=True)],
+        # the allocator's retries over the run (a cudaMalloc that failed, the cache freed and the call repeated: a
+        # stall near the memory limit)
+        "alloc_retries": torch.cuda.memory_stats().get("num_alloc_retries") if torch.cuda.is_available() else None,
         # the allocator's settings (expandable_segments changes how far reserved memory runs above the peak)
         "cuda_alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
         "wall_s": wall,  # from run_exp's start to the end of training (until 2026-12-03: to the end of the save)
@@ -260,6 +275,13 @@ def main(argv: list[str] | None = None) -> int:
     if own_flag(args, master_weights.KEY, False, ns.config):
         master_weights.check(args, ns.config)
         masters = master_weights.callback(ns.config)
+    liger = fp8 = None
+    if own_flag(args, liger_layers.KEY, False, ns.config):
+        liger_layers.check(args, ns.config)
+        liger = liger_layers.callback(ns.config)
+    if own_flag(args, fp8_adam_states.KEY, False, ns.config):
+        fp8_adam_states.check(args, ns.config)
+        fp8 = fp8_adam_states.callback(ns.config)
     timer = StepTimer(packed=packed)
     report = OptimizerReport()  # which optimizer, state types and parameter dtypes were measured
 
@@ -283,10 +305,10 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         writer = ResultWriter(lambda: write(bench_result(ns, args, timer, report, time.perf_counter() - start,
                                                          profiler, right_pad, label_logits, checkpointing, trim,
-                                                         masters)),
+                                                         masters, liger)),
                               skip_save=ns.skip_save)
         callbacks = [timer, report, writer] + [c for c in (profiler, right_pad, label_logits, checkpointing, trim,
-                                                            masters) if c is not None]
+                                                            masters, liger, fp8) if c is not None]
         run_exp(args=args, callbacks=callbacks)
         if not writer.written:  # a trainer that never reached on_train_end: no figures to report
             print(f"error: training ended without a result for {ns.out}", file=sys.stderr)
