@@ -21,7 +21,8 @@ OmegaConf), plus our own keys, removed before LLaMA-Factory sees them:
     (Qwen2-VL, Qwen2.5-VL; a CUDA GPU), without Liger's cross entropy, so it goes with mire_label_logits_only
     (liger_layers.py says why);
   mire_fp8_adam_states (default false): with optim=adamw_torch_8bit, torchao's AdamW with fp8 states (AdamWFp8)
-    in place of its 8-bit ones: the same size, cheaper to quantize (fp8_adam_states.py);
+    in place of its 8-bit ones: the same size, cheaper to quantize, less precise on real gradients
+    (fp8_adam_states.py);
   mire_checkpoint_layers (default unset: LLaMA-Factory's checkpointing of every layer): an integer K, gradient
     checkpointing in the first K language-model decoder layers only, the others keeping their activations (less
     recompute, more memory; vision blocks as LLaMA-Factory sets them; checkpoint_layers.py says how);

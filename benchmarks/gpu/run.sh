@@ -81,7 +81,8 @@ for name in "$@"; do
   # NAME+logits: the output layer at label positions only (mire_label_logits_only, label_logits.py), NAME_logits;
   # NAME+gcK: gradient checkpointing in the first K language-model layers only, the others keeping their activations
   # (mire_checkpoint_layers=K, mire_factory/checkpoint_layers.py), NAME_gcK; NAME must keep checkpointing on
-  # NAME+liger: LLaMA-Factory's enable_liger_kernel (Liger's RMSNorm, SwiGLU and mrope kernels), NAME_liger
+  # NAME+liger: LLaMA-Factory's enable_liger_kernel (Liger's RMSNorm, SwiGLU and mrope kernels), NAME_liger; its fused
+  # loss replaces the label logits, so with +logits it is refused (since the fourteenth session): use +ligerl
   # NAME+gaN: gradient_accumulation_steps=N after NAME's own (a packed run: N packs, ~8N records, an optimizer step,
   # so the 8-bit AdamW step, about a sixth of a packed 7B step, is paid once per N packs), NAME_gaN; at 7B with fp32
   # weights and K=4 it ran out of memory (thirteenth lease): the fp32 gradients stay allocated through the forwards
