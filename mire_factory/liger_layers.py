@@ -25,14 +25,21 @@ from .io import MireInputError, problem
 KEY = "mire_liger_layers"
 # model_type -> Liger's function for it (liger_kernel.transformers); other models are refused
 APPLY = {"qwen2_vl": "apply_liger_kernel_to_qwen2_vl", "qwen2_5_vl": "apply_liger_kernel_to_qwen2_5_vl"}
+# the switches that apply Liger with its fused loss (LLaMA-Factory's, the Trainer's)
+LOSS_KEYS = ("enable_liger_kernel", "use_liger_kernel")
+
+
+def liger_loss_key(args: dict) -> str | None:
+    """The first of LOSS_KEYS set true in `args`, else None."""
+    return next((key for key in LOSS_KEYS if str(args.get(key, False)).lower() == "true"), None)
 
 
 def check(args: dict, config: str) -> None:
     """Refuse, in one line naming the key, what `mire_liger_layers=true` cannot run with."""
-    for key in ("enable_liger_kernel", "use_liger_kernel"):
-        if str(args.get(key, False)).lower() == "true":
-            raise MireInputError(problem(config, None, KEY, f"not with {key}: that applies Liger's fused cross "
-                                                            "entropy too; set only one of them"))
+    key = liger_loss_key(args)
+    if key:
+        raise MireInputError(problem(config, None, KEY, f"not with {key}: that applies Liger's fused cross entropy "
+                                                        "too; set only one of them"))
     try:
         import liger_kernel.transformers  # noqa: F401
     except ImportError:

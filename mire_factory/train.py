@@ -269,11 +269,11 @@ def main(argv: list[str] | None = None) -> int:
     if own_flag(args, "mire_trim_padding", packed, config):
         callbacks.append(pack_padding.callback())
     if own_flag(args, "mire_label_logits_only", False, config):
-        for key in ("enable_liger_kernel", "use_liger_kernel"):
-            if str(args.get(key, False)).lower() == "true":
-                raise MireInputError(problem(config, None, "mire_label_logits_only", f"{key} already computes the "
-                                             "training loss without the full logits; set only one of them (or "
-                                             "mire_liger_layers=true: Liger's layer kernels alone)"))
+        key = liger_layers.liger_loss_key(args)
+        if key:
+            raise MireInputError(problem(config, None, "mire_label_logits_only", f"{key} already computes the "
+                                         "training loss without the full logits; set only one of them (or "
+                                         "mire_liger_layers=true: Liger's layer kernels alone)"))
         callbacks.append(label_logits.callback())
     if own_flag(args, liger_layers.KEY, False, config):
         liger_layers.check(args, config)
