@@ -11,7 +11,9 @@ fused loss over every position measured no faster than that, BENCHMARKS.md's ele
 
 How: when training begins, Liger's own `apply_liger_kernel_to_qwen2_vl` (or `_qwen2_5_vl`) is given the model
 instance with `cross_entropy` and `fused_linear_cross_entropy` off: it rebinds the forwards of the decoder layers'
-norms and MLPs (and of the vision blocks' LayerNorms) and replaces the module's rotary function. The parameters stay
+norms and MLPs (and of the vision blocks' LayerNorms), and in transformers' Qwen2-VL module it replaces the rotary
+function and the norm and MLP class names (so a Qwen2-VL built later in the same process gets them too; training
+builds none). The parameters stay
 where they are (master weights and checkpointing are unaffected) and the loss is the model's own. Liger's kernels are
 Triton on CUDA: refused in one line without a GPU, with Liger missing, or with Liger's loss also asked for.
 """

@@ -10,10 +10,8 @@ import sys
 
 import pytest
 
-from conftest import call_main
+from conftest import REPO, call_main
 from mire_factory import train
-
-REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 
 APPLY_SCRIPT = r"""
 import json, sys, torch
