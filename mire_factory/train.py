@@ -23,6 +23,9 @@ OmegaConf), plus our own keys, removed before LLaMA-Factory sees them:
   mire_fp8_adam_states (default false): with optim=adamw_torch_8bit, torchao's AdamW with fp8 states (AdamWFp8)
     in place of its 8-bit ones: the same size, cheaper to quantize, less precise on real gradients
     (fp8_adam_states.py);
+  mire_fp32_embedding_states (default false): with optim=adamw_torch_8bit or adamw_torch_4bit, fp32 Adam states for
+    the input and output embeddings, whose 8-bit second moments round to zero and give updates thousands of times the
+    learning rate (embedding_states.py says why);
   mire_checkpoint_layers (default unset: LLaMA-Factory's checkpointing of every layer): an integer K, gradient
     checkpointing in the first K language-model decoder layers only, the others keeping their activations (less
     recompute, more memory; vision blocks as LLaMA-Factory sets them; checkpoint_layers.py says how);
@@ -60,6 +63,7 @@ from transformers import TrainerCallback
 from . import (
     attention,
     checkpoint_layers,
+    embedding_states,
     fp8_adam_states,
     label_logits,
     liger_layers,
@@ -281,6 +285,9 @@ def main(argv: list[str] | None = None) -> int:
     if own_flag(args, fp8_adam_states.KEY, False, config):
         fp8_adam_states.check(args, config)
         callbacks.append(fp8_adam_states.callback(config))
+    if own_flag(args, embedding_states.KEY, False, config):  # before master weights replace the trained weights
+        embedding_states.check(args, config)
+        callbacks.append(embedding_states.callback(config))
     checkpoint_k = checkpoint_layers.read_key(args, config)
     if checkpoint_k is not None:
         callbacks.append(checkpoint_layers.callback(checkpoint_k, config))

@@ -3,6 +3,7 @@ the tiny model on CPU, losses per step side by side."""
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import json
 import math
@@ -63,14 +64,16 @@ def test_the_8bit_adamws_are_what_optim_selects(tiny_model_dir, tiny_train_data,
     """`optim: adamw_torch_8bit` (configs/qwen2_vl_7b_1gpu_full_sft.yaml) builds torchao's AdamW8bit with 8-bit
     states over fp32 parameters, and `optim: adamw_bnb_8bit` bitsandbytes' AdamW with uint8 states; both train
     (torchao and bitsandbytes come with the dev and lowbit extras), and so does AdamW8bit made fp8 by
-    `mire_fp8_adam_states`."""
+    `mire_fp8_adam_states`, and AdamW8bit with fp32 embedding states (`mire_fp32_embedding_states`) under master
+    weights (its states set before master weights replace the model's weights)."""
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     out = tmp_path / "cmp"
     proc = compare(tiny_model_dir, tiny_train_data, out, "fp32_states=optim=adamw_torch",
                    "ao8=optim=adamw_torch_8bit optim_args=bf16_stochastic_round=True", "bnb8=optim=adamw_bnb_8bit",
-                   "fp8=optim=adamw_torch_8bit mire_fp8_adam_states=true")
+                   "fp8=optim=adamw_torch_8bit mire_fp8_adam_states=true",
+                   "emb32=optim=adamw_torch_8bit mire_fp32_embedding_states=true mire_master_weights=true")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    runs = check_result(out, ["fp32_states", "ao8", "bnb8", "fp8"])["runs"]
+    runs = check_result(out, ["fp32_states", "ao8", "bnb8", "fp8", "emb32"])["runs"]
     line = runs["ao8"]["optimizer"]
     assert line.startswith("optimizer torchao.optim.adam.AdamW8bit (optim=adamw_torch_8bit, "
                            "optim_args=bf16_stochastic_round=True)")
@@ -84,6 +87,16 @@ def test_the_8bit_adamws_are_what_optim_selects(tiny_model_dir, tiny_train_data,
     assert line.startswith("optimizer torchao.optim.adam.AdamWFp8 (optim=adamw_torch_8bit, ")
     assert "'OptimStateFp8':" in line and "OptimState8bit" not in line and "parameters {'float32':" in line
     assert runs["fp8"]["loss"][0] == runs["fp32_states"]["loss"][0]
+    # the tiny model's one (tied) embedding: its two states fp32, the other large weights' 8-bit as before
+    ao8, emb32 = (adam_states(runs[name]["optimizer"]) for name in ("ao8", "emb32"))
+    assert emb32["OptimState8bit"] == ao8["OptimState8bit"] - 2
+    assert emb32["Tensor(float32)"] == ao8["Tensor(float32)"] + 2
+    assert "parameters {'float32':" in runs["emb32"]["optimizer"]  # the masters
+
+
+def adam_states(line: str) -> dict:
+    """OptimizerReport's Adam state counts: the dict after 'Adam states '."""
+    return ast.literal_eval(line.split("Adam states ", 1)[1].split("; parameters", 1)[0])
 
 
 def test_a_malformed_variant_is_one_line(tmp_path):

@@ -28,7 +28,8 @@ from conftest import REPO, call_main
                                                                            "gradient_accumulation_steps=1",
                                                                            "mire_master_weights=true",
                                                                            "optim=adamw_torch_8bit",
-                                                                           "mire_fp8_adam_states=true"],
+                                                                           "mire_fp8_adam_states=true",
+                                                                           "mire_fp32_embedding_states=true"],
                                                    ["--skip_save"])])
 def test_figures_are_written_when_training_ends_before_the_model_is_saved(recipe, extra, flags, tiny_model_dir,
                                                                          tiny_train_data, tmp_path):
@@ -87,6 +88,11 @@ def test_figures_are_written_when_training_ends_before_the_model_is_saved(recipe
         assert "'OptimStateFp8': " in result["optimizer"]
     else:
         assert result["optimizer"].startswith("optimizer torch.optim.adamw.AdamW (optim=adamw_torch,")
+    if "mire_fp32_embedding_states=true" in extra:  # the tiny model's tied embedding: fp32 states
+        assert result["embedding_states"].startswith("Adam states: fp32 for 1 embedding weights (")
+        assert "'Tensor(float32)': " in result["optimizer"]
+    else:
+        assert result["embedding_states"] is None
     if "mire_master_weights=true" in extra:  # bf16 in the model, the optimizer's parameters fp32
         assert result["master_weights"].startswith("master weights: ") and "in bf16 in the model" in result["master_weights"]
         assert "parameters {'float32': " in result["optimizer"]

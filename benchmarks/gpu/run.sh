@@ -96,6 +96,9 @@ for name in "$@"; do
   # liger_layers.py: goes with +logits, unlike +liger), NAME_ligerl
   # NAME+fp8: torchao's AdamW with fp8 states in place of its 8-bit ones (mire_fp8_adam_states=true,
   # fp8_adam_states.py; needs the recipe's optim=adamw_torch_8bit), NAME_fp8
+  # NAME+emb32: fp32 Adam states for the embeddings under the low-bit AdamW (mire_fp32_embedding_states=true,
+  # embedding_states.py: no m/eps updates where an 8-bit second moment rounds to zero), NAME_emb32
+  # NAME+4bit: optim=adamw_torch_4bit (torchao's AdamW4bit, whose second-moment map has no zero), NAME_4bit
   # suffixes combine (NAME+flash+logits: NAME_flash_logits)
   EXTRA=(); SUFFIX=""
   while [[ $name != bg:* && $name != wait:* && $name == *+* ]]; do
@@ -111,6 +114,8 @@ for name in "$@"; do
       master) EXTRA=(mire_master_weights=true "${EXTRA[@]}"); SUFFIX=_master$SUFFIX ;;
       ligerl) EXTRA=(mire_liger_layers=true "${EXTRA[@]}"); SUFFIX=_ligerl$SUFFIX ;;
       fp8) EXTRA=(mire_fp8_adam_states=true "${EXTRA[@]}"); SUFFIX=_fp8$SUFFIX ;;
+      emb32) EXTRA=(mire_fp32_embedding_states=true "${EXTRA[@]}"); SUFFIX=_emb32$SUFFIX ;;
+      4bit) EXTRA=(optim=adamw_torch_4bit "${EXTRA[@]}"); SUFFIX=_4bit$SUFFIX ;;
       *) break ;;
     esac
     name=${name%+*}

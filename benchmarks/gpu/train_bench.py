@@ -31,6 +31,7 @@ from mire_factory import (  # noqa: E402
     master_weights,
     pack_padding,
 )
+from mire_factory import embedding_states as embedding_states_module  # noqa: E402
 from mire_factory import label_logits as label_logits_module  # noqa: E402
 from mire_factory.io import MireInputError, OutputSet, problem, run_cli  # noqa: E402
 from mire_factory.train import OptimizerReport, own_flag, read_config, set_cudnn_sdp  # noqa: E402
@@ -169,7 +170,7 @@ class ResultWriter(TrainerCallback):
 
 def bench_result(ns, args, timer, report, wall: float, profiler: StepProfiler | None = None,
                  right_pad=None, label_logits=None, checkpointing=None, trim=None, masters=None,
-                 liger=None) -> dict | None:
+                 liger=None, embedding_states=None) -> dict | None:
     """The figures (None on ranks other than 0)."""
     import torch
 
@@ -226,6 +227,8 @@ def bench_result(ns, args, timer, report, wall: float, profiler: StepProfiler | 
         "master_weights": masters.line if masters is not None else None,
         # mire_liger_layers (liger_layers.py): Liger's norm, MLP and rotary kernels, the model's own loss
         "liger_layers": liger.line if liger is not None else None,
+        # mire_fp32_embedding_states (embedding_states.py): fp32 Adam states for the embeddings
+        "embedding_states": embedding_states.line if embedding_states is not None else None,
         # every timed step as [seconds, real tokens]: whether slow steps are long packs or stalls
         "steps": [[round(t, 4), n] for t, n in zip(steps, toks, strict=True)],
         # the allocator's retries over the run (a cudaMalloc that failed, the cache freed and the call repeated: a
@@ -271,6 +274,10 @@ def main(argv: list[str] | None = None) -> int:
     label_logits = label_logits_module.callback() if own_flag(args, "mire_label_logits_only", False, ns.config) else None
     checkpoint_k = checkpoint_layers.read_key(args, ns.config)
     checkpointing = checkpoint_layers.callback(checkpoint_k, ns.config) if checkpoint_k is not None else None
+    embedding_states = None  # its callback before master weights', which replace the weights it looks up
+    if own_flag(args, embedding_states_module.KEY, False, ns.config):
+        embedding_states_module.check(args, ns.config)
+        embedding_states = embedding_states_module.callback(ns.config)
     masters = None
     if own_flag(args, master_weights.KEY, False, ns.config):
         master_weights.check(args, ns.config)
@@ -305,10 +312,10 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         writer = ResultWriter(lambda: write(bench_result(ns, args, timer, report, time.perf_counter() - start,
                                                          profiler, right_pad, label_logits, checkpointing, trim,
-                                                         masters, liger)),
+                                                         masters, liger, embedding_states)),
                               skip_save=ns.skip_save)
         callbacks = [timer, report, writer] + [c for c in (profiler, right_pad, label_logits, checkpointing, trim,
-                                                            masters, liger, fp8) if c is not None]
+                                                            embedding_states, masters, liger, fp8) if c is not None]
         run_exp(args=args, callbacks=callbacks)
         if not writer.written:  # a trainer that never reached on_train_end: no figures to report
             print(f"error: training ended without a result for {ns.out}", file=sys.stderr)
