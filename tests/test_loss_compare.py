@@ -65,15 +65,16 @@ def test_the_8bit_adamws_are_what_optim_selects(tiny_model_dir, tiny_train_data,
     states over fp32 parameters, and `optim: adamw_bnb_8bit` bitsandbytes' AdamW with uint8 states; both train
     (torchao and bitsandbytes come with the dev and lowbit extras), and so does AdamW8bit made fp8 by
     `mire_fp8_adam_states`, and AdamW8bit with fp32 embedding states (`mire_fp32_embedding_states`) under master
-    weights (its states set before master weights replace the model's weights)."""
+    weights (its states set before master weights replace the model's weights), and so with torchao's AdamW4bit."""
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     out = tmp_path / "cmp"
     proc = compare(tiny_model_dir, tiny_train_data, out, "fp32_states=optim=adamw_torch",
                    "ao8=optim=adamw_torch_8bit optim_args=bf16_stochastic_round=True", "bnb8=optim=adamw_bnb_8bit",
                    "fp8=optim=adamw_torch_8bit mire_fp8_adam_states=true",
-                   "emb32=optim=adamw_torch_8bit mire_fp32_embedding_states=true mire_master_weights=true")
+                   "emb32=optim=adamw_torch_8bit mire_fp32_embedding_states=true mire_master_weights=true",
+                   "ao4_emb32=optim=adamw_torch_4bit mire_fp32_embedding_states=true mire_master_weights=true")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    runs = check_result(out, ["fp32_states", "ao8", "bnb8", "fp8", "emb32"])["runs"]
+    runs = check_result(out, ["fp32_states", "ao8", "bnb8", "fp8", "emb32", "ao4_emb32"])["runs"]
     line = runs["ao8"]["optimizer"]
     assert line.startswith("optimizer torchao.optim.adam.AdamW8bit (optim=adamw_torch_8bit, "
                            "optim_args=bf16_stochastic_round=True)")
@@ -92,6 +93,10 @@ def test_the_8bit_adamws_are_what_optim_selects(tiny_model_dir, tiny_train_data,
     assert emb32["OptimState8bit"] == ao8["OptimState8bit"] - 2
     assert emb32["Tensor(float32)"] == ao8["Tensor(float32)"] + 2
     assert "parameters {'float32':" in runs["emb32"]["optimizer"]  # the masters
+    # optim=adamw_torch_4bit: torchao's AdamW4bit, the same two embedding states fp32
+    assert runs["ao4_emb32"]["optimizer"].startswith("optimizer torchao.optim.adam.AdamW4bit (optim=adamw_torch_4bit,")
+    assert adam_states(runs["ao4_emb32"]["optimizer"]) == {"OptimState4bit": emb32["OptimState8bit"],
+                                                          "Tensor(float32)": emb32["Tensor(float32)"]}
 
 
 def adam_states(line: str) -> dict:
