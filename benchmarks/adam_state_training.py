@@ -128,7 +128,9 @@ def run_kind(kind: str, ns, train, held_out, parts: Path, loss_before: float | N
     start = [p.detach().clone() for p in params]
     kwargs = dict(lr=ns.learning_rate, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     optimizer = optimizer_for(kind, model, params, kwargs)
-    row = {"kind": kind, "held_out_loss_before": loss_before if loss_before is not None else label_loss(model, held_out), "train_loss": []}
+    if loss_before is None:
+        loss_before = label_loss(model, held_out)
+    row = {"kind": kind, "held_out_loss_before": loss_before, "train_loss": []}
     began = time.perf_counter()
     for tokens, first_label in tqdm(train, desc=kind):
         ids = torch.tensor([tokens])

@@ -8,9 +8,10 @@ embedding row is a block's worth of elements that get a gradient only in the ste
 an output row of a rare token gets a tiny one, so there this happens most. A real pretrained 0.5B model trained 30
 steps at lr 1e-5 on real records (benchmarks/adam_state_training.py, BENCHMARKS.md, issue 20) had single embedding
 elements moved by up to 1.9 (its largest weight is 0.25) and 15,141 embedding elements past Adam's bound; with this
-switch none, and its next-token distributions stayed 56x closer (mean KL) to the fp32-state model's. bitsandbytes' authors keep embeddings in 32-bit
-states for this reason, and transformers does so for bitsandbytes' 8-bit Adam (Trainer.create_optimizer registers a
-32-bit override for each nn.Embedding); for torchao's optimizers neither transformers nor torchao has an override.
+switch none, and its next-token distributions stayed 56x closer (mean KL) to the fp32-state model's.
+bitsandbytes' authors keep embeddings in 32-bit states for this reason, and transformers does so for bitsandbytes'
+8-bit Adam (Trainer.create_optimizer registers a 32-bit override for each nn.Embedding); for torchao's optimizers
+neither transformers nor torchao has an override.
 
 How: torchao creates a parameter's states at its first step, unless the parameter already has states, which its
 update then uses as they are (its step is written for any tensor). So when training begins (the Trainer has built
@@ -73,8 +74,8 @@ def keep_fp32(optimizer, weights: list[torch.nn.Parameter], config: str = "") ->
     if not weights:
         return "Adam states: no embedding is trained (every state stays low-bit)"
     numel = sum(w.numel() for w in weights)
-    return (f"Adam states: fp32 for {len(weights)} embedding weights ({numel / 1e6:,.1f}M parameters; {len(weights) - kept} set "
-            f"now, {kept} already had states), {type(inner).__name__}'s elsewhere")
+    return (f"Adam states: fp32 for {len(weights)} embedding weights ({numel / 1e6:,.1f}M parameters; "
+            f"{len(weights) - kept} set now, {kept} already had states), {type(inner).__name__}'s elsewhere")
 
 
 def callback(config: str = ""):
