@@ -49,6 +49,16 @@ def examples(data: str, tokenizer, n: int, max_tokens: int, seed: int) -> list[t
     return out
 
 
+def label_batch(tokens: list[int], first_label: int):
+    """(input_ids, labels) of one example: the loss on the label's tokens only, as in training."""
+    import torch
+
+    ids = torch.tensor([tokens])
+    labels = ids.clone()
+    labels[0, :first_label] = -100
+    return ids, labels
+
+
 def dequantized(state):
     """An Adam state as fp32 (torchao's quantized states dequantize themselves)."""
     import torch
@@ -109,9 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         steps = []
         start = time.perf_counter()
         for tokens, first_label in tqdm(batches, desc="steps"):
-            ids = torch.tensor([tokens])
-            labels = ids.clone()
-            labels[0, :first_label] = -100
+            ids, labels = label_batch(tokens, first_label)
             model.zero_grad(set_to_none=True)
             loss = model(input_ids=ids, labels=labels).loss
             loss.backward()

@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from adam_state_error import examples  # noqa: E402
+from adam_state_error import examples, label_batch  # noqa: E402
 
 from mire_factory.io import (  # noqa: E402
     MireInputError,
@@ -83,9 +83,7 @@ def label_loss(model, batches) -> float:
     losses = []
     with torch.no_grad():
         for tokens, first_label in batches:
-            ids = torch.tensor([tokens])
-            labels = ids.clone()
-            labels[0, :first_label] = -100
+            ids, labels = label_batch(tokens, first_label)
             losses.append(model(input_ids=ids, labels=labels).loss.item())
     model.train()
     return math.fsum(losses) / len(losses)
@@ -133,9 +131,7 @@ def run_kind(kind: str, ns, train, held_out, parts: Path, loss_before: float | N
     row = {"kind": kind, "held_out_loss_before": loss_before, "train_loss": []}
     began = time.perf_counter()
     for tokens, first_label in tqdm(train, desc=kind):
-        ids = torch.tensor([tokens])
-        labels = ids.clone()
-        labels[0, :first_label] = -100
+        ids, labels = label_batch(tokens, first_label)
         loss = model(input_ids=ids, labels=labels).loss
         loss.backward()
         optimizer.step()
