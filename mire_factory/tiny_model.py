@@ -257,11 +257,13 @@ def match_image_token_scale(model) -> float:
 
 
 def make_tiny_model(out: str | os.PathLike, preset: str = "tiny", seed: int = 0, device: str = "cpu",
-                    gguf: str | os.PathLike | None = None) -> Path:
+                    gguf: str | os.PathLike | None = None, num_hidden_layers: int | None = None) -> Path:
     """Writes a loadable Qwen2-VL checkpoint (config, weights, tokenizer, processor, generation config) to `out`.
     `real-*` presets need `gguf`: their language model is that file's, dequantized (bf16), loaded from Qwen2's
     `model.*` into Qwen2-VL's `model.language_model.*` (saved, as transformers saves Qwen2-VL, in the released
-    checkpoints' layout: `model.layers.*`, `visual.*`, `lm_head.weight`). The checkpoint is built in a staging folder beside `out`
+    checkpoints' layout: `model.layers.*`, `visual.*`, `lm_head.weight`). `num_hidden_layers` replaces a random preset's
+    language-model depth, keeping every width (a 7B-wide model that fits an 80 GB GPU, to time what does not depend on
+    depth there). The checkpoint is built in a staging folder beside `out`
     and renamed into place, so a killed build leaves no half-written model."""
     import torch
     from transformers import GenerationConfig, Qwen2VLForConditionalGeneration
@@ -271,6 +273,10 @@ def make_tiny_model(out: str | os.PathLike, preset: str = "tiny", seed: int = 0,
     spec = PRESETS[preset]
     if spec.from_gguf != (gguf is not None):
         raise ValueError(f"preset {preset} {'needs' if spec.from_gguf else 'takes no'} GGUF file")
+    if num_hidden_layers is not None:
+        if spec.from_gguf or num_hidden_layers < 1:
+            raise ValueError(f"num_hidden_layers {num_hidden_layers}: give 1 or more, with a preset of random weights")
+        spec = replace(spec, num_hidden_layers=num_hidden_layers)
     if gguf is not None and not Path(gguf).is_file():
         raise MireInputError(problem(gguf, None, None, "GGUF file not found (benchmarks/quality/fetch_gguf.py)"))
     out = Path(out)

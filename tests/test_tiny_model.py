@@ -11,7 +11,7 @@ from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
 from conftest import REPO, call_tool, run_tool
 from mire_factory.content import to_content_parts
 from mire_factory.records import load_records
-from mire_factory.tiny_model import SPECIAL_TOKEN_IDS
+from mire_factory.tiny_model import PRESETS, SPECIAL_TOKEN_IDS
 
 
 def test_cli_builds_fast_and_loads(tmp_path):
@@ -24,6 +24,26 @@ def test_cli_builds_fast_and_loads(tmp_path):
     assert config["model_type"] == "qwen2_vl"
     assert config["image_token_id"] == 151655 and config["vision_start_token_id"] == 151652
     assert config["video_token_id"] == 151656
+
+
+def test_num_hidden_layers_changes_only_the_depth(tmp_path):
+    """run.sh's MODEL_LAYERS: a 7B-wide model with fewer layers fits an 80 GB GPU, so what does not depend on depth
+    (the embeddings' optimizer states) can be timed there."""
+    proc = run_tool("make_tiny_model", "--out", tmp_path / "m", "--preset", "demo", "--num_hidden_layers", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert "with 1 language-model layers" in proc.stdout
+    text = json.loads((tmp_path / "m" / "config.json").read_text())["text_config"]
+    demo = PRESETS["demo"]
+    assert text["num_hidden_layers"] == 1 and len(text["layer_types"]) == 1 and demo.num_hidden_layers != 1
+    assert (text["hidden_size"], text["intermediate_size"]) == (demo.hidden_size, demo.intermediate_size)
+    model = Qwen2VLForConditionalGeneration.from_pretrained(tmp_path / "m")
+    assert len(model.model.language_model.layers) == 1
+    for bad in ("0", "-2"):
+        proc = call_tool("make_tiny_model", "--out", tmp_path / "bad", "--num_hidden_layers", bad)
+        assert proc.returncode == 2
+        assert proc.stderr.strip().splitlines() == [f"error: --num_hidden_layers {bad}: give 1 or more, with a "
+                                                    "preset of random weights"]
+    assert not (tmp_path / "bad").exists()
 
 
 def test_tiny_model_loads_and_generates_with_an_image(tiny_model_dir):

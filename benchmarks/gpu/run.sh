@@ -59,15 +59,19 @@ BASELINE=(deepspeed=configs/ds_zero3_offload.json fp16=true bf16=false per_devic
 # random-weight Qwen2-VL checkpoints of the real architectures, built on the GPU; on disk, not in /tmp, which can be
 # a RAM-backed tmpfs: a 16 GB 7B checkpoint there is 16 GB less host RAM for the CPU-offloaded optimizer
 MODELS=${MODELS:-$PWD/.gpu_models}
+# MODEL_LAYERS=N: the training runs' models get N language-model layers, every width kept (m7b_l10 for 7b at 10): a
+# 7B-wide model that fits an 80 GB GPU, to time there what does not depend on depth (e.g. +emb32's cost)
+mdir() { echo "$MODELS/m$1${MODEL_LAYERS:+_l$MODEL_LAYERS}"; }
 model() {
-  [ -f $MODELS/m$1/config.json ] || python3 -m tools.make_tiny_model --out $MODELS/m$1 --preset $1 --device cuda
+  [ -f "$(mdir $1)/config.json" ] || python3 -m tools.make_tiny_model --out "$(mdir $1)" --preset $1 --device cuda \
+    ${MODEL_LAYERS:+--num_hidden_layers $MODEL_LAYERS}
 }
 train() {  # label nproc preset extra-overrides...
   local label=$1$SUFFIX nproc=$2 preset=$3; shift 3
   model "$preset" || return 1
   echo "=== $label"; nvidia-smi --query-gpu=name,memory.used --format=csv,noheader
   torchrun --nproc_per_node "$nproc" --master_port $((29500 + RANDOM % 1000)) benchmarks/gpu/train_bench.py \
-    --profile --skip_save --label "$label" --out "$OUT/$label.json" $RECIPE model_name_or_path=$MODELS/m$preset "${COMMON[@]}" "$@" "${EXTRA[@]}" \
+    --profile --skip_save --label "$label" --out "$OUT/$label.json" $RECIPE model_name_or_path="$(mdir $preset)" "${COMMON[@]}" "$@" "${EXTRA[@]}" \
     > "$OUT/$label.log" 2>&1
   local rc=$?; grep -E "^BENCH|Error|error:|Killed|OOM|out of memory" "$OUT/$label.log" | tail -5; echo "rc=$rc"
   # run_sft saves the model at the end (a 7B fp32 save is 30 GB): two of them filled the lent machine's disk once
@@ -207,7 +211,7 @@ for name in "$@"; do
       model 2b && python3 benchmarks/gpu/loss_compare.py --out "$OUT/loss_2b" --steps ${LOSS_STEPS:-100} \
         --variant "fp32_states=" ${LOSS_VARIANTS:---variant "ao8=optim=adamw_torch_8bit" \
         --variant "ao8_sr_bf16=optim=adamw_torch_8bit ${SR[*]}"} \
-        $RECIPE_2B model_name_or_path=$MODELS/m2b dataset_dir=.gpu_data/mire eval_dataset=null \
+        $RECIPE_2B model_name_or_path="$(mdir 2b)" dataset_dir=.gpu_data/mire eval_dataset=null \
         preprocessing_num_workers=8 dataloader_num_workers=4 seed=42 data_seed=42 > "$OUT/loss_2b.log" 2>&1
       echo "rc=$?"; tail -6 "$OUT/loss_2b.log" ;;
     # mire_master_weights' loss curve at 2B: one optimizer step per micro-batch of 8 records (it refuses gradient
@@ -220,7 +224,7 @@ for name in "$@"; do
         --variant ao8_master=mire_master_weights=true})"
       model 2b && python3 benchmarks/gpu/loss_compare.py --out "$OUT/loss_master_2b" --steps ${LOSS_STEPS:-100} \
         "${MASTER_VARIANTS[@]}" \
-        $RECIPE_2B model_name_or_path=$MODELS/m2b dataset_dir=.gpu_data/mire eval_dataset=null \
+        $RECIPE_2B model_name_or_path="$(mdir 2b)" dataset_dir=.gpu_data/mire eval_dataset=null \
         per_device_train_batch_size=8 gradient_accumulation_steps=1 optim=adamw_torch_8bit \
         preprocessing_num_workers=8 dataloader_num_workers=4 seed=42 data_seed=42 > "$OUT/loss_master_2b.log" 2>&1
       echo "rc=$?"; tail -6 "$OUT/loss_master_2b.log" ;;
@@ -229,7 +233,7 @@ for name in "$@"; do
     loss_pack_2b)
       model 2b && python3 benchmarks/gpu/loss_compare.py --out "$OUT/loss_pack_2b" --steps ${LOSS_STEPS:-30} \
         --variant "dense=" --variant "varlen=mire_packed_varlen=true" \
-        $RECIPE_2B model_name_or_path=$MODELS/m2b dataset_dir=.gpu_data/mire eval_dataset=null neat_packing=true \
+        $RECIPE_2B model_name_or_path="$(mdir 2b)" dataset_dir=.gpu_data/mire eval_dataset=null neat_packing=true \
         per_device_train_batch_size=1 gradient_accumulation_steps=1 preprocessing_num_workers=8 \
         dataloader_num_workers=4 seed=42 data_seed=42 > "$OUT/loss_pack_2b.log" 2>&1
       echo "rc=$?"; tail -6 "$OUT/loss_pack_2b.log" ;;
@@ -237,24 +241,24 @@ for name in "$@"; do
     lora_7b|lora_2b) RECIPE=configs/qwen2_vl_lora_sft.yaml train $name 1 ${name#lora_} ;;
     freeze_7b|freeze_2b) RECIPE=configs/qwen2_vl_freeze_sft.yaml train $name 1 ${name#freeze_} ;;
     launcher_7b_2gpu)
-      model 7b && FORCE_TORCHRUN=1 NPROC_PER_NODE=2 timeout 540 python3 -m mire_factory.train $RECIPE model_name_or_path=$MODELS/m7b \
+      model 7b && FORCE_TORCHRUN=1 NPROC_PER_NODE=2 timeout 540 python3 -m mire_factory.train $RECIPE model_name_or_path="$(mdir 7b)" \
         deepspeed=configs/ds_zero3.json mire_f1_max_samples=16 \
         dataset_dir=.gpu_data/mire eval_dataset=mire_val "eval_strategy='steps'" eval_steps=5 "save_strategy='no'" \
         max_steps=10 logging_steps=5 report_to=none output_dir=/tmp/run_launcher overwrite_output_dir=true \
         mire_f1_max_new_tokens=16 > "$OUT/launcher_7b_2gpu.log" 2>&1; echo "rc=$?"
       grep -o '"eval_f1[a-z_]*": [0-9.]*' /tmp/run_launcher/trainer_state.json | sort | uniq | head; 
       cp /tmp/run_launcher/trainer_state.json "$OUT/launcher_trainer_state.json" 2>/dev/null ;;
-    infer_2b) model 2b && python3 -m benchmarks.bench_infer --model $MODELS/m2b --n 256 --batch_size 32 64 \
+    infer_2b) model 2b && python3 -m benchmarks.bench_infer --model "$(mdir 2b)" --n 256 --batch_size 32 64 \
                 --images_on device cpu --new_tokens 16 \
                 --out "$OUT/bench_infer.json" > "$OUT/bench_infer.log" 2>&1; echo "rc=$?"; tail -5 "$OUT/bench_infer.log" ;;
     # tools.vllm_infer --compile (varlen attention and compiled blocks in the vision tower, compiled decode steps;
     # timed after a pass that compiles) against the default kernels
-    infer_2b_compiled) model 2b && python3 -m benchmarks.bench_infer --model $MODELS/m2b --n 256 --batch_size 32 \
+    infer_2b_compiled) model 2b && python3 -m benchmarks.bench_infer --model "$(mdir 2b)" --n 256 --batch_size 32 \
                 --kernels compiled eager --images_on device --phases --new_tokens 16 \
                 --out "$OUT/bench_infer_compiled.json" > "$OUT/bench_infer_compiled.log" 2>&1; echo "rc=$?"
                 tail -5 "$OUT/bench_infer_compiled.log" ;;
     # where a batch's time goes (no per-sample loop): image processor on the GPU vs on the CPU, phase by phase
-    infer_2b_phases) model 2b && python3 -m benchmarks.bench_infer --model $MODELS/m2b --n 256 --batch_size 32 64 \
+    infer_2b_phases) model 2b && python3 -m benchmarks.bench_infer --model "$(mdir 2b)" --n 256 --batch_size 32 64 \
                 --images_on device cpu --phases --skip_loop --new_tokens 16 --out "$OUT/bench_infer_phases.json" \
                 > "$OUT/bench_infer_phases.log" 2>&1; echo "rc=$?"; tail -30 "$OUT/bench_infer_phases.log" ;;
     bg:*)  # start benchmarks detached (they outlive this call), one after the other: bg:A,B,C; collect with wait:A,B,C
